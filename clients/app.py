@@ -1,0 +1,124 @@
+"""fedforget's Flower ClientApp: local training and evaluation on one client's data.
+
+Every reply carries the client's **stable id** in a ``ConfigRecord`` named ``client``
+(key ``client-id``). The id comes from the node config key ``client-id`` when the operator
+sets one (deployment), else from the partition: ``client-007`` for ``partition-id = 7``.
+Flower's node ids are random per run and never used as identity.
+
+The server sends everything that shapes local training in each train message:
+``local-epochs``, ``learning-rate``, ``batch-size``, ``seed`` (the data order), and
+``proximal-mu`` under FedProx.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedforget.config import RunConfig
+from fedforget.data import ArrayDataset
+from fedforget.errors import ConfigError
+from fedforget.task import load_client_data, new_model
+from fedforget.training import evaluate, train_local
+
+app = ClientApp()
+
+
+def client_id_of(context: Context) -> str:
+    """The stable, pseudonymous id of this client."""
+    explicit = context.node_config.get("client-id")
+    if explicit:
+        return str(explicit)
+    if "partition-id" not in context.node_config:
+        raise ConfigError(
+            "node config has neither 'client-id' nor 'partition-id'; expected e.g. "
+            "--node-config \"partition-id=0 num-partitions=10\""
+        )
+    return f"client-{int(context.node_config['partition-id']):03d}"
+
+
+@lru_cache(maxsize=4)
+def _config(items: tuple[tuple[str, object], ...]) -> RunConfig:
+    return RunConfig.from_mapping(dict(items))
+
+
+def run_config_of(context: Context) -> RunConfig:
+    """The run configuration (parsed once per distinct config)."""
+    return _config(tuple(sorted(context.run_config.items())))
+
+
+def local_data(context: Context) -> tuple[ArrayDataset, ArrayDataset]:
+    """This client's (train, held-out) data."""
+    cfg = run_config_of(context)
+    partition = int(context.node_config.get("partition-id", 0))
+    return load_client_data(cfg, partition)
+
+
+def _identity(context: Context) -> ConfigRecord:
+    return ConfigRecord({"client-id": client_id_of(context)})
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server this client's stable id and how much data it holds."""
+    train_data, _ = local_data(context)
+    record = _identity(context)
+    record["num-examples"] = len(train_data)
+    return Message(content=RecordDict({"client": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on local data with the server's settings."""
+    torch.set_num_threads(1)
+    cfg = run_config_of(context)
+    conf = msg.content["config"]
+    train_data, _ = local_data(context)
+    model = new_model(cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    result = train_local(
+        model,
+        train_data,
+        epochs=int(conf["local-epochs"]),
+        learning_rate=float(conf["learning-rate"]),
+        batch_size=int(conf["batch-size"]),
+        seed=int(conf["seed"]),
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(
+                {"num-examples": result.num_examples, "train-loss": result.loss}
+            ),
+            "client": _identity(context),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_holdout(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this client's held-out split."""
+    torch.set_num_threads(1)
+    cfg = run_config_of(context)
+    _, holdout = local_data(context)
+    model = new_model(cfg)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    result = evaluate(model, holdout)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(
+                {
+                    "num-examples": result.num_examples,
+                    "accuracy": result.accuracy,
+                    "loss": result.loss,
+                }
+            ),
+            "client": _identity(context),
+        }
+    )
+    return Message(content=content, reply_to=msg)

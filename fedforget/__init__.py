@@ -1,0 +1,7 @@
+"""fedforget: federated unlearning on Flower."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,94 @@
+"""Find and load the Flower app (ServerApp, ClientApp) of a project directory.
+
+fedforget's ServerApp and ClientApp live in the project's ``server/`` and ``clients/``
+folders, named in ``pyproject.toml`` under ``[tool.flwr.app.components]``; they are loaded
+from the project root, exactly as Flower loads them from a FAB. The library never imports
+them statically (dependencies point from the apps to the library).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from fedforget.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FlowerProject:
+    """A Flower app project: its root, its components and its default run config."""
+
+    root: Path
+    serverapp_ref: str
+    clientapp_ref: str
+    default_config: dict[str, Any]
+
+    def load(self) -> tuple[ServerApp, ClientApp]:
+        """Import and return the (ServerApp, ClientApp) objects."""
+        root = str(self.root)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        server = _load_ref(self.serverapp_ref, ServerApp)
+        client = _load_ref(self.clientapp_ref, ClientApp)
+        return server, client
+
+
+def find_project(app_dir: str | Path | None = None) -> FlowerProject:
+    """Locate the project: ``app_dir``, else ``$FEDFORGET_APP_DIR``, else the working
+    directory, else the source tree this package was installed from (editable install)."""
+    candidates: list[Path] = []
+    if app_dir is not None:
+        candidates = [Path(app_dir)]
+    else:
+        if os.environ.get("FEDFORGET_APP_DIR"):
+            candidates.append(Path(os.environ["FEDFORGET_APP_DIR"]))
+        candidates.append(Path.cwd())
+        candidates.append(Path(__file__).resolve().parents[2])
+    for cand in candidates:
+        project = _read_project(cand)
+        if project is not None:
+            return project
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(
+        f"no Flower app project found (tried {tried}); expected a directory whose "
+        "pyproject.toml has [tool.flwr.app.components] (the fedforget repository root), "
+        "given with --app DIR"
+    )
+
+
+def _read_project(root: Path) -> FlowerProject | None:
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file():
+        return None
+    with pyproject.open("rb") as fh:
+        data = tomllib.load(fh)
+    app = data.get("tool", {}).get("flwr", {}).get("app", {})
+    components = app.get("components", {})
+    if "serverapp" not in components or "clientapp" not in components:
+        return None
+    return FlowerProject(
+        root=root.resolve(),
+        serverapp_ref=components["serverapp"],
+        clientapp_ref=components["clientapp"],
+        default_config=dict(app.get("config", {})),
+    )
+
+
+def _load_ref(ref: str, kind: type) -> Any:
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import Flower component {ref!r}: {exc}") from exc
+    obj = getattr(module, attr, None)
+    if not isinstance(obj, kind):
+        raise ConfigError(f"Flower component {ref!r} is not a {kind.__name__}")
+    return obj

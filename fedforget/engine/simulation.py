@@ -1,0 +1,184 @@
+"""Run the app under Flower's simulation engine (Ray), the way Flower users do.
+
+``flwr run`` needs a SuperLink in simulation mode. Flower's managed local SuperLink is
+started detached and left running, with fixed ports; instead this module starts its own
+``flower-superlink --simulation`` on free loopback ports with a private ``FLWR_HOME``,
+submits the run with ``flwr run <project> <connection> --run-config <file> --stream``,
+waits for it, and stops the SuperLink it started (by its process group, which it owns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedforget.config import RunConfig
+from fedforget.engine.apps import FlowerProject, find_project
+from fedforget.errors import FedForgetError
+
+CONNECTION = "fedforget-sim"
+
+
+class SimulationError(FedForgetError):
+    """Flower's simulation engine failed or did not finish the run."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def write_run_config(values: Mapping[str, Any], path: Path) -> Path:
+    """Write a flat run-config TOML file for ``flwr run --run-config``."""
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def simulation_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for quiet, local, offline Flower processes."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.setdefault("FLWR_LOG_LEVEL", "WARNING")
+    return env
+
+
+@contextlib.contextmanager
+def local_superlink(
+    flwr_home: Path, *, num_supernodes: int, num_cpus: float = 1.0
+) -> Iterator[str]:
+    """Start a SuperLink in simulation mode; yield the connection name; stop it."""
+    http_port, control_port, fleet_port, health_port = (_free_port() for _ in range(4))
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{http_port}"\n'
+        "insecure = true\n"
+        f"options.num-supernodes = {num_supernodes}\n"
+        f"options.backend.client-resources.num-cpus = {num_cpus}\n"
+        "options.backend.client-resources.num-gpus = 0.0\n"
+    )
+    log_path = flwr_home / "superlink.log"
+    command = [
+        _bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1",
+        "--port", str(http_port),
+        "--control-api-address", f"127.0.0.1:{control_port}",
+        "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+        "--health-server-address", f"127.0.0.1:{health_port}",
+        "--database", str(flwr_home / "state.db"),
+    ]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            command,
+            env=simulation_env(flwr_home),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: we stop exactly what we started
+        )
+    try:
+        _wait_for_port(http_port, proc, log_path)
+        yield CONNECTION
+    finally:
+        _stop_group(proc)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(
+                f"flower-superlink exited with code {proc.returncode}; see {log_path}:\n"
+                + log_path.read_text(errors="replace")[-2000:]
+            )
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SimulationError(f"flower-superlink did not listen on port {port} within 60 s")
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the process group led by ``proc`` (which this module started)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    else:  # leader gone: its children (simulation, Ray) may still be in the group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_simulation(
+    cfg: RunConfig,
+    *,
+    project: FlowerProject | None = None,
+    num_cpus_per_client: float = 1.0,
+    timeout: float = 1800.0,
+) -> None:
+    """Run ``cfg`` with ``flwr run`` on Flower's simulation engine; raise if it fails."""
+    project = project or find_project()
+    with tempfile.TemporaryDirectory(prefix="fedforget-flwr-") as tmp:
+        home = Path(tmp)
+        config_file = write_run_config(cfg.to_mapping(), home / "run_config.toml")
+        with local_superlink(home, num_supernodes=cfg.num_clients,
+                             num_cpus=num_cpus_per_client) as connection:
+            command = [
+                _bin("flwr"), "run", str(project.root), connection,
+                "--run-config", str(config_file), "--stream",
+            ]
+            try:
+                result = subprocess.run(
+                    command, env=simulation_env(home), timeout=timeout,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise SimulationError(f"flwr run did not finish within {timeout:.0f} s") from exc
+        output = result.stdout or ""
+        if cfg.progress:
+            sys.stderr.write(output)
+        if result.returncode != 0:
+            raise SimulationError(f"flwr run exited with {result.returncode}:\n{output[-4000:]}")

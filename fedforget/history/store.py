@@ -1,0 +1,904 @@
+"""The embedded history store: an SQLite index plus content-addressed tensor blobs.
+
+Layout of a run directory::
+
+    <directory>/history.sqlite           index (WAL journal, synchronous=FULL)
+    <directory>/blobs/<hh>/<hex>         one encoded tensor dict per file, named by the
+                                         SHA-256 of its bytes (hh = first two hex digits)
+
+For round t the store keeps the :class:`~fedforget.history.records.RoundRecord` (its canonical
+bytes and their SHA-256, the future Merkle leaf), the aggregated global model
+:math:`\\theta_{t+1}` in fp32 (lossless, so exact methods can restore it), and each client's
+update :math:`\\Delta_{t,k} = \\theta_{t,k} - \\theta_t` under the run's codec when t is a
+retained round. Following FedEraser (Liu et al., IWQoS 2021,
+https://arxiv.org/abs/2012.13891), the retained rounds are
+
+.. math:: t \\in \\{1,\\ 1 + \\Delta t,\\ 1 + 2\\Delta t,\\ \\dots\\}
+
+Update digests are recorded every round, retained or not.
+
+Atomicity: blobs are written to a temporary file in their final directory, fsync'ed, and
+renamed into place (``os.replace``) before the round's index rows are inserted in one SQLite
+transaction. A crash at any instant leaves the store at the last committed round; blobs of an
+uncommitted round are unreferenced orphans, harmless, and reused when the round is committed
+again. Every blob read is checked against its digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from fedforget.errors import ConfigError, HistoryError, IntegrityError
+from fedforget.history.records import (
+    ParticipantRecord,
+    RefusedReply,
+    RoundRecord,
+    canonical_json,
+    utc_now,
+)
+from fedforget.tensors import CODECS, decode, encode, sha256_digest
+
+__all__ = [
+    "BLOB_DIRNAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "INDEX_FILENAME",
+    "HistoryStore",
+    "ParticipantUpdate",
+    "blob_path",
+]
+
+FORMAT_NAME = "fedforget-history"
+"""Value of ``meta.format`` in every history index."""
+
+FORMAT_VERSION = 1
+"""Version of the index schema and blob layout written and read by this module."""
+
+INDEX_FILENAME = "history.sqlite"
+BLOB_DIRNAME = "blobs"
+
+_SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE blobs (
+    digest TEXT PRIMARY KEY,        -- 'sha256:<hex>' of the file's bytes
+    nbytes INTEGER NOT NULL
+);
+CREATE TABLE models (
+    round  INTEGER PRIMARY KEY,     -- 0 is the initial model, t >= 1 the global model after round t
+    digest TEXT NOT NULL REFERENCES blobs (digest)
+);
+CREATE TABLE rounds (
+    round         INTEGER PRIMARY KEY,
+    global_before TEXT NOT NULL,
+    global_after  TEXT NOT NULL,
+    record        BLOB NOT NULL,    -- RoundRecord.canonical_bytes()
+    record_digest TEXT NOT NULL,    -- 'sha256:<hex>' of record
+    committed_at  TEXT NOT NULL
+);
+CREATE TABLE participants (
+    round         INTEGER NOT NULL REFERENCES rounds (round),
+    client_id     TEXT NOT NULL,
+    num_examples  INTEGER NOT NULL,
+    weight        REAL NOT NULL,
+    update_digest TEXT NOT NULL,
+    retained      INTEGER NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
+CREATE INDEX participants_by_client ON participants (client_id, round);
+"""
+
+_KEEP_ENCODED_BYTES = 256 << 20
+_CHUNK = 1 << 20
+
+
+def blob_path(directory: str | os.PathLike[str], digest: str) -> Path:
+    """Path of the blob named by ``digest`` (``"sha256:<hex>"``) in a run directory."""
+    hexdigest = digest.removeprefix("sha256:")
+    return Path(directory) / BLOB_DIRNAME / hexdigest[:2] / hexdigest
+
+
+def _fsync_directory(path: str | os.PathLike[str]) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - not POSIX
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_digest(path: str | os.PathLike[str]) -> str:
+    """``"sha256:<hex>"`` of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _connect(index: Path, *, create: bool, fsync: bool = True) -> sqlite3.Connection:
+    mode = "rwc" if create else "rw"
+    uri = f"file:{urllib.parse.quote(str(index))}?mode={mode}"
+    # check_same_thread=False: a background writer thread may commit rounds; callers
+    # use one store from one thread at a time (HistoryRecording serialises its commits).
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error:
+        conn.close()
+        raise
+    return conn
+
+
+def _read_meta(conn: sqlite3.Connection, directory: Path) -> dict[str, str]:
+    """Read and check the meta table; raise HistoryError if this is not a usable store."""
+    index = directory / INDEX_FILENAME
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.Error as exc:
+        raise HistoryError(f"{index} is not a history index: {exc}") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise HistoryError(
+            f"{index} is not a history index: meta format is {meta.get('format')!r}, "
+            f"expected {FORMAT_NAME!r}"
+        )
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise HistoryError(
+            f"{index} has format version {meta.get('format_version')!r}; this fedforget "
+            f"reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in ("codec", "retain_interval", "run_config", "created_at") if k not in meta]
+    if missing:
+        raise HistoryError(f"{index} lacks meta keys {missing}")
+    if meta["codec"] not in CODECS:
+        raise HistoryError(
+            f"{index} records codec {meta['codec']!r}; expected one of {', '.join(CODECS)}"
+        )
+    return meta
+
+
+def _retained(t: int, retain_interval: int) -> bool:
+    return t >= 1 and (t - 1) % retain_interval == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantUpdate:
+    """One accepted client reply, as handed to :meth:`HistoryStore.commit_round`.
+
+    Attributes
+    ----------
+    client_id
+        Stable pseudonymous client id (``"client-003"``).
+    num_examples
+        :math:`n_k`.
+    weight
+        Aggregation weight used for this client.
+    seed
+        Seed the client trained with this round.
+    update
+        :math:`\\Delta_{t,k} = \\theta_{t,k} - \\theta_t`, same keys and shapes as the model.
+    metrics
+        Numeric metrics the client reported (``{"train-loss": 0.41}``).
+    """
+
+    client_id: str
+    num_examples: int
+    weight: float
+    seed: int
+    update: Mapping[str, np.ndarray]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class HistoryStore:
+    """Append-only per-round training history of one federated run.
+
+    Use :meth:`create` for a new run and :meth:`open` for an existing one; both return an
+    open store, usable as a context manager. One process should write to a store at a time.
+
+    Examples
+    --------
+    >>> store = HistoryStore.create(run_dir, run_config={"seed": 0}, retain_interval=2)
+    >>> theta0 = store.put_initial_model(initial_tensors)
+    >>> store.commit_round(round=1, global_before=theta0, global_after=new_tensors,
+    ...                    participants=[ParticipantUpdate(...)], config={"local-epochs": 1})
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        conn: sqlite3.Connection,
+        meta: Mapping[str, str],
+        *,
+        fsync: bool = True,
+    ) -> None:
+        self._directory = directory
+        self._blob_root = os.path.join(directory, BLOB_DIRNAME)
+        self._fsync = fsync
+        self._conn: sqlite3.Connection | None = conn
+        self._codec = meta["codec"]
+        self._created_at = meta["created_at"]
+        try:
+            self._retain_interval = int(meta["retain_interval"])
+            self._run_config_json = meta["run_config"]
+            json.loads(self._run_config_json)
+        except ValueError as exc:
+            raise HistoryError(
+                f"{directory / INDEX_FILENAME} has a corrupt meta table: {exc}"
+            ) from exc
+        if self._retain_interval < 1:
+            raise HistoryError(
+                f"{directory / INDEX_FILENAME} records retain_interval "
+                f"{self._retain_interval}; expected >= 1"
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        run_config: Mapping[str, Any],
+        codec: str = "fp32",
+        retain_interval: int = 1,
+        fsync: bool = True,
+    ) -> HistoryStore:
+        """Create a new, empty store in ``directory`` (created if absent, else must be empty).
+
+        Parameters
+        ----------
+        directory
+            Run directory.
+        run_config
+            The run's configuration (JSON-serialisable), kept in the meta table.
+        codec
+            Codec of stored client updates, one of :data:`fedforget.tensors.CODECS`. Global
+            models are always stored in fp32.
+        retain_interval
+            Δt: client updates of rounds 1, 1 + Δt, 1 + 2Δt, ... are stored.
+        fsync
+            True (default): blobs and the index are fsync'ed before a round counts as
+            committed, so a round survives a power loss. False: no fsync of blobs and SQLite
+            ``synchronous=NORMAL``; commits stay atomic against a crash of the process
+            (SIGKILL) but the last rounds may be lost or damaged by an OS crash or power loss.
+            For simulations, where a run can be repeated.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown codec, a retain_interval below 1 or a run_config that is not JSON.
+        HistoryError
+            If ``directory`` exists and is not an empty directory.
+        """
+        if codec not in CODECS:
+            raise ConfigError(f"codec is {codec!r}; expected one of {', '.join(CODECS)}")
+        if not isinstance(retain_interval, int) or isinstance(retain_interval, bool):
+            raise ConfigError(f"retain_interval is {retain_interval!r}; expected an integer >= 1")
+        if retain_interval < 1:
+            raise ConfigError(f"retain_interval is {retain_interval}; expected an integer >= 1")
+        if not isinstance(run_config, Mapping):
+            raise ConfigError(f"run_config is a {type(run_config).__name__}; expected a mapping")
+        try:
+            run_config_json = canonical_json(dict(run_config)).decode("utf-8")
+        except HistoryError as exc:
+            raise ConfigError(f"run_config cannot be stored: {exc}") from exc
+
+        path = Path(directory)
+        if path.exists():
+            if not path.is_dir():
+                raise HistoryError(f"cannot create a history store at {path}: not a directory")
+            if any(path.iterdir()):
+                what = "a history store" if (path / INDEX_FILENAME).exists() else "other files"
+                raise HistoryError(
+                    f"refusing to create a history store in {path}: the directory is not "
+                    f"empty (it holds {what}); expected a new or empty directory"
+                )
+        path.mkdir(parents=True, exist_ok=True)
+        (path / BLOB_DIRNAME).mkdir(exist_ok=True)
+        conn = _connect(path / INDEX_FILENAME, create=True, fsync=fsync)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "created_at": utc_now(),
+            "codec": codec,
+            "retain_interval": str(retain_interval),
+            "run_config": run_config_json,
+        }
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        if fsync:
+            _fsync_directory(path)
+        return cls(path, conn, meta, fsync=fsync)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str], *, fsync: bool = True) -> HistoryStore:
+        """Open an existing store (``fsync`` as in :meth:`create`).
+
+        Raises
+        ------
+        HistoryError
+            If the directory or its index is missing, the index is not a history index, or
+            its format version is not :data:`FORMAT_VERSION`.
+        """
+        path = Path(directory)
+        if not path.is_dir():
+            raise HistoryError(f"no history store at {path}: directory does not exist")
+        index = path / INDEX_FILENAME
+        if not index.is_file():
+            raise HistoryError(f"{path} is not a history store: {index} is missing")
+        try:
+            conn = _connect(index, create=False, fsync=fsync)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"{index} is not a history index: {exc}") from exc
+        try:
+            meta = _read_meta(conn, path)
+            return cls(path, conn, meta, fsync=fsync)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the index. Further use of the store raises :class:`HistoryError`."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"HistoryStore({str(self._directory)!r}, codec={self._codec!r}, "
+            f"retain_interval={self._retain_interval})"
+        )
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise HistoryError(f"history store {self._directory} is closed")
+        return self._conn
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def directory(self) -> Path:
+        """The run directory."""
+        return self._directory
+
+    @property
+    def codec(self) -> str:
+        """Codec of stored client updates."""
+        return self._codec
+
+    @property
+    def retain_interval(self) -> int:
+        """Δt, the retention interval of client updates."""
+        return self._retain_interval
+
+    @property
+    def created_at(self) -> str:
+        """RFC 3339 UTC creation time of the store."""
+        return self._created_at
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """A fresh copy of the run configuration recorded at creation."""
+        config: dict[str, Any] = json.loads(self._run_config_json)
+        return config
+
+    @property
+    def last_round(self) -> int:
+        """Number of the last committed round; 0 when none is."""
+        (last,) = self._db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()
+        return int(last)
+
+    @property
+    def initial_model_digest(self) -> str | None:
+        """fp32 digest of θ_0, or None before :meth:`put_initial_model`."""
+        row = self._db.execute("SELECT digest FROM models WHERE round = 0").fetchone()
+        return None if row is None else str(row[0])
+
+    def model_digest(self, t: int) -> str:
+        """fp32 digest of θ after round ``t`` (``t = 0``: the initial model), from the index."""
+        row = self._db.execute("SELECT digest FROM models WHERE round = ?", (t,)).fetchone()
+        if row is None:
+            raise HistoryError(
+                f"{self._directory} holds no global model after round {t!r}: committed "
+                f"rounds are 1..{self.last_round}"
+            )
+        return str(row[0])
+
+    def is_retained(self, round: int) -> bool:
+        """Whether client updates of ``round`` are stored (rounds 1, 1 + Δt, 1 + 2Δt, ...)."""
+        return _retained(round, self._retain_interval)
+
+    # ------------------------------------------------------------------ writes
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any exception."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _write_blob(self, data: bytes, digest: str, dirty: set[str]) -> None:
+        """Write ``data`` as the blob ``digest`` atomically; remember directories to fsync."""
+        hexdigest = digest.removeprefix("sha256:")
+        parent = os.path.join(self._blob_root, hexdigest[:2])
+        path = os.path.join(parent, hexdigest)
+        try:
+            if os.stat(path).st_size == len(data) and _file_digest(path) == digest:
+                return  # content-addressed: the same bytes are already there
+        except FileNotFoundError:
+            if not os.path.isdir(parent):
+                os.makedirs(parent, exist_ok=True)
+                dirty.add(self._blob_root)
+        tmp = os.path.join(parent, f".tmp-{hexdigest[:16]}-{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dirty.add(parent)
+
+    def _check_next_round(self, round: int, global_before: str) -> None:
+        last = self.last_round
+        if round != last + 1:
+            raise HistoryError(
+                f"cannot commit round {round!r} to {self._directory}: the last committed "
+                f"round is {last}, expected round {last + 1}"
+            )
+        if last == 0:
+            expected = self.initial_model_digest
+            if expected is None:
+                raise HistoryError(
+                    f"cannot commit round 1 to {self._directory}: no initial model; "
+                    "call put_initial_model first"
+                )
+            source = "the initial model"
+        else:
+            (expected,) = self._db.execute(
+                "SELECT global_after FROM rounds WHERE round = ?", (last,)
+            ).fetchone()
+            source = f"global_after of round {last}"
+        if global_before != expected:
+            raise HistoryError(
+                f"cannot commit round {round}: global_before is {global_before!r}, expected "
+                f"{expected!r} ({source})"
+            )
+
+    def put_initial_model(self, tensors: Mapping[str, np.ndarray]) -> str:
+        """Store θ_0 in fp32 (losslessly) and return its digest. Allowed once.
+
+        Raises
+        ------
+        HistoryError
+            If an initial model is already stored.
+        """
+        existing = self.initial_model_digest
+        if existing is not None:
+            raise HistoryError(
+                f"{self._directory} already holds an initial model ({existing}); "
+                "it can be stored only once"
+            )
+        data = encode(tensors, "fp32")
+        digest = sha256_digest(data)
+        dirty: set[str] = set()
+        self._write_blob(data, digest, dirty)
+        if self._fsync:
+            for d in dirty:
+                _fsync_directory(d)
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM models WHERE round = 0").fetchone() is not None:
+                raise HistoryError(f"{self._directory} already holds an initial model")
+            db.execute(
+                "INSERT OR IGNORE INTO blobs (digest, nbytes) VALUES (?, ?)", (digest, len(data))
+            )
+            db.execute("INSERT INTO models (round, digest) VALUES (0, ?)", (digest,))
+        return digest
+
+    def _check_participants(
+        self,
+        round: int,
+        global_after: Mapping[str, np.ndarray],
+        participants: Sequence[ParticipantUpdate],
+    ) -> None:
+        shapes = {name: np.shape(value) for name, value in global_after.items()}
+        for p in participants:
+            if not isinstance(p, ParticipantUpdate):
+                raise HistoryError(f"round {round}: participant {p!r} is not a ParticipantUpdate")
+            if not isinstance(p.update, Mapping) or set(p.update) != set(shapes):
+                keys = sorted(p.update) if isinstance(p.update, Mapping) else p.update
+                raise HistoryError(
+                    f"round {round}, client {p.client_id!r}: update has keys {keys}; "
+                    f"expected the model's keys {sorted(shapes)}"
+                )
+            for name, value in p.update.items():
+                array = np.asarray(value)
+                if array.shape != shapes[name]:
+                    raise HistoryError(
+                        f"round {round}, client {p.client_id!r}: update tensor {name!r} has "
+                        f"shape {array.shape}; expected {shapes[name]} as in the model"
+                    )
+                if array.dtype.kind not in "fiub":
+                    raise HistoryError(
+                        f"round {round}, client {p.client_id!r}: update tensor {name!r} has "
+                        f"dtype {array.dtype}; expected a numeric dtype"
+                    )
+
+    def commit_round(
+        self,
+        *,
+        round: int,
+        global_before: str,
+        global_after: Mapping[str, np.ndarray],
+        participants: Sequence[ParticipantUpdate],
+        config: Mapping[str, Any],
+        refused: Sequence[RefusedReply] = (),
+        committed_at: str | None = None,
+    ) -> RoundRecord:
+        """Record round ``round`` atomically and return its record.
+
+        Parameters
+        ----------
+        round
+            Must be ``last_round + 1``.
+        global_before
+            fp32 digest of θ_t, the model sent out; must equal the previous round's
+            ``global_after`` (for round 1, the initial model's digest).
+        global_after
+            The aggregated θ_{t+1}; stored in fp32.
+        participants
+            Accepted replies with their updates Δ_{t,k} (same keys and shapes as the model).
+            Every update's digest is recorded; the update itself only in retained rounds.
+        config
+            Train config sent to clients this round (JSON-serialisable).
+        refused
+            Replies the server refused this round.
+        committed_at
+            RFC 3339 UTC timestamp; defaults to now.
+
+        Returns
+        -------
+        RoundRecord
+            The committed record.
+
+        Raises
+        ------
+        HistoryError
+            On a round out of sequence, a global_before that does not chain, or participants
+            that cannot be recorded (duplicate ids, keys or shapes unlike the model's). The
+            index is then unchanged.
+        """
+        self._check_next_round(round, global_before)
+        if not isinstance(global_after, Mapping) or not global_after:
+            raise HistoryError(f"round {round}: global_after must be a non-empty tensor dict")
+        participants = list(participants)
+        self._check_participants(round, global_after, participants)
+        retained = self.is_retained(round)
+        when = utc_now() if committed_at is None else committed_at
+
+        # Pass 1: digests and the full record, so every field is validated before any blob
+        # is written. Encoded updates of a retained round are kept for pass 2 while they fit
+        # in _KEEP_ENCODED_BYTES; beyond that they are encoded again (cheap next to I/O).
+        model_data = encode(global_after, "fp32")
+        model_digest = sha256_digest(model_data)
+        sizes: dict[str, int] = {}
+        encoded: dict[str, bytes] = {}
+        kept = 0
+        records: list[ParticipantRecord] = []
+        for p in participants:
+            data = encode(p.update, self._codec)
+            digest = sha256_digest(data)
+            sizes[p.client_id] = len(data)
+            if retained and kept + len(data) <= _KEEP_ENCODED_BYTES:
+                encoded[p.client_id] = data
+                kept += len(data)
+            records.append(
+                ParticipantRecord(
+                    client_id=p.client_id,
+                    num_examples=p.num_examples,
+                    weight=p.weight,
+                    update_digest=digest,
+                    retained=retained,
+                    metrics=p.metrics,
+                    seed=p.seed,
+                )
+            )
+        record = RoundRecord(
+            round=round,
+            global_before=global_before,
+            global_after=model_digest,
+            participants=tuple(records),
+            refused=tuple(refused),
+            config=config,
+            committed_at=when,
+        )
+        record_bytes = record.canonical_bytes()
+
+        # Pass 2: blobs, durable before the index rows that reference them.
+        dirty: set[str] = set()
+        self._write_blob(model_data, model_digest, dirty)
+        new_blobs: list[tuple[str, int]] = [(model_digest, len(model_data))]
+        del model_data
+        if retained:
+            expected = {r.client_id: r.update_digest for r in records}
+            for p in participants:
+                if p.client_id in encoded:
+                    data = encoded.pop(p.client_id)
+                    digest = expected[p.client_id]
+                else:
+                    data = encode(p.update, self._codec)
+                    digest = sha256_digest(data)
+                if digest != expected[p.client_id]:
+                    raise HistoryError(
+                        f"round {round}, client {p.client_id!r}: the update changed while "
+                        f"being committed ({expected[p.client_id]} then {digest})"
+                    )
+                self._write_blob(data, digest, dirty)
+                new_blobs.append((digest, sizes[p.client_id]))
+        if self._fsync:
+            for d in sorted(dirty, key=len, reverse=True):  # leaves before their parent
+                _fsync_directory(d)
+
+        with self._transaction() as db:
+            self._check_next_round(round, global_before)  # against a concurrent writer
+            db.executemany("INSERT OR IGNORE INTO blobs (digest, nbytes) VALUES (?, ?)", new_blobs)
+            db.execute("INSERT INTO models (round, digest) VALUES (?, ?)", (round, model_digest))
+            db.execute(
+                "INSERT INTO rounds (round, global_before, global_after, record, record_digest, "
+                "committed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    round,
+                    global_before,
+                    model_digest,
+                    record_bytes,
+                    sha256_digest(record_bytes),
+                    when,
+                ),
+            )
+            db.executemany(
+                "INSERT INTO participants (round, client_id, num_examples, weight, "
+                "update_digest, retained) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (round, r.client_id, r.num_examples, r.weight, r.update_digest, r.retained)
+                    for r in record.participants
+                ],
+            )
+        return record
+
+    # ------------------------------------------------------------------ reads
+
+    def _read_blob(self, digest: str, nbytes: int, where: str) -> bytes:
+        """Read blob ``digest`` and check its size and SHA-256; ``where`` names its use."""
+        path = blob_path(self._directory, digest)
+        try:
+            with path.open("rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise IntegrityError(f"{where}: blob {path} is missing (expected {digest})") from None
+        if len(data) != nbytes:
+            raise IntegrityError(
+                f"{where}: blob {path} is truncated or overwritten: {len(data)} bytes, "
+                f"expected {nbytes}"
+            )
+        found = "sha256:" + hashlib.sha256(data).hexdigest()
+        if found != digest:
+            raise IntegrityError(
+                f"{where}: blob {path} is altered: its SHA-256 is {found}, expected {digest}"
+            )
+        return data
+
+    def _record_from_row(self, t: int, record: object, record_digest: str) -> RoundRecord:
+        if not isinstance(record, bytes):
+            raise IntegrityError(
+                f"round {t}: record in {self._directory / INDEX_FILENAME} is a "
+                f"{type(record).__name__}; expected canonical JSON bytes"
+            )
+        found = sha256_digest(record)
+        if found != record_digest:
+            raise IntegrityError(
+                f"round {t}: record in {self._directory / INDEX_FILENAME} is altered: its "
+                f"SHA-256 is {found}, expected {record_digest}"
+            )
+        parsed = RoundRecord.from_bytes(record)
+        if parsed.round != t:
+            raise IntegrityError(f"round {t}: index row holds the record of round {parsed.round}")
+        return parsed
+
+    def rounds(self) -> Iterator[RoundRecord]:
+        """Stream the round records in order, checking each against its recorded SHA-256."""
+        cursor = self._db.execute("SELECT round, record, record_digest FROM rounds ORDER BY round")
+        try:
+            for t, record, record_digest in cursor:
+                yield self._record_from_row(t, record, record_digest)
+        finally:
+            cursor.close()
+
+    def round(self, t: int) -> RoundRecord:
+        """The record of round ``t``.
+
+        Raises
+        ------
+        HistoryError
+            If round ``t`` is not in the store.
+        IntegrityError
+            If the stored record does not match its recorded SHA-256.
+        """
+        row = self._db.execute(
+            "SELECT record, record_digest FROM rounds WHERE round = ?", (t,)
+        ).fetchone()
+        if row is None:
+            raise HistoryError(
+                f"round {t!r} is not in {self._directory}: committed rounds are "
+                f"1..{self.last_round}"
+            )
+        return self._record_from_row(t, row[0], row[1])
+
+    def global_model(self, t: int) -> dict[str, np.ndarray]:
+        """θ after round ``t`` (``t = 0``: the initial model), read and digest-checked.
+
+        Raises
+        ------
+        HistoryError
+            If no such model is stored.
+        IntegrityError
+            If its blob is missing, truncated or altered (the message names the file).
+        """
+        row = self._db.execute(
+            "SELECT m.digest, b.nbytes FROM models m JOIN blobs b ON b.digest = m.digest "
+            "WHERE m.round = ?",
+            (t,),
+        ).fetchone()
+        if row is None:
+            what = "no initial model" if t == 0 else f"no global model after round {t!r}"
+            raise HistoryError(
+                f"{self._directory} holds {what}: committed rounds are 1..{self.last_round}"
+            )
+        where = "initial model (round 0)" if t == 0 else f"round {t}, global model"
+        return decode(self._read_blob(row[0], row[1], where))
+
+    def client_update(self, t: int, client_id: str) -> dict[str, np.ndarray]:
+        """The stored update Δ_{t,k} of ``client_id`` in round ``t``, digest-checked.
+
+        Floating tensors come back as float32 (decoded from the run's codec).
+
+        Raises
+        ------
+        HistoryError
+            If the round is absent, the client did not participate, or the round was not
+            retained.
+        IntegrityError
+            If the blob is missing, truncated or altered (the message names the file).
+        """
+        row = self._db.execute(
+            "SELECT p.update_digest, p.retained, b.nbytes FROM participants p "
+            "LEFT JOIN blobs b ON b.digest = p.update_digest "
+            "WHERE p.round = ? AND p.client_id = ?",
+            (t, client_id),
+        ).fetchone()
+        if row is None:
+            if self._db.execute("SELECT 1 FROM rounds WHERE round = ?", (t,)).fetchone() is None:
+                raise HistoryError(
+                    f"round {t!r} is not in {self._directory}: committed rounds are "
+                    f"1..{self.last_round}"
+                )
+            raise HistoryError(f"client {client_id!r} did not participate in round {t}")
+        digest, retained, nbytes = row
+        if not retained:
+            raise HistoryError(
+                f"the update of client {client_id!r} in round {t} was not retained: "
+                f"retain_interval {self._retain_interval} keeps rounds 1, "
+                f"{1 + self._retain_interval}, {1 + 2 * self._retain_interval}, ..."
+            )
+        if nbytes is None:
+            raise IntegrityError(
+                f"round {t}, client {client_id!r}: the index lists no blob for {digest}"
+            )
+        return decode(self._read_blob(digest, nbytes, f"round {t}, client {client_id!r}"))
+
+    def clients(self) -> dict[str, list[int]]:
+        """Client id -> the rounds it participated in (ascending), ids sorted."""
+        out: dict[str, list[int]] = {}
+        for client_id, t in self._db.execute(
+            "SELECT client_id, round FROM participants ORDER BY client_id, round"
+        ):
+            out.setdefault(client_id, []).append(t)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready overview of the store.
+
+        Keys: ``directory``, ``format_version``, ``created_at``, ``codec``,
+        ``retain_interval``, ``rounds`` (last round), ``retained_rounds``, ``clients``
+        (id -> rounds), ``num_blobs``, ``bytes_stored`` (all blobs), ``model_bytes``,
+        ``update_bytes``, ``initial_model_digest``, ``final_model_digest`` (global_after of
+        the last round, or the initial model's digest) and ``run_config``.
+        """
+        db = self._db
+        last = self.last_round
+        num_blobs, total = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM blobs"
+        ).fetchone()
+        (model_bytes,) = db.execute(
+            "SELECT COALESCE(SUM(nbytes), 0) FROM blobs WHERE digest IN (SELECT digest FROM models)"
+        ).fetchone()
+        (update_bytes,) = db.execute(
+            "SELECT COALESCE(SUM(nbytes), 0) FROM blobs WHERE digest IN "
+            "(SELECT update_digest FROM participants WHERE retained)"
+        ).fetchone()
+        initial = self.initial_model_digest
+        if last:
+            (final,) = db.execute(
+                "SELECT global_after FROM rounds WHERE round = ?", (last,)
+            ).fetchone()
+        else:
+            final = initial
+        return {
+            "directory": str(self._directory),
+            "format_version": FORMAT_VERSION,
+            "created_at": self._created_at,
+            "codec": self._codec,
+            "retain_interval": self._retain_interval,
+            "rounds": last,
+            "retained_rounds": [t for t in range(1, last + 1) if self.is_retained(t)],
+            "clients": self.clients(),
+            "num_blobs": int(num_blobs),
+            "bytes_stored": int(total),
+            "model_bytes": int(model_bytes),
+            "update_bytes": int(update_bytes),
+            "initial_model_digest": initial,
+            "final_model_digest": final,
+            "run_config": self.run_config,
+        }

@@ -1,0 +1,95 @@
+"""The learning task of a run: its data, its model and the conversions the apps share.
+
+Both Flower apps (``clients/`` and ``server/``) and, later, the unlearning methods build
+the same model and read the same data from a :class:`~fedforget.config.RunConfig`; this
+module is that single place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedforget.config import RunConfig
+from fedforget.data import ArrayDataset, client_data, load_dataset
+from fedforget.models import build_model
+from fedforget.sampling import model_init_seed
+
+TensorDict = dict[str, np.ndarray]
+
+
+def dataset_options(cfg: RunConfig) -> dict[str, object]:
+    """Loader options for the configured data set."""
+    if cfg.dataset == "synthetic":
+        return {
+            "num_samples": cfg.synthetic_samples,
+            "num_features": cfg.synthetic_features,
+            "num_classes": cfg.synthetic_classes,
+        }
+    return {}
+
+
+def load_test_set(cfg: RunConfig) -> ArrayDataset:
+    """The global test set (server-side evaluation)."""
+    _, test = load_dataset(
+        cfg.dataset,
+        seed=cfg.seed,
+        data_path=cfg.data_path or None,
+        test_fraction=cfg.test_fraction,
+        **dataset_options(cfg),  # type: ignore[arg-type]
+    )
+    return test
+
+
+def load_client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """One client's (local train, local held-out) data."""
+    return client_data(
+        cfg.dataset,
+        partition_id=partition_id,
+        num_partitions=cfg.num_clients,
+        partitioner=cfg.partitioner,
+        seed=cfg.seed,
+        alpha=cfg.dirichlet_alpha,
+        shards_per_partition=cfg.shards_per_client,
+        holdout_fraction=cfg.holdout_fraction,
+        test_fraction=cfg.test_fraction,
+        data_path=cfg.data_path or None,
+        **dataset_options(cfg),  # type: ignore[arg-type]
+    )
+
+
+def new_model(cfg: RunConfig) -> torch.nn.Module:
+    """The configured model, initialised from the run seed."""
+    test = load_test_set(cfg)
+    options = {"hidden_size": cfg.hidden_size} if cfg.model == "mlp" else {}
+    return build_model(
+        cfg.model,
+        input_shape=test.input_shape,
+        num_classes=test.num_classes,
+        seed=model_init_seed(cfg.seed),
+        **options,
+    )
+
+
+def model_tensors(model: torch.nn.Module) -> TensorDict:
+    """A model's state as numpy arrays, in the model's order (copies)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_tensors(model: torch.nn.Module, tensors: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    """Load numpy arrays into ``model`` (strict: same keys and shapes)."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    return model
+
+
+def to_array_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """numpy arrays -> Flower ArrayRecord (keeps the order)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+
+
+def from_array_record(record: ArrayRecord) -> TensorDict:
+    """Flower ArrayRecord -> numpy arrays (keeps the order)."""
+    return {k: record[k].numpy() for k in record}

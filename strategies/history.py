@@ -1,0 +1,369 @@
+"""History recording around any Flower strategy.
+
+:class:`HistoryRecording` wraps a Flower :class:`~flwr.serverapp.strategy.Strategy`
+(FedAvg, FedProx, ...) and adds what federated unlearning needs:
+
+* clients are selected by **stable client id** with a seeded generator
+  (:class:`fedforget.sampling.ClientSampler`), never by Flower's random node ids;
+* each selected client gets its own training seed in the train config;
+* replies are **validated** (keys, shapes, finite values, example count, identity);
+  a bad reply is refused with a logged reason naming client and round, and the round
+  goes on without it, unless fewer than ``min_replies`` valid replies remain
+  (then :class:`~fedforget.errors.RoundFailedError`, and nothing of the round is stored);
+* replies are aggregated in **client-id order**, so sums never depend on arrival order;
+* every client's update :math:`\\Delta_{t,k} = \\theta_{t,k} - \\theta_t`, its example count
+  and weight, and the aggregated :math:`\\theta_{t+1}` are committed to the
+  :class:`~fedforget.history.HistoryStore` as one atomic round.
+
+Commits run on one background writer thread (``background_commit=True``, the default), in
+round order, so that fsyncs overlap the next round's training; :meth:`HistoryRecording.flush`
+waits for them. A commit that fails stops training at the next round. A killed process
+leaves the store at its last complete round either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedforget.errors import ClientReplyError, RoundFailedError
+from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
+from fedforget.history.records import RefusedReply
+from fedforget.sampling import ClientSampler, client_train_seed
+from fedforget.task import TensorDict, from_array_record
+from fedforget.tensors import tensors_digest
+
+log = logging.getLogger("fedforget.strategies")
+
+CLIENT_RECORD = "client"  # ConfigRecord key carrying the stable client id in replies
+
+
+class _NodeSubsetGrid(Grid):
+    """A view of a Grid that shows only some nodes (for the wrapped strategy's sampling)."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]  # noqa: D102,E501
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> list[int]:  # noqa: D102
+        return list(self._node_ids)
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]  # noqa: D102,E501
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass
+class _PendingRound:
+    round: int
+    global_model: TensorDict
+    selected: list[str]
+    seeds: dict[str, int]
+    config: dict[str, object]
+    refused: list[RefusedReply] = field(default_factory=list)
+
+
+class HistoryRecording(Strategy):
+    """Wrap ``strategy`` so that every round is sampled by stable id and recorded.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The Flower strategy that aggregates (it must sample *all* nodes it is shown:
+        build it with ``fraction_train=1.0``).
+    store : HistoryStore
+        Where rounds are committed.
+    clients : Mapping[str, int]
+        Stable client id -> current Flower node id (from the identify query).
+    sampler : ClientSampler
+        Seeded selection of client ids per round.
+    run_seed : int
+        The run seed (each client's per-round training seed derives from it).
+    round_offset : int
+        Rounds already in the store (Flower's round counter restarts at 1 on resume).
+    min_replies : int
+        Fewest valid replies a round may be aggregated from.
+    exclude : Iterable[str]
+        Clients never to select (withdrawn).
+    evaluate_rounds : Iterable[int]
+        Rounds after which the clients evaluate on their held-out data.
+    background_commit : bool
+        Commit rounds on a writer thread (call :meth:`flush` at the end).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        store: HistoryStore,
+        clients: Mapping[str, int],
+        sampler: ClientSampler,
+        run_seed: int,
+        round_offset: int = 0,
+        min_replies: int = 1,
+        exclude: Iterable[str] = (),
+        evaluate_rounds: Iterable[int] = (),
+        background_commit: bool = True,
+    ) -> None:
+        self.strategy = strategy
+        self.store = store
+        self.clients = dict(clients)
+        self.sampler = sampler
+        self.run_seed = run_seed
+        self.round_offset = round_offset
+        self.min_replies = min_replies
+        self.exclude = frozenset(exclude)
+        self.evaluate_rounds = frozenset(evaluate_rounds)
+        self._client_of_node = {node: cid for cid, node in self.clients.items()}
+        self._pending: _PendingRound | None = None
+        self._global_digest = store.model_digest(store.last_round)
+        self._writer = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedforget-history")
+            if background_commit
+            else None
+        )
+        self._commits: list[Future[RoundRecord]] = []
+        self.records: list[RoundRecord] = []
+
+    # ------------------------------------------------------------------ commits
+    def _commit(self, **kwargs: object) -> None:
+        if self._writer is None:
+            self.records.append(self.store.commit_round(**kwargs))  # type: ignore[arg-type]
+            return
+        self._raise_failed_commit()
+        self._commits.append(self._writer.submit(self.store.commit_round, **kwargs))  # type: ignore[arg-type]
+
+    def _raise_failed_commit(self) -> None:
+        while self._commits and self._commits[0].done():
+            self.records.append(self._commits.pop(0).result())  # re-raises a failed commit
+
+    def flush(self) -> list[RoundRecord]:
+        """Wait for every pending commit; raise the first that failed; return the records."""
+        try:
+            while self._commits:
+                self.records.append(self._commits.pop(0).result())
+        finally:
+            if self._writer is not None and not self._commits:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+        return self.records
+
+    def summary(self) -> None:  # noqa: D102
+        self.strategy.summary()
+
+    # ------------------------------------------------------------------ training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Select clients by stable id, let the wrapped strategy build the messages,
+        and give each client its own training seed."""
+        t = server_round + self.round_offset
+        self._raise_failed_commit()
+        selected = self.sampler.sample(t, self.clients, exclude=self.exclude)
+        view = _NodeSubsetGrid(grid, [self.clients[c] for c in selected])
+        inner = list(self.strategy.configure_train(t, arrays, ConfigRecord(dict(config)), view))
+        global_model = from_array_record(arrays)
+        seeds: dict[str, int] = {}
+        messages: list[Message] = []
+        sent_config: dict[str, object] = {}
+        for msg in inner:
+            cid = self._client_of_node[msg.metadata.dst_node_id]
+            seeds[cid] = client_train_seed(self.run_seed, t, cid)
+            content = RecordDict()
+            for key, record in msg.content.items():
+                if isinstance(record, ConfigRecord):
+                    record = ConfigRecord(dict(record))
+                    record["server-round"] = t
+                    record["seed"] = seeds[cid]
+                    sent_config = {k: v for k, v in record.items() if k != "seed"}
+                content[key] = record
+            messages.append(
+                Message(
+                    content=content,
+                    dst_node_id=msg.metadata.dst_node_id,
+                    message_type=msg.metadata.message_type,
+                    group_id=str(t),
+                )
+            )
+        if len(messages) != len(selected):
+            raise RoundFailedError(
+                f"round {t}: the wrapped strategy {type(self.strategy).__name__} built "
+                f"{len(messages)} messages for {len(selected)} selected clients; it must "
+                "train every node it is shown (fraction_train=1.0)"
+            )
+        self._pending = _PendingRound(
+            round=t,
+            global_model=global_model,
+            selected=selected,
+            seeds=seeds,
+            config=sent_config,
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, sort by client id, aggregate with the wrapped strategy, commit."""
+        pending = self._pending
+        t = server_round + self.round_offset
+        if pending is None or pending.round != t:
+            raise RoundFailedError(f"round {t}: aggregate_train without configure_train")
+        accepted: dict[str, tuple[Message, TensorDict, int, dict[str, float]]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            cid = self._client_of_node.get(node, f"<unknown node {node}>")
+            try:
+                local, n, metrics = self._check_reply(reply, cid, pending)
+                if cid in accepted:
+                    raise ClientReplyError("a second reply in the same round")
+            except ClientReplyError as exc:
+                log.warning("round %d: refused reply from client %s: %s", t, cid, exc)
+                pending.refused.append(RefusedReply(client_id=cid, reason=str(exc)))
+                continue
+            accepted[cid] = (reply, local, n, metrics)
+        for cid in pending.selected:
+            if cid not in accepted and all(r.client_id != cid for r in pending.refused):
+                pending.refused.append(RefusedReply(client_id=cid, reason="no reply"))
+                log.warning("round %d: no reply from client %s", t, cid)
+        needed = min(self.min_replies, len(pending.selected))
+        if len(accepted) < max(needed, 1):
+            reasons = "; ".join(
+                f"{r.client_id}: {r.reason.splitlines()[0]}" for r in pending.refused
+            )
+            raise RoundFailedError(
+                f"round {t}: {len(accepted)} valid replies of {len(pending.selected)} "
+                f"selected, min-replies = {self.min_replies}; refused: {reasons or 'none'}"
+            )
+        order = sorted(accepted)
+        agg_arrays, agg_metrics = self.strategy.aggregate_train(
+            t, [accepted[cid][0] for cid in order]
+        )
+        if agg_arrays is None:
+            raise RoundFailedError(f"round {t}: the wrapped strategy aggregated nothing")
+        total = sum(accepted[cid][2] for cid in order)
+        participants = []
+        for cid in order:
+            _, local, n, metrics = accepted[cid]
+            update = {k: local[k] - pending.global_model[k] for k in pending.global_model}
+            participants.append(
+                ParticipantUpdate(
+                    client_id=cid,
+                    num_examples=n,
+                    weight=n / total,
+                    seed=pending.seeds[cid],
+                    update=update,
+                    metrics=metrics,
+                )
+            )
+        global_after = from_array_record(agg_arrays)
+        global_before, self._global_digest = self._global_digest, tensors_digest(global_after)
+        self._commit(
+            round=t,
+            global_before=global_before,
+            global_after=global_after,
+            participants=participants,
+            refused=tuple(pending.refused),
+            config=pending.config,
+        )
+        self._pending = None
+        return agg_arrays, agg_metrics
+
+    def _check_reply(
+        self, reply: Message, cid: str, pending: _PendingRound
+    ) -> tuple[TensorDict, int, dict[str, float]]:
+        if reply.has_error():
+            reason = (reply.error.reason or "").strip().splitlines()
+            raise ClientReplyError(f"client error: {reason[-1] if reason else reply.error.code}")
+        if cid not in pending.selected:
+            raise ClientReplyError("reply from a client not selected this round")
+        content = reply.content
+        reported = content.config_records.get(CLIENT_RECORD, {}).get("client-id")
+        if reported != cid:
+            raise ClientReplyError(f"reported client id {reported!r}, expected {cid!r}")
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise ClientReplyError(
+                f"expected one ArrayRecord and one MetricRecord, got "
+                f"{len(content.array_records)} and {len(content.metric_records)}"
+            )
+        metrics_record = next(iter(content.metric_records.values()))
+        n = metrics_record.get("num-examples")
+        if isinstance(n, bool) or not isinstance(n, int | float) or n <= 0 or n != int(n):
+            raise ClientReplyError(f"num-examples = {n!r}, expected a positive integer")
+        local = from_array_record(next(iter(content.array_records.values())))
+        expected = pending.global_model
+        if list(local) != list(expected):
+            missing = sorted(set(expected) - set(local))
+            extra = sorted(set(local) - set(expected))
+            raise ClientReplyError(f"wrong keys: missing {missing}, unexpected {extra}")
+        for key, value in local.items():
+            if value.shape != expected[key].shape:
+                raise ClientReplyError(
+                    f"tensor {key!r} has shape {value.shape}, expected {expected[key].shape}"
+                )
+            if value.dtype != expected[key].dtype:
+                raise ClientReplyError(
+                    f"tensor {key!r} has dtype {value.dtype}, expected {expected[key].dtype}"
+                )
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                bad = int((~np.isfinite(value)).sum())
+                raise ClientReplyError(f"tensor {key!r} has {bad} NaN/Inf values")
+        metrics = {
+            k: float(v)
+            for k, v in metrics_record.items()
+            if k != "num-examples" and isinstance(v, int | float) and math.isfinite(float(v))
+        }
+        return local, int(n), metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation on the clients' held-out data, in the chosen rounds only."""
+        t = server_round + self.round_offset
+        if t not in self.evaluate_rounds:
+            return []
+        nodes = [node for cid, node in sorted(self.clients.items()) if cid not in self.exclude]
+        view = _NodeSubsetGrid(grid, nodes)
+        return self.strategy.configure_evaluate(t, arrays, ConfigRecord(dict(config)), view)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation replies (in client-id order) with the wrapped strategy."""
+        t = server_round + self.round_offset
+        good = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                cid = self._client_of_node.get(r.metadata.src_node_id, "?")
+                log.warning("round %d: evaluation failed on client %s", t, cid)
+        good.sort(key=lambda r: self._client_of_node.get(r.metadata.src_node_id, ""))
+        self.last_evaluation = {
+            self._client_of_node.get(r.metadata.src_node_id, "?"): dict(
+                next(iter(r.content.metric_records.values()))
+            )
+            for r in good
+        }
+        return self.strategy.aggregate_evaluate(t, good)
