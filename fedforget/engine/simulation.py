@@ -61,6 +61,8 @@ def _bin(name: str) -> str:
 def simulation_env(flwr_home: Path) -> dict[str, str]:
     """Environment for quiet, local, offline Flower processes."""
     env = dict(os.environ)
+    # The SuperLink starts `flower-superexec` and friends by name: use this venv's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         {
             "FLWR_HOME": str(flwr_home),
@@ -77,9 +79,7 @@ def simulation_env(flwr_home: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def local_superlink(
-    flwr_home: Path, *, num_supernodes: int, num_cpus: float = 1.0
-) -> Iterator[str]:
+def local_superlink(flwr_home: Path) -> Iterator[str]:
     """Start a SuperLink in simulation mode; yield the connection name; stop it."""
     http_port, control_port, fleet_port, health_port = (_free_port() for _ in range(4))
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -88,9 +88,6 @@ def local_superlink(
         f"[superlink.{CONNECTION}]\n"
         f'address = "127.0.0.1:{http_port}"\n'
         "insecure = true\n"
-        f"options.num-supernodes = {num_supernodes}\n"
-        f"options.backend.client-resources.num-cpus = {num_cpus}\n"
-        "options.backend.client-resources.num-gpus = 0.0\n"
     )
     log_path = flwr_home / "superlink.log"
     command = [
@@ -112,7 +109,6 @@ def local_superlink(
             env=simulation_env(flwr_home),
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: we stop exactly what we started
         )
     try:
         _wait_for_port(http_port, proc, log_path)
@@ -136,27 +132,63 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> 
     raise SimulationError(f"flower-superlink did not listen on port {port} within 60 s")
 
 
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid`` (read from /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the process group led by ``proc`` (which this module started)."""
+    """Stop the SuperLink this module started and every process it started.
+
+    Flower starts SuperExec and the simulation detached (new sessions), so the process
+    group is not enough: the descendants are listed by PID before the SuperLink stops,
+    and those still alive afterwards are ended by their PIDs.
+    """
+    family = _descendants(proc.pid)
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait(timeout=10)
-    else:  # leader gone: its children (simulation, Ray) may still be in the group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        while time.monotonic() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def run_simulation(
     cfg: RunConfig,
     *,
     project: FlowerProject | None = None,
-    num_cpus_per_client: float = 1.0,
+    num_cpus_per_client: int = 1,
     timeout: float = 1800.0,
 ) -> None:
     """Run ``cfg`` with ``flwr run`` on Flower's simulation engine; raise if it fails."""
@@ -164,11 +196,14 @@ def run_simulation(
     with tempfile.TemporaryDirectory(prefix="fedforget-flwr-") as tmp:
         home = Path(tmp)
         config_file = write_run_config(cfg.to_mapping(), home / "run_config.toml")
-        with local_superlink(home, num_supernodes=cfg.num_clients,
-                             num_cpus=num_cpus_per_client) as connection:
+        federation = (
+            f"num-supernodes={cfg.num_clients} client-resources-num-cpus={num_cpus_per_client:g} "
+            "client-resources-num-gpus=0"
+        )
+        with local_superlink(home) as connection:
             command = [
                 _bin("flwr"), "run", str(project.root), connection,
-                "--run-config", str(config_file), "--stream",
+                "--run-config", str(config_file), "--federation-config", federation, "--stream",
             ]
             try:
                 result = subprocess.run(

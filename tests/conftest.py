@@ -1,0 +1,56 @@
+"""Shared helpers: small, fast federations on the in-process engine."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedforget.config import RunConfig
+from fedforget.engine import run_training
+from fedforget.history import HistoryStore
+
+ROOT = Path(__file__).resolve().parents[1]
+# The Flower app components (clients/, server/, strategies/) load from the project root.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SMALL = {
+    "seed": 7,
+    "num-rounds": 3,
+    "num-clients": 4,
+    "dataset": "synthetic",
+    "synthetic-samples": 400,
+    "partitioner": "iid",
+    "model": "mlp",
+    "hidden-size": 8,
+    "local-epochs": 1,
+    "batch-size": 16,
+    "learning-rate": 0.1,
+    "progress": False,
+}
+
+
+def small_config(out: Path, **overrides: Any) -> RunConfig:
+    """A 4-client, 3-round synthetic run writing to ``out``."""
+    values = dict(SMALL)
+    values.update(overrides)
+    values["out-dir"] = str(out)
+    return RunConfig.from_mapping(values)
+
+
+def train_small(out: Path, **overrides: Any) -> dict[str, Any]:
+    """Train a small run in-process; return its store summary."""
+    run_training(small_config(out, **overrides), engine="inprocess")
+    with HistoryStore.open(out) as store:
+        return store.summary()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small finished run, shared read-only by tests that only inspect it."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    train_small(out)
+    return out

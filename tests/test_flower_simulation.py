@@ -1,0 +1,34 @@
+"""The same ServerApp/ClientApp under Flower's simulation engine (`flwr run`, Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import small_config, train_small
+
+from fedforget.engine import run_training
+from fedforget.history import HistoryStore, verify_store
+
+# Clients aggregate in client-id order and train single-threaded with the same seeds, so
+# the engines should agree to the last bit; the stated tolerance allows only float noise.
+TOLERANCE = 1e-6
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_flwr_run_gives_the_in_process_model_within_tolerance(tmp_path: Path) -> None:
+    # Prepare / Execute
+    overrides = {"num-clients": 3, "num-rounds": 3}
+    run_training(small_config(tmp_path / "sim", **overrides), engine="simulation")
+    train_small(tmp_path / "inproc", **overrides)
+    # Assert
+    assert verify_store(tmp_path / "sim").ok
+    with HistoryStore.open(tmp_path / "sim") as sim, HistoryStore.open(tmp_path / "inproc") as ref:
+        assert sim.last_round == ref.last_round == 3
+        assert sim.clients() == ref.clients()
+        a, b = sim.global_model(3), ref.global_model(3)
+        assert list(a) == list(b)
+        worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= TOLERANCE
