@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
-from fedforget.errors import ConfigError
+from fedforget.errors import ClientReplyError, ConfigError
 from fedforget.task import load_client_data, new_model
 from fedforget.training import evaluate, train_local
 
@@ -57,6 +57,22 @@ def local_data(context: Context) -> tuple[ArrayDataset, ArrayDataset]:
     return load_client_data(cfg, partition)
 
 
+def _received_model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is None:
+        raise ClientReplyError("the message carries no ArrayRecord 'arrays'")
+    model = new_model(cfg)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def _setting(conf: ConfigRecord, key: str, kind: type[int] | type[float]) -> int | float:
+    value = conf.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"train config {key} = {value!r}: expected a number from the server")
+    return kind(value)
+
+
 def _identity(context: Context) -> ConfigRecord:
     return ConfigRecord({"client-id": client_id_of(context)})
 
@@ -75,18 +91,17 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local data with the server's settings."""
     torch.set_num_threads(1)
     cfg = run_config_of(context)
-    conf = msg.content["config"]
+    conf = msg.content.config_records.get("config", ConfigRecord())
     train_data, _ = local_data(context)
-    model = new_model(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model = _received_model(msg, cfg)
     result = train_local(
         model,
         train_data,
-        epochs=int(conf["local-epochs"]),
-        learning_rate=float(conf["learning-rate"]),
-        batch_size=int(conf["batch-size"]),
-        seed=int(conf["seed"]),
-        proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        epochs=int(_setting(conf, "local-epochs", int)),
+        learning_rate=float(_setting(conf, "learning-rate", float)),
+        batch_size=int(_setting(conf, "batch-size", int)),
+        seed=int(_setting(conf, "seed", int)),
+        proximal_mu=float(_setting(conf, "proximal-mu", float)) if "proximal-mu" in conf else 0.0,
     )
     content = RecordDict(
         {
@@ -106,9 +121,7 @@ def evaluate_holdout(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = run_config_of(context)
     _, holdout = local_data(context)
-    model = new_model(cfg)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    result = evaluate(model, holdout)
+    result = evaluate(_received_model(msg, cfg), holdout)
     content = RecordDict(
         {
             "metrics": MetricRecord(

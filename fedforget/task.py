@@ -39,7 +39,7 @@ def load_test_set(cfg: RunConfig) -> ArrayDataset:
         seed=cfg.seed,
         data_path=cfg.data_path or None,
         test_fraction=cfg.test_fraction,
-        **dataset_options(cfg),  # type: ignore[arg-type]
+        **dataset_options(cfg),
     )
     return test
 

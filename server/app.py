@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedforget.config import RunConfig
-from fedforget.errors import ConfigError, HistoryError
+from fedforget.errors import HistoryError
 from fedforget.history import HistoryStore
 from fedforget.progress import RoundProgress
 from fedforget.sampling import ClientSampler
@@ -44,8 +44,10 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Train for ``num-rounds`` rounds (or resume), recording every round."""
     cfg = RunConfig.from_mapping(context.run_config)
-    if not cfg.out_dir:
-        raise ConfigError("out-dir is empty; expected the run directory to write")
+    if not cfg.out_dir:  # e.g. a plain `flwr run .`: never write into the FAB's directory
+        out = Path.home() / ".fedforget" / "runs" / f"flwr-run-{context.run_id}"
+        log.warning("out-dir is not set; writing the run to %s", out)
+        cfg = cfg.replace(out_dir=str(out))
     store = open_run_store(cfg)
     try:
         train(grid, cfg, store)
@@ -103,11 +105,15 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[
 
 def build_strategy(cfg: RunConfig) -> Strategy:
     """The aggregation strategy (it trains every node the wrapper shows it)."""
-    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 1,
-              "min_evaluate_nodes": 1, "min_available_nodes": 1}
     if cfg.strategy == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    return FedAvg(**common)
+        return FedProx(
+            fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+            min_evaluate_nodes=1, min_available_nodes=1, proximal_mu=cfg.proximal_mu,
+        )
+    return FedAvg(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+        min_available_nodes=1,
+    )
 
 
 def train(grid: Grid, cfg: RunConfig, store: HistoryStore) -> None:

@@ -53,26 +53,26 @@ class _NodeSubsetGrid(Grid):
         self._grid = grid
         self._node_ids = list(node_ids)
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+    def set_run(self, run):  # noqa: D102
         self._grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+    def run(self):  # noqa: D102
         return self._grid.run
 
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]  # noqa: D102,E501
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102,E501
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> list[int]:  # noqa: D102
         return list(self._node_ids)
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]  # noqa: D102
+    def push_messages(self, messages):  # noqa: D102
         return self._grid.push_messages(messages)
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]  # noqa: D102
+    def pull_messages(self, message_ids):  # noqa: D102
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]  # noqa: D102,E501
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102,E501
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
@@ -300,7 +300,8 @@ class HistoryRecording(Strategy):
         if cid not in pending.selected:
             raise ClientReplyError("reply from a client not selected this round")
         content = reply.content
-        reported = content.config_records.get(CLIENT_RECORD, {}).get("client-id")
+        identity = content.config_records.get(CLIENT_RECORD)
+        reported = identity.get("client-id") if identity is not None else None
         if reported != cid:
             raise ClientReplyError(f"reported client id {reported!r}, expected {cid!r}")
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
