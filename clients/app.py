@@ -12,6 +12,7 @@ The server sends everything that shapes local training in each train message:
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 import torch
@@ -19,8 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedforget.config import RunConfig
-from fedforget.data import ArrayDataset
+from fedforget.data import ArrayDataset, poison
 from fedforget.errors import ClientReplyError, ConfigError
+from fedforget.sampling import derive_seed
 from fedforget.task import load_client_data, new_model
 from fedforget.training import evaluate, train_local
 
@@ -51,10 +53,25 @@ def run_config_of(context: Context) -> RunConfig:
 
 
 def local_data(context: Context) -> tuple[ArrayDataset, ArrayDataset]:
-    """This client's (train, held-out) data."""
+    """This client's (train, held-out) data.
+
+    With the experiment option ``backdoor-clients``, a listed client plants a backdoor:
+    a seeded ``backdoor-fraction`` of its training examples carry the trigger and the label
+    ``backdoor-target``.
+    """
     cfg = run_config_of(context)
     partition = int(context.node_config.get("partition-id", 0))
-    return load_client_data(cfg, partition)
+    train_data, holdout = load_client_data(cfg, partition)
+    cid = client_id_of(context)
+    if cid in cfg.backdoor_client_ids():
+        train_data = _poisoned(train_data, cfg, cid)
+    return train_data, holdout
+
+
+@lru_cache(maxsize=8)
+def _poisoned(data: ArrayDataset, cfg: RunConfig, cid: str) -> ArrayDataset:
+    return poison(data, target_label=cfg.backdoor_target, fraction=cfg.backdoor_fraction,
+                  seed=derive_seed(cfg.seed, "backdoor", cid))
 
 
 def _received_model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
@@ -94,6 +111,10 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content.config_records.get("config", ConfigRecord())
     train_data, _ = local_data(context)
     model = _received_model(msg, cfg)
+    task = conf.get("task", "train")
+    if task != "train":
+        raise ConfigError(f"train config task = {task!r}; this client knows 'train'")
+    started = time.perf_counter()
     result = train_local(
         model,
         train_data,
@@ -107,7 +128,11 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord(
-                {"num-examples": result.num_examples, "train-loss": result.loss}
+                {
+                    "num-examples": result.num_examples,
+                    "train-loss": result.loss,
+                    "train-seconds": time.perf_counter() - started,
+                }
             ),
             "client": _identity(context),
         }

@@ -39,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="flat TOML of run-config keys, e.g. simulations/*.toml")
     _add_engine_args(train)
 
+    withdraw = sub.add_parser("withdraw", help="record that a client withdraws")
+    withdraw.add_argument("dir", help="run directory")
+    withdraw.add_argument("--client", required=True, help="stable client id, e.g. client-003")
+    withdraw.add_argument("--reason", default="", help="the reason the client gave")
+
+    unlearn = sub.add_parser("unlearn", help="remove a withdrawn client's influence")
+    unlearn.add_argument("dir", help="run directory")
+    unlearn.add_argument("--client", required=True, help="stable client id")
+    unlearn.add_argument("--method", required=True, help="unlearning method (see --list)")
+    unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a method parameter (repeatable)")
+    unlearn.add_argument("--reason", default="", help="reason, if the withdrawal is new")
+    unlearn.add_argument("--json", action="store_true", help="print a JSON object")
+    unlearn.add_argument("--quiet", action="store_true", help="no progress display")
+    unlearn.add_argument("--app", default=None, help="Flower app project directory")
+
     history = sub.add_parser("history", help="inspect a run's history store")
     hsub = history.add_subparsers(dest="history_command", required=True)
     verify = hsub.add_parser("verify", help="check every record and blob against its digest")
@@ -56,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("demo", "train"):
             return _cmd_train(args)
+        if args.command == "withdraw":
+            return _cmd_withdraw(args)
+        if args.command == "unlearn":
+            return _cmd_unlearn(args)
         if args.command == "history" and args.history_command == "verify":
             return _cmd_verify(args)
         if args.command == "history" and args.history_command == "show":
@@ -109,6 +129,126 @@ def _final_accuracy(out: Path) -> float | None:
         return None
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return float(lines[-1]["test-accuracy"]) if lines else None
+
+
+# --------------------------------------------------------------------- withdraw
+def _cmd_withdraw(args: argparse.Namespace) -> int:
+    from fedforget.history import HistoryStore
+    from fedforget.withdrawal import WithdrawalLedger
+
+    with HistoryStore.open(args.dir) as store:
+        roster = frozenset(store.roster())
+        contributed = bool(store.clients().get(args.client))
+    with WithdrawalLedger(args.dir) as ledger:
+        request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+    verb = "recorded" if created else "already recorded"
+    print(f"withdrawal {verb}: {request.request_id} for {request.client_id} "
+          f"(state {request.state}, received {request.received_at})")
+    if not contributed:
+        print(f"{args.client} has no stored contribution: there is nothing to unlearn")
+    return 0
+
+
+# ---------------------------------------------------------------------- unlearn
+def _cmd_unlearn(args: argparse.Namespace) -> int:
+    from fedforget.config import RunConfig, parse_assignments
+    from fedforget.engine.apps import find_project
+    from fedforget.engine.inprocess import run_inprocess
+    from fedforget.history import HistoryStore
+    from fedforget.unlearning import UnlearningRequest, get_method
+    from fedforget.unlearning.base import first_contribution
+    from fedforget.withdrawal import WithdrawalLedger
+
+    out = Path(args.dir).resolve()
+    params = parse_assignments(args.set)
+    method = get_method(args.method, params)  # unknown method / bad parameter: nothing written
+    with HistoryStore.open(out) as store:
+        roster = frozenset(store.roster())
+        if args.client not in roster:
+            raise _error(f"unknown client {args.client!r}: this run's clients are "
+                         f"{', '.join(sorted(roster)) or 'none'}")
+        if first_contribution(store, [args.client]) is None:
+            print(f"no-op: {args.client} has no stored contribution in {out}; "
+                  "the model is unchanged and nothing was written")
+            return 0
+        with WithdrawalLedger(out) as ledger:
+            earlier = ledger.withdrawn()
+        forget = (earlier | {args.client}) if method.multi_client else frozenset({args.client})
+        method.check(UnlearningRequest(store=store, forget=forget, federation=_NoFederation(),
+                                       workdir=""))
+        cfg = RunConfig.from_mapping(store.run_config)
+    with WithdrawalLedger(out) as ledger:
+        request, _ = ledger.request(args.client, reason=args.reason or "unlearn command",
+                                    roster=roster)
+    cfg = cfg.replace(out_dir=str(out), mode="unlearn", request_id=request.request_id,
+                      method=method.name, method_params=json.dumps(method.params.to_dict()),
+                      progress=not (args.quiet or args.json))
+    server_app, client_app = find_project(args.app).load()
+    run_inprocess(server_app, client_app, num_nodes=cfg.num_clients, run_config=cfg.to_mapping())
+    result_path = out / "unlearned" / request.request_id / method.name / "result.json"
+    info = json.loads(result_path.read_text())
+    info["model_path"] = str(out / info["model_path"])
+    info["result_path"] = str(result_path)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(format_comparison(info))
+    return 0
+
+
+class _NoFederation:
+    """Stands in for the federation when a method only checks a request."""
+
+    cost = None
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("a method's check() must not use the federation")
+
+
+def _error(message: str) -> Exception:
+    from fedforget.unlearning import UnlearningError
+
+    return UnlearningError(message)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:6.2f}%"
+
+
+def format_comparison(info: dict[str, Any]) -> str:
+    """A readable summary of one unlearning result."""
+    m = info["metrics"]
+    cost = info["cost"]
+    ref = info["reference"]
+    lines = [
+        f"method {info['method']} (v{info['method_version']}, "
+        f"{'exact' if info['exact'] else 'approximate'}) forgot {', '.join(info['forgotten'])}",
+        f"{'':24}{'original':>10}{'unlearned':>11}{'retrained':>11}",
+    ]
+    rows = [("test accuracy", m["test_accuracy"]),
+            ("forgotten-data accuracy", m["forgotten_accuracy"])]
+    if m.get("backdoor_success"):
+        rows.append(("backdoor success", m["backdoor_success"]))
+    for label, values in rows:
+        if values:
+            lines.append(f"{label:24}{_pct(values.get('original')):>10}"
+                         f"{_pct(values.get('unlearned')):>11}{_pct(values.get('retrained')):>11}")
+    lines.append(f"L2 distance to retrained: original {m['l2_to_retrained']['original']:.4f}, "
+                 f"unlearned {m['l2_to_retrained']['unlearned']:.4f}"
+                 + ("  (bit-identical)" if ref["bit_identical"] else ""))
+    speed_wall = m["speedup_wall"]
+    speed_epochs = m["speedup_client_epochs"]
+    lines.append(
+        f"cost: {cost['client_epochs']:g} client-epochs, {cost['rounds']} rounds, "
+        f"{cost['server_seconds']:.2f} s (retrain: {ref['cost']['client_epochs']:g} "
+        f"client-epochs, {ref['cost']['server_seconds']:.2f} s); speed-up "
+        f"{'∞' if speed_epochs is None else f'{speed_epochs:.2f}×'} in client-epochs, "
+        f"{'-' if speed_wall is None else f'{speed_wall:.2f}×'} in wall time"
+    )
+    for note in info.get("notes", []):
+        lines.append(f"note: {note}")
+    lines.append(f"model: {info['model_path']} ({info['model_digest']})")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- history

@@ -25,7 +25,10 @@ STRATEGIES = ("fedavg", "fedprox")
 CODECS = ("fp32", "fp16", "bf16")
 
 # Keys that do not change the training itself: a run may be resumed with other values.
-OPERATIONAL_KEYS = frozenset({"out-dir", "progress"})
+OPERATIONAL_KEYS = frozenset(
+    {"out-dir", "progress", "mode", "request-id", "method", "method-params"}
+)
+MODES = ("train", "unlearn")
 
 
 def _choice(allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -75,9 +78,17 @@ class RunConfig:
     # history
     retain_interval: int = field(default=1, metadata=_range(1))
     codec: str = field(default="fp32", metadata=_choice(CODECS))
+    # experiment option: these clients train on data with a planted trigger
+    backdoor_clients: str = ""  # comma-separated client ids, e.g. "client-003"
+    backdoor_target: int = field(default=0, metadata=_range(0))
+    backdoor_fraction: float = field(default=0.5, metadata=_range(0, 1, low_open=True))
     # operational
     out_dir: str = ""
     progress: bool = True
+    mode: str = field(default="train", metadata=_choice(MODES))
+    request_id: str = ""
+    method: str = ""
+    method_params: str = ""  # a JSON object of the method's parameters
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -124,6 +135,10 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some attributes changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def backdoor_client_ids(self) -> frozenset[str]:
+        """The clients that plant a backdoor (experiment option)."""
+        return frozenset(c.strip() for c in self.backdoor_clients.split(",") if c.strip())
 
     def clients_per_round(self) -> int:
         """How many clients the sampler selects each round."""

@@ -1,53 +1,50 @@
-"""fedforget's Flower ServerApp: training rounds recorded in a history store.
+"""fedforget's Flower ServerApp: training rounds recorded in a history store, and unlearning.
 
 The same app runs on every engine: fedforget's in-process Grid, ``flwr run .`` with the
-simulation engine, and a SuperLink with SuperNodes. The run directory (``out-dir``) holds
-the history store; a directory that already holds rounds of the same configuration is
-resumed from its last complete round.
+simulation engine, and a SuperLink with SuperNodes. The run config key ``mode`` selects:
+
+* ``train`` (default): train ``num-rounds`` rounds into the run directory (``out-dir``);
+  a directory that already holds rounds of the same configuration is resumed from its
+  last complete round. Withdrawn clients are never sampled.
+* ``unlearn``: serve the withdrawal request ``request-id`` with ``method`` (and its
+  ``method-params``, a JSON object); see :mod:`server.unlearning`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedforget.config import RunConfig
 from fedforget.errors import HistoryError
 from fedforget.history import HistoryStore
-from fedforget.progress import RoundProgress
-from fedforget.sampling import ClientSampler
-from fedforget.task import (
-    from_array_record,
-    load_tensors,
-    load_test_set,
-    model_tensors,
-    new_model,
-    to_array_record,
-)
+from fedforget.task import load_tensors, load_test_set, model_tensors, new_model
 from fedforget.training import evaluate
-from strategies.history import HistoryRecording
+from fedforget.withdrawal import WithdrawalLedger
+from server.federation import GridFederation, identify_clients
 
 log = logging.getLogger("fedforget.server")
-
-IDENTIFY = "query.identify"
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Train for ``num-rounds`` rounds (or resume), recording every round."""
+    """Train (or resume), or serve a withdrawal request, as ``mode`` says."""
     cfg = RunConfig.from_mapping(context.run_config)
     if not cfg.out_dir:  # e.g. a plain `flwr run .`: never write into the FAB's directory
         out = Path.home() / ".fedforget" / "runs" / f"flwr-run-{context.run_id}"
         log.warning("out-dir is not set; writing the run to %s", out)
         cfg = cfg.replace(out_dir=str(out))
+    if cfg.mode == "unlearn":
+        from server.unlearning import serve_withdrawal
+
+        serve_withdrawal(grid, cfg)
+        return
     store = open_run_store(cfg)
     try:
         train(grid, cfg, store)
@@ -60,16 +57,7 @@ def open_run_store(cfg: RunConfig) -> HistoryStore:
     out = Path(cfg.out_dir)
     if (out / "history.sqlite").exists():
         store = HistoryStore.open(out)
-        stored = {k: v for k, v in store.run_config.items() if k in cfg.training_mapping()}
-        wanted = cfg.training_mapping()
-        diff = [k for k in wanted if k in stored and stored[k] != wanted[k]]
-        if diff:
-            store.close()
-            shown = ", ".join(f"{k} = {stored[k]!r} (now {wanted[k]!r})" for k in diff)
-            raise HistoryError(
-                f"run directory {str(out)!r} holds a run with another configuration: {shown}; "
-                "use a new --out directory"
-            )
+        check_same_training(store, cfg)
         return store
     return HistoryStore.create(
         out,
@@ -79,96 +67,56 @@ def open_run_store(cfg: RunConfig) -> HistoryStore:
     )
 
 
-def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[str, int]:
-    """Ask every node for its stable client id; return client id -> node id."""
-    deadline = time.monotonic() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
-            raise HistoryError(f"only {len(node_ids)} of {expected} nodes connected in time")
-        time.sleep(1.0)
-    messages = [
-        Message(content=RecordDict(), dst_node_id=node, message_type=IDENTIFY)
-        for node in node_ids
-    ]
-    clients: dict[str, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            log.warning("node %d did not identify itself: %s", reply.metadata.src_node_id,
-                        reply.error.reason)
-            continue
-        cid = str(reply.content.config_records["client"]["client-id"])
-        if cid in clients:
-            raise HistoryError(f"two nodes report the same client id {cid!r}")
-        clients[cid] = reply.metadata.src_node_id
-    return clients
-
-
-def build_strategy(cfg: RunConfig) -> Strategy:
-    """The aggregation strategy (it trains every node the wrapper shows it)."""
-    if cfg.strategy == "fedprox":
-        return FedProx(
-            fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
-            min_evaluate_nodes=1, min_available_nodes=1, proximal_mu=cfg.proximal_mu,
+def check_same_training(store: HistoryStore, cfg: RunConfig) -> None:
+    """Refuse to use ``store`` with a configuration that trains differently."""
+    stored = store.run_config
+    wanted = cfg.training_mapping()
+    diff = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    if diff:
+        store.close()
+        shown = ", ".join(f"{k} = {stored[k]!r} (now {wanted[k]!r})" for k in diff)
+        raise HistoryError(
+            f"run directory {str(store.directory)!r} holds a run with another configuration: "
+            f"{shown}; use a new --out directory"
         )
-    return FedAvg(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
-        min_available_nodes=1,
-    )
 
 
 def train(grid: Grid, cfg: RunConfig, store: HistoryStore) -> None:
     """Run the remaining rounds of ``cfg`` on ``grid``, committing each to ``store``."""
     clients = identify_clients(grid, cfg.num_clients)
+    store.set_roster(list(clients))
+    with WithdrawalLedger(store.directory) as ledger:
+        withdrawn = ledger.withdrawn()
+        for request in ledger.interrupted():
+            log.warning(
+                "withdrawal %s of %s was interrupted while unlearning; re-run it with "
+                "`fedforget unlearn %s --client %s --method %s`", request.request_id,
+                request.client_id, store.directory, request.client_id, request.method,
+            )
     if store.last_round == 0 and store.initial_model_digest is None:
         store.put_initial_model(model_tensors(new_model(cfg)))
-    done = store.last_round
-    remaining = cfg.num_rounds - done
-    global_model = store.global_model(done)
     test_set = load_test_set(cfg)
-    model = new_model(cfg)
-    progress = RoundProgress(total=cfg.num_rounds, start=done, enabled=cfg.progress)
+    scratch = new_model(cfg)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        t = server_round + done
-        result = evaluate(load_tensors(model, from_array_record(arrays)), test_set)
-        if server_round > 0:
-            progress.update(t, accuracy=result.accuracy, loss=result.loss)
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps({"round": t, "test-accuracy": result.accuracy,
-                                     "test-loss": result.loss}) + "\n")
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+    def central_evaluate(t: int, model: dict) -> dict[str, float]:  # type: ignore[type-arg]
+        result = evaluate(load_tensors(scratch, model), test_set)
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps({"round": t, "test-accuracy": result.accuracy,
+                                 "test-loss": result.loss}) + "\n")
+        return {"accuracy": result.accuracy, "loss": result.loss}
 
-    wrapper = HistoryRecording(
-        build_strategy(cfg),
+    federation = GridFederation(grid, cfg, clients)
+    federation.replay(
         store=store,
-        clients=clients,
-        sampler=ClientSampler(seed=cfg.seed, count=cfg.clients_per_round()),
-        run_seed=cfg.seed,
-        round_offset=done,
-        min_replies=cfg.min_replies,
+        start_round=store.last_round + 1,
+        end_round=cfg.num_rounds,
+        exclude=withdrawn,
+        on_round=central_evaluate,
         # federated evaluation on the clients' held-out splits after the last round
         evaluate_rounds=[cfg.num_rounds] if cfg.holdout_fraction > 0 else [],
     )
-    try:
-        if remaining > 0:
-            wrapper.start(
-                grid,
-                initial_arrays=to_array_record(global_model),
-                num_rounds=remaining,
-                train_config=ConfigRecord(
-                    {
-                        "local-epochs": cfg.local_epochs,
-                        "learning-rate": cfg.learning_rate,
-                        "batch-size": cfg.batch_size,
-                    }
-                ),
-                evaluate_fn=central_evaluate,
-            )
-    finally:
-        wrapper.flush()  # every complete round reaches the store, even if a later one failed
-        progress.close()
-    evaluation = getattr(wrapper, "last_evaluation", None)
+    evaluation = getattr(federation, "last_evaluation", None)
     if evaluation:
         (Path(cfg.out_dir) / "client_evaluation.json").write_text(
             json.dumps(evaluation, indent=2, sort_keys=True)

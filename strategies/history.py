@@ -46,6 +46,58 @@ log = logging.getLogger("fedforget.strategies")
 CLIENT_RECORD = "client"  # ConfigRecord key carrying the stable client id in replies
 
 
+def check_train_reply(
+    reply: Message, client_id: str, global_model: Mapping[str, np.ndarray]
+) -> tuple[TensorDict, int, dict[str, float]]:
+    """Validate a train reply against the model sent; return (local model, n, metrics).
+
+    Raises :class:`~fedforget.errors.ClientReplyError` naming what is wrong: a client
+    error, another client's id, missing or extra records, a bad example count, wrong
+    keys, shapes or dtypes, NaN/Inf values.
+    """
+    if reply.has_error():
+        reason = (reply.error.reason or "").strip().splitlines()
+        raise ClientReplyError(f"client error: {reason[-1] if reason else reply.error.code}")
+    content = reply.content
+    identity = content.config_records.get(CLIENT_RECORD)
+    reported = identity.get("client-id") if identity is not None else None
+    if reported != client_id:
+        raise ClientReplyError(f"reported client id {reported!r}, expected {client_id!r}")
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        raise ClientReplyError(
+            f"expected one ArrayRecord and one MetricRecord, got "
+            f"{len(content.array_records)} and {len(content.metric_records)}"
+        )
+    metrics_record = next(iter(content.metric_records.values()))
+    n = metrics_record.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, int | float) or n <= 0 or n != int(n):
+        raise ClientReplyError(f"num-examples = {n!r}, expected a positive integer")
+    local = from_array_record(next(iter(content.array_records.values())))
+    if list(local) != list(global_model):
+        missing = sorted(set(global_model) - set(local))
+        extra = sorted(set(local) - set(global_model))
+        raise ClientReplyError(f"wrong keys: missing {missing}, unexpected {extra}")
+    for key, value in local.items():
+        expected = global_model[key]
+        if value.shape != expected.shape:
+            raise ClientReplyError(
+                f"tensor {key!r} has shape {value.shape}, expected {expected.shape}"
+            )
+        if value.dtype != expected.dtype:
+            raise ClientReplyError(
+                f"tensor {key!r} has dtype {value.dtype}, expected {expected.dtype}"
+            )
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int((~np.isfinite(value)).sum())
+            raise ClientReplyError(f"tensor {key!r} has {bad} NaN/Inf values")
+    metrics = {
+        k: float(v)
+        for k, v in metrics_record.items()
+        if k != "num-examples" and isinstance(v, int | float) and math.isfinite(float(v))
+    }
+    return local, int(n), metrics
+
+
 class _NodeSubsetGrid(Grid):
     """A view of a Grid that shows only some nodes (for the wrapped strategy's sampling)."""
 
@@ -112,6 +164,10 @@ class HistoryRecording(Strategy):
         Rounds after which the clients evaluate on their held-out data.
     background_commit : bool
         Commit rounds on a writer thread (call :meth:`flush` at the end).
+    roster : Iterable[str], optional
+        The ids the sampler draws from (default: ``clients``). Giving the run's recorded
+        roster keeps the schedule when some clients are no longer connected; a selected
+        client that is not connected counts as a missing reply.
     """
 
     def __init__(
@@ -127,10 +183,12 @@ class HistoryRecording(Strategy):
         exclude: Iterable[str] = (),
         evaluate_rounds: Iterable[int] = (),
         background_commit: bool = True,
+        roster: Iterable[str] | None = None,
     ) -> None:
         self.strategy = strategy
         self.store = store
         self.clients = dict(clients)
+        self.roster = tuple(sorted(roster if roster is not None else self.clients))
         self.sampler = sampler
         self.run_seed = run_seed
         self.round_offset = round_offset
@@ -182,8 +240,8 @@ class HistoryRecording(Strategy):
         and give each client its own training seed."""
         t = server_round + self.round_offset
         self._raise_failed_commit()
-        selected = self.sampler.sample(t, self.clients, exclude=self.exclude)
-        view = _NodeSubsetGrid(grid, [self.clients[c] for c in selected])
+        selected = self.sampler.sample(t, self.roster, exclude=self.exclude)
+        view = _NodeSubsetGrid(grid, [self.clients[c] for c in selected if c in self.clients])
         inner = list(self.strategy.configure_train(t, arrays, ConfigRecord(dict(config)), view))
         global_model = from_array_record(arrays)
         seeds: dict[str, int] = {}
@@ -208,7 +266,7 @@ class HistoryRecording(Strategy):
                     group_id=str(t),
                 )
             )
-        if len(messages) != len(selected):
+        if len(messages) != sum(1 for c in selected if c in self.clients):
             raise RoundFailedError(
                 f"round {t}: the wrapped strategy {type(self.strategy).__name__} built "
                 f"{len(messages)} messages for {len(selected)} selected clients; it must "
@@ -236,7 +294,9 @@ class HistoryRecording(Strategy):
             node = reply.metadata.src_node_id
             cid = self._client_of_node.get(node, f"<unknown node {node}>")
             try:
-                local, n, metrics = self._check_reply(reply, cid, pending)
+                if cid not in pending.selected:
+                    raise ClientReplyError("reply from a client not selected this round")
+                local, n, metrics = check_train_reply(reply, cid, pending.global_model)
                 if cid in accepted:
                     raise ClientReplyError("a second reply in the same round")
             except ClientReplyError as exc:
@@ -246,8 +306,9 @@ class HistoryRecording(Strategy):
             accepted[cid] = (reply, local, n, metrics)
         for cid in pending.selected:
             if cid not in accepted and all(r.client_id != cid for r in pending.refused):
-                pending.refused.append(RefusedReply(client_id=cid, reason="no reply"))
-                log.warning("round %d: no reply from client %s", t, cid)
+                reason = "no reply" if cid in self.clients else "not connected"
+                pending.refused.append(RefusedReply(client_id=cid, reason=reason))
+                log.warning("round %d: %s from client %s", t, reason, cid)
         needed = min(self.min_replies, len(pending.selected))
         if len(accepted) < max(needed, 1):
             reasons = "; ".join(
@@ -290,53 +351,6 @@ class HistoryRecording(Strategy):
         )
         self._pending = None
         return agg_arrays, agg_metrics
-
-    def _check_reply(
-        self, reply: Message, cid: str, pending: _PendingRound
-    ) -> tuple[TensorDict, int, dict[str, float]]:
-        if reply.has_error():
-            reason = (reply.error.reason or "").strip().splitlines()
-            raise ClientReplyError(f"client error: {reason[-1] if reason else reply.error.code}")
-        if cid not in pending.selected:
-            raise ClientReplyError("reply from a client not selected this round")
-        content = reply.content
-        identity = content.config_records.get(CLIENT_RECORD)
-        reported = identity.get("client-id") if identity is not None else None
-        if reported != cid:
-            raise ClientReplyError(f"reported client id {reported!r}, expected {cid!r}")
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            raise ClientReplyError(
-                f"expected one ArrayRecord and one MetricRecord, got "
-                f"{len(content.array_records)} and {len(content.metric_records)}"
-            )
-        metrics_record = next(iter(content.metric_records.values()))
-        n = metrics_record.get("num-examples")
-        if isinstance(n, bool) or not isinstance(n, int | float) or n <= 0 or n != int(n):
-            raise ClientReplyError(f"num-examples = {n!r}, expected a positive integer")
-        local = from_array_record(next(iter(content.array_records.values())))
-        expected = pending.global_model
-        if list(local) != list(expected):
-            missing = sorted(set(expected) - set(local))
-            extra = sorted(set(local) - set(expected))
-            raise ClientReplyError(f"wrong keys: missing {missing}, unexpected {extra}")
-        for key, value in local.items():
-            if value.shape != expected[key].shape:
-                raise ClientReplyError(
-                    f"tensor {key!r} has shape {value.shape}, expected {expected[key].shape}"
-                )
-            if value.dtype != expected[key].dtype:
-                raise ClientReplyError(
-                    f"tensor {key!r} has dtype {value.dtype}, expected {expected[key].dtype}"
-                )
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                bad = int((~np.isfinite(value)).sum())
-                raise ClientReplyError(f"tensor {key!r} has {bad} NaN/Inf values")
-        metrics = {
-            k: float(v)
-            for k, v in metrics_record.items()
-            if k != "num-examples" and isinstance(v, int | float) and math.isfinite(float(v))
-        }
-        return local, int(n), metrics
 
     # ---------------------------------------------------------------- evaluation
     def configure_evaluate(

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
@@ -517,6 +518,94 @@ class HistoryStore:
                 f"cannot commit round {round}: global_before is {global_before!r}, expected "
                 f"{expected!r} ({source})"
             )
+
+    def set_roster(self, client_ids: Sequence[str]) -> None:
+        """Record the federation's client ids (every client that could take part)."""
+        value = json.dumps(sorted(set(client_ids)))
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('roster', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+
+    def roster(self) -> tuple[str, ...]:
+        """The federation's client ids (those that ever took part, if none was recorded)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
+        ids = set(json.loads(row[0])) if row is not None else set()
+        return tuple(sorted(ids | set(self.clients())))
+
+    def fork(self, directory: str | os.PathLike[str], *, upto_round: int) -> HistoryStore:
+        """A new store in ``directory`` holding this store's rounds ``1..upto_round``.
+
+        The fork has the same run config, codec and retention; its index rows are copied
+        and its blobs hard-linked (copied across file systems), so it costs little. Exact
+        unlearning replays later rounds into a fork: the original history stays as it was.
+        """
+        if not 0 <= upto_round <= self.last_round:
+            raise HistoryError(
+                f"cannot fork {self._directory} at round {upto_round}: committed rounds are "
+                f"0..{self.last_round}"
+            )
+        if self.initial_model_digest is None:
+            raise HistoryError(f"cannot fork {self._directory}: it has no initial model")
+        fork = HistoryStore.create(
+            directory,
+            run_config=self.run_config,
+            codec=self._codec,
+            retain_interval=self._retain_interval,
+            fsync=self._fsync,
+        )
+        try:
+            src = self._db
+            models = src.execute(
+                "SELECT round, digest FROM models WHERE round <= ?", (upto_round,)
+            ).fetchall()
+            rounds = src.execute(
+                "SELECT round, global_before, global_after, record, record_digest, committed_at "
+                "FROM rounds WHERE round <= ?",
+                (upto_round,),
+            ).fetchall()
+            participants = src.execute(
+                "SELECT round, client_id, num_examples, weight, update_digest, retained "
+                "FROM participants WHERE round <= ?",
+                (upto_round,),
+            ).fetchall()
+            wanted = {d for _, d in models} | {p[4] for p in participants if p[5]}
+            blobs = [
+                row
+                for row in src.execute("SELECT digest, nbytes FROM blobs").fetchall()
+                if row[0] in wanted
+            ]
+            for digest, _ in blobs:
+                source = blob_path(self._directory, digest)
+                target = blob_path(fork.directory, digest)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    try:
+                        os.link(source, target)
+                    except OSError:
+                        shutil.copyfile(source, target)
+            roster = src.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
+            with fork._transaction() as db:
+                if roster is not None:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('roster', ?)", roster)
+                db.executemany("INSERT INTO blobs (digest, nbytes) VALUES (?, ?)", blobs)
+                db.executemany("INSERT INTO models (round, digest) VALUES (?, ?)", models)
+                db.executemany(
+                    "INSERT INTO rounds (round, global_before, global_after, record, "
+                    "record_digest, committed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    rounds,
+                )
+                db.executemany(
+                    "INSERT INTO participants (round, client_id, num_examples, weight, "
+                    "update_digest, retained) VALUES (?, ?, ?, ?, ?, ?)",
+                    participants,
+                )
+        except BaseException:
+            fork.close()
+            raise
+        return fork
 
     def put_initial_model(self, tensors: Mapping[str, np.ndarray]) -> str:
         """Store θ_0 in fp32 (losslessly) and return its digest. Allowed once.

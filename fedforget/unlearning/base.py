@@ -1,0 +1,287 @@
+"""The unlearning interface: one :class:`Unlearner` per method, a registry by name.
+
+An unlearner gets the recorded history, the clients to forget and a handle to the
+federation (:class:`Federation`), and returns the unlearned model with its cost. Methods
+that need client work ask the federation for it: the federation sends Flower messages
+through the same Grid to the same ClientApp as training, so there is no second training
+loop anywhere. A new method is one new module and one ``@register`` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from fedforget.errors import ConfigError, FedForgetError
+from fedforget.history import HistoryStore
+
+TensorDict = dict[str, np.ndarray]
+
+
+class UnlearningError(FedForgetError):
+    """An unlearning run could not be done as asked (the message says why)."""
+
+
+class RetentionError(UnlearningError):
+    """The history's retention dropped what a method needs."""
+
+
+# ---------------------------------------------------------------------------- cost
+@dataclass
+class Cost:
+    """What an unlearning run cost.
+
+    ``client_epochs`` counts local epochs of training asked of clients (one client
+    training E epochs is E); ``rounds`` counts federated rounds run; bytes are model
+    payloads sent to and received from clients; ``server_seconds`` is the server's wall
+    time, ``client_seconds`` the sum of the clients' reported training time.
+    """
+
+    client_epochs: float = 0.0
+    rounds: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    server_seconds: float = 0.0
+    client_seconds: float = 0.0
+
+    def add(self, other: Cost) -> None:
+        """Accumulate ``other`` into this cost (server time excluded)."""
+        self.client_epochs += other.client_epochs
+        self.rounds += other.rounds
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+        self.client_seconds += other.client_seconds
+
+    def to_dict(self) -> dict[str, float | int]:
+        """A JSON-ready copy."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------- federation
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's reply to a training request."""
+
+    client_id: str
+    local_model: TensorDict
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class Federation(Protocol):
+    """What an unlearner may ask of the federation (implemented by the ServerApp).
+
+    Every request goes through the Flower Grid to the clients' ClientApp; ``cost``
+    accumulates client-epochs, rounds and bytes of everything asked.
+    """
+
+    cost: Cost
+
+    @property
+    def roster(self) -> tuple[str, ...]:
+        """Every client id of the federation, sorted."""
+        ...
+
+    def replay(
+        self,
+        *,
+        store: HistoryStore,
+        start_round: int,
+        end_round: int,
+        exclude: Iterable[str],
+        progress_label: str = "round",
+    ) -> TensorDict:
+        """Run ordinary training rounds ``start_round..end_round`` from the store's
+        global model after ``start_round - 1``, with the run's schedule and seeds minus
+        ``exclude``, committing each round to ``store``; return the final model."""
+        ...
+
+    def train(
+        self,
+        *,
+        server_round: int,
+        global_model: TensorDict,
+        clients: Sequence[str],
+        local_epochs: int | None = None,
+        task: str = "train",
+        extra_config: Mapping[str, Any] | None = None,
+    ) -> dict[str, ClientUpdate]:
+        """Ask ``clients`` to train from ``global_model`` (the round's seeds and the
+        run's settings; ``local_epochs`` overrides the epochs); no aggregation, nothing
+        recorded. ``task`` selects a client-side procedure other than plain training
+        (e.g. ``"pga"``). Refused or failed replies are left out (and logged)."""
+        ...
+
+    def evaluate_local(self, model: TensorDict, clients: Sequence[str]) -> dict[str, float]:
+        """Accuracy of ``model`` on each client's held-out data (no cost counted)."""
+        ...
+
+
+# ------------------------------------------------------------------------- results
+@dataclass
+class UnlearningResult:
+    """The unlearned model and what it cost."""
+
+    model: TensorDict
+    cost: Cost
+    rounds_affected: list[int]
+    notes: list[str] = field(default_factory=list)
+    history_dir: str | None = None  # a replayed history, for methods that write one
+
+
+@dataclass(frozen=True)
+class UnlearningRequest:
+    """What to forget and from which history."""
+
+    store: HistoryStore
+    forget: frozenset[str]
+    federation: Federation
+    workdir: str  # a fresh directory the method may write into
+    current_model: TensorDict | None = None  # the model in service (after earlier unlearning)
+
+
+# ------------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class MethodParams:
+    """Base of each method's parameters: typed fields, validated, set by name."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # noqa: B027 - optional hook
+        """Raise ConfigError for an out-of-range value (override)."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> MethodParams:
+        """Build from ``key=value`` settings (kebab- or snake-case); unknown keys refused."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                allowed = ", ".join(n.replace("_", "-") for n in known) or "none"
+                raise ConfigError(f"unknown parameter {key!r}; allowed: {allowed}")
+            default = known[name].default
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{key} = {value!r}: expected true or false")
+            elif isinstance(default, int) and not isinstance(value, bool):
+                if not isinstance(value, int | float) or float(value) != int(value):
+                    raise ConfigError(f"{key} = {value!r}: expected an integer")
+                value = int(value)
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ConfigError(f"{key} = {value!r}: expected a number")
+                value = float(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Parameters with kebab-case keys."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def check_range(name: str, value: float, *, low: float | None = None,
+                high: float | None = None, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is in the range."""
+    ok = value == value  # not NaN
+    if low is not None:
+        ok = ok and (value > low if low_open else value >= low)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        expected = " and ".join(p for p in (lo, hi) if p)
+        raise ConfigError(f"{name} = {value!r} is out of range; expected {expected}")
+
+
+class Unlearner(ABC):
+    """One unlearning method.
+
+    Subclasses set ``name``, ``version``, ``exact`` (reproduces retraining bit for bit),
+    ``multi_client`` (can forget several clients in one request) and ``Params``, and
+    implement :meth:`run`.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    exact: ClassVar[bool] = False
+    multi_client: ClassVar[bool] = True
+    needs_clients: ClassVar[bool] = True
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def __init__(self, params: MethodParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def check(self, request: UnlearningRequest) -> None:
+        """Refuse a request this method cannot serve, before any work (override to add)."""
+        if not self.multi_client and len(request.forget) > 1:
+            raise UnlearningError(
+                f"{self.name} forgets one client per request; got {sorted(request.forget)}"
+            )
+
+    def unlearn(self, request: UnlearningRequest) -> UnlearningResult:
+        """Check, run and time the method."""
+        self.check(request)
+        start = time.perf_counter()
+        result = self.run(request)
+        result.cost.server_seconds = time.perf_counter() - start
+        return result
+
+    @abstractmethod
+    def run(self, request: UnlearningRequest) -> UnlearningResult:
+        """Compute the unlearned model."""
+
+
+REGISTRY: dict[str, type[Unlearner]] = {}
+
+
+def register(cls: type[Unlearner]) -> type[Unlearner]:
+    """Class decorator adding a method to :data:`REGISTRY` under ``cls.name``."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"unlearning method {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, params: Mapping[str, Any] | None = None) -> Unlearner:
+    """The registered method ``name`` with its parameters set from ``params``."""
+    from fedforget.unlearning import load_methods
+
+    load_methods()
+    if name not in REGISTRY:
+        raise ConfigError(
+            f"unknown unlearning method {name!r}; expected one of {', '.join(sorted(REGISTRY))}"
+        )
+    cls = REGISTRY[name]
+    return cls(cls.Params.from_mapping(params or {}))
+
+
+# ----------------------------------------------------------------------- helpers
+def first_contribution(store: HistoryStore, clients: Iterable[str]) -> int | None:
+    """The first round any of ``clients`` took part in (None if none ever did)."""
+    rounds = store.clients()
+    firsts = [min(rounds[c]) for c in clients if rounds.get(c)]
+    return min(firsts) if firsts else None
+
+
+def weighted_sum(
+    terms: Iterable[tuple[float, Mapping[str, np.ndarray]]], like: Mapping[str, np.ndarray]
+) -> TensorDict:
+    """Σ w·x over tensor dicts, accumulated in float64, returned as ``like``'s dtypes."""
+    acc = {k: np.zeros(v.shape, dtype=np.float64) for k, v in like.items()}
+    for weight, tensors in terms:
+        for k in acc:
+            acc[k] += weight * tensors[k]
+    return {k: acc[k].astype(like[k].dtype) for k in acc}
+
+
+Progress = Callable[[int, int], None]

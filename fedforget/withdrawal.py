@@ -1,0 +1,199 @@
+"""Withdrawal requests, persisted in the run's store, with a state machine.
+
+A client asks to leave: a :class:`WithdrawalRequest` (who, when, why) is written to the
+run's index (``history.sqlite``, table ``withdrawals``) and moves through
+
+.. code-block:: text
+
+    pending ──► unlearning ──► done
+                     │
+                     └──────► failed ──► unlearning (retried)
+
+A request left in ``unlearning`` by a crash is found again on restart
+(:meth:`WithdrawalLedger.interrupted`) and re-run; nothing is lost. Withdrawing the same
+client twice returns the existing request. A withdrawn client is never sampled again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedforget.errors import FedForgetError, HistoryError
+from fedforget.history.records import utc_now
+from fedforget.history.store import INDEX_FILENAME
+
+STATES = ("pending", "unlearning", "done", "failed")
+_TRANSITIONS = {
+    "pending": {"unlearning"},
+    "unlearning": {"done", "failed", "unlearning"},  # unlearning -> unlearning: re-run
+    "failed": {"unlearning"},
+    "done": {"unlearning"},  # a later method run on the same request
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS withdrawals (
+    request_id  TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL UNIQUE,
+    received_at TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    method      TEXT,
+    detail      TEXT
+)
+"""
+
+
+class WithdrawalError(FedForgetError):
+    """A withdrawal request cannot be made or moved as asked."""
+
+
+@dataclass(frozen=True)
+class WithdrawalRequest:
+    """One client's request to leave the federation and be forgotten."""
+
+    request_id: str
+    client_id: str
+    received_at: str
+    reason: str
+    state: str
+    updated_at: str
+    method: str | None = None
+    detail: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {
+            "request_id": self.request_id,
+            "client_id": self.client_id,
+            "received_at": self.received_at,
+            "reason": self.reason,
+            "state": self.state,
+            "updated_at": self.updated_at,
+            "method": self.method,
+            "detail": self.detail,
+        }
+
+
+class WithdrawalLedger:
+    """The withdrawal requests of one run directory."""
+
+    def __init__(self, directory: str | Path) -> None:
+        index = Path(directory) / INDEX_FILENAME
+        if not index.is_file():
+            raise HistoryError(f"{directory} is not a run directory: {index} is missing")
+        uri = f"file:{urllib.parse.quote(str(index))}?mode=rw"
+        self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute(_SCHEMA)
+        self.directory = Path(directory)
+
+    def close(self) -> None:
+        """Close the index connection."""
+        self._conn.close()
+
+    def __enter__(self) -> WithdrawalLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- queries
+    def _row(self, where: str, value: str) -> WithdrawalRequest | None:
+        row = self._conn.execute(
+            "SELECT request_id, client_id, received_at, reason, state, updated_at, method, "
+            f"detail FROM withdrawals WHERE {where} = ?",
+            (value,),
+        ).fetchone()
+        if row is None:
+            return None
+        detail = json.loads(row[7]) if row[7] else None
+        return WithdrawalRequest(*row[:7], detail=detail)
+
+    def get(self, request_id: str) -> WithdrawalRequest:
+        """The request ``request_id``; WithdrawalError if there is none."""
+        found = self._row("request_id", request_id)
+        if found is None:
+            raise WithdrawalError(f"no withdrawal request {request_id!r} in {self.directory}")
+        return found
+
+    def for_client(self, client_id: str) -> WithdrawalRequest | None:
+        """The request of ``client_id``, if it made one."""
+        return self._row("client_id", client_id)
+
+    def all(self) -> list[WithdrawalRequest]:
+        """Every request, oldest first."""
+        ids = [r[0] for r in self._conn.execute(
+            "SELECT request_id FROM withdrawals ORDER BY received_at, request_id")]
+        return [self.get(i) for i in ids]
+
+    def withdrawn(self) -> frozenset[str]:
+        """Every client that asked to leave (never to be sampled again)."""
+        return frozenset(r[0] for r in self._conn.execute("SELECT client_id FROM withdrawals"))
+
+    def interrupted(self) -> list[WithdrawalRequest]:
+        """Requests a crash left in ``unlearning``: to be re-run."""
+        return [r for r in self.all() if r.state == "unlearning"]
+
+    # ----------------------------------------------------------------- changes
+    def request(
+        self, client_id: str, *, reason: str, roster: set[str] | frozenset[str]
+    ) -> tuple[WithdrawalRequest, bool]:
+        """Record that ``client_id`` withdraws; return (request, created).
+
+        A second request for the same client returns the first one (created = False).
+        A client not in ``roster`` (the clients of this run) is refused.
+        """
+        if client_id not in roster:
+            known = ", ".join(sorted(roster)) or "none"
+            raise WithdrawalError(
+                f"unknown client {client_id!r}: this run's clients are {known}"
+            )
+        existing = self.for_client(client_id)
+        if existing is not None:
+            return existing, False
+        now = utc_now()
+        request = WithdrawalRequest(
+            request_id=f"wr-{uuid.uuid4().hex[:12]}",
+            client_id=client_id,
+            received_at=now,
+            reason=reason,
+            state="pending",
+            updated_at=now,
+        )
+        self._conn.execute(
+            "INSERT INTO withdrawals (request_id, client_id, received_at, reason, state, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (request.request_id, client_id, now, reason, "pending", now),
+        )
+        return request, True
+
+    def move(
+        self,
+        request_id: str,
+        state: str,
+        *,
+        method: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> WithdrawalRequest:
+        """Move a request to ``state`` (only along the state machine's edges)."""
+        current = self.get(request_id)
+        if state not in STATES:
+            raise WithdrawalError(f"state {state!r}; expected one of {', '.join(STATES)}")
+        if state not in _TRANSITIONS[current.state]:
+            raise WithdrawalError(
+                f"request {request_id} is {current.state!r}; it cannot move to {state!r}"
+            )
+        self._conn.execute(
+            "UPDATE withdrawals SET state = ?, updated_at = ?, method = COALESCE(?, method), "
+            "detail = ? WHERE request_id = ?",
+            (state, utc_now(), method, json.dumps(detail, sort_keys=True) if detail else None,
+             request_id),
+        )
+        return self.get(request_id)
