@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--json", action="store_true", help="print a JSON object")
     unlearn.add_argument("--quiet", action="store_true", help="no progress display")
     unlearn.add_argument("--app", default=None, help="Flower app project directory")
+    unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
+                         help="in-process Grid (default) or Flower's simulation engine")
 
     history = sub.add_parser("history", help="inspect a run's history store")
     hsub = history.add_subparsers(dest="history_command", required=True)
@@ -152,8 +154,8 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- unlearn
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from fedforget.config import RunConfig, parse_assignments
+    from fedforget.engine import run_training
     from fedforget.engine.apps import find_project
-    from fedforget.engine.inprocess import run_inprocess
     from fedforget.history import HistoryStore
     from fedforget.unlearning import UnlearningRequest, get_method
     from fedforget.unlearning.base import first_contribution
@@ -183,8 +185,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
     cfg = cfg.replace(out_dir=str(out), mode="unlearn", request_id=request.request_id,
                       method=method.name, method_params=json.dumps(method.params.to_dict()),
                       progress=not (args.quiet or args.json))
-    server_app, client_app = find_project(args.app).load()
-    run_inprocess(server_app, client_app, num_nodes=cfg.num_clients, run_config=cfg.to_mapping())
+    run_training(cfg, engine=args.engine, project=find_project(args.app))
     result_path = out / "unlearned" / request.request_id / method.name / "result.json"
     info = json.loads(result_path.read_text())
     info["model_path"] = str(out / info["model_path"])

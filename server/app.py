@@ -68,10 +68,14 @@ def open_run_store(cfg: RunConfig) -> HistoryStore:
 
 
 def check_same_training(store: HistoryStore, cfg: RunConfig) -> None:
-    """Refuse to use ``store`` with a configuration that trains differently."""
+    """Refuse to use ``store`` with a configuration that trains differently.
+
+    ``num-rounds`` may differ: a finished run can be extended with more rounds.
+    """
     stored = store.run_config
     wanted = cfg.training_mapping()
-    diff = [k for k in wanted if k in stored and stored[k] != wanted[k]]
+    diff = [k for k in wanted
+            if k in stored and stored[k] != wanted[k] and k != "num-rounds"]
     if diff:
         store.close()
         shown = ", ".join(f"{k} = {stored[k]!r} (now {wanted[k]!r})" for k in diff)

@@ -211,6 +211,7 @@ class GridFederation:
                 )
             )
         size = _nbytes(global_model)
+        self.cost.rounds += 1
         self.cost.client_epochs += len(messages) * epochs
         self.cost.bytes_sent += len(messages) * size
         out: dict[str, ClientUpdate] = {}

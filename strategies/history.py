@@ -38,7 +38,7 @@ from fedforget.errors import ClientReplyError, RoundFailedError
 from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
 from fedforget.history.records import RefusedReply
 from fedforget.sampling import ClientSampler, client_train_seed
-from fedforget.task import TensorDict, from_array_record
+from fedforget.task import TensorDict, from_array_record, to_array_record
 from fedforget.tensors import tensors_digest
 
 log = logging.getLogger("fedforget.strategies")
@@ -241,9 +241,14 @@ class HistoryRecording(Strategy):
         t = server_round + self.round_offset
         self._raise_failed_commit()
         selected = self.sampler.sample(t, self.roster, exclude=self.exclude)
-        view = _NodeSubsetGrid(grid, [self.clients[c] for c in selected if c in self.clients])
-        inner = list(self.strategy.configure_train(t, arrays, ConfigRecord(dict(config)), view))
         global_model = from_array_record(arrays)
+        connected = [c for c in selected if c in self.clients]
+        if not connected:  # every client drawn this round has withdrawn (or is offline)
+            self._pending = _PendingRound(round=t, global_model=global_model,
+                                          selected=selected, seeds={}, config={})
+            return []
+        view = _NodeSubsetGrid(grid, [self.clients[c] for c in connected])
+        inner = list(self.strategy.configure_train(t, arrays, ConfigRecord(dict(config)), view))
         seeds: dict[str, int] = {}
         messages: list[Message] = []
         sent_config: dict[str, object] = {}
@@ -309,6 +314,10 @@ class HistoryRecording(Strategy):
                 reason = "no reply" if cid in self.clients else "not connected"
                 pending.refused.append(RefusedReply(client_id=cid, reason=reason))
                 log.warning("round %d: %s from client %s", t, reason, cid)
+        if not pending.selected:
+            # Nobody to train this round: the model stays as it was, and the (empty) round
+            # is recorded so that round numbers keep their meaning across replays.
+            return self._commit_unchanged(t, pending)
         needed = min(self.min_replies, len(pending.selected))
         if len(accepted) < max(needed, 1):
             reasons = "; ".join(
@@ -351,6 +360,16 @@ class HistoryRecording(Strategy):
         )
         self._pending = None
         return agg_arrays, agg_metrics
+
+    def _commit_unchanged(
+        self, t: int, pending: _PendingRound
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        digest = self._global_digest
+        self._commit(round=t, global_before=digest, global_after=pending.global_model,
+                     participants=[], refused=tuple(pending.refused), config=pending.config)
+        self._pending = None
+        log.info("round %d: no client selected after exclusions; model unchanged", t)
+        return to_array_record(pending.global_model), None
 
     # ---------------------------------------------------------------- evaluation
     def configure_evaluate(

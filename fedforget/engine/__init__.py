@@ -19,7 +19,7 @@ ENGINES = ("inprocess", "simulation")
 def run_training(
     cfg: RunConfig, *, engine: str = "inprocess", project: FlowerProject | None = None
 ) -> None:
-    """Train (or resume) the run ``cfg`` describes into ``cfg.out_dir``."""
+    """Run the ServerApp on ``cfg`` (train or resume; or unlearn when ``cfg.mode`` says)."""
     project = project or find_project()
     if engine == "inprocess":
         from fedforget.engine.inprocess import run_inprocess

@@ -119,7 +119,7 @@ class FedEraser(Unlearner):
     Non-floating tensors (counters) keep the values of :math:`\\theta_{t_0-1}`. Sums are
     accumulated in float64 and the model is returned in the global model's dtypes. The
     model in service (``request.current_model``) is not used: the method rebuilds from the
-    history, so every client to exclude must be in ``request.forget``.
+    history, and the forget set is cumulative (every client withdrawn so far).
     """
 
     name = "federaser"
@@ -184,11 +184,8 @@ class FedEraser(Unlearner):
         store, forget, federation = request.store, request.forget, request.federation
         plan = self._plan(store, forget)
         if plan.t0 is None:
-            model = request.current_model
-            if model is None:
-                model = store.global_model(store.last_round)
             return UnlearningResult(
-                model={k: np.array(v, copy=True) for k, v in model.items()},
+                model=store.global_model(store.last_round),
                 cost=federation.cost,
                 rounds_affected=[],
                 notes=["the forgotten clients never contributed: nothing to unlearn"],

@@ -1,0 +1,298 @@
+"""Subtract: server-side removal of the forgotten clients' weighted contributions."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedforget.errors import ConfigError
+from fedforget.history import HistoryStore, ParticipantUpdate
+from fedforget.unlearning import REGISTRY, get_method
+from fedforget.unlearning.base import (
+    ClientUpdate,
+    Cost,
+    RetentionError,
+    UnlearningRequest,
+    UnlearningResult,
+)
+from fedforget.unlearning.subtract import Subtract, SubtractParams, removal_residual
+
+Tensors = dict[str, np.ndarray]
+Round = dict[str, tuple[int, dict[str, list[Any]]]]  # client id -> (n_k, update)
+
+
+def tensors(w: list[float], b: list[list[float]]) -> Tensors:
+    return {"w": np.array(w, dtype=np.float32), "b": np.array(b, dtype=np.float32)}
+
+
+def build_store(
+    path: Path,
+    theta0: Tensors,
+    rounds: Sequence[Round],
+    *,
+    retain_interval: int = 1,
+    local_epochs: int = 3,
+) -> HistoryStore:
+    """A history whose global models are the FedAvg sums of the given updates."""
+    store = HistoryStore.create(
+        path,
+        run_config={"local-epochs": local_epochs, "learning-rate": 0.1, "batch-size": 8,
+                    "seed": 0},
+        retain_interval=retain_interval,
+        fsync=False,
+    )
+    digest = store.put_initial_model(theta0)
+    theta = {k: v.astype(np.float64) for k, v in theta0.items()}
+    for t, parts in enumerate(rounds, start=1):
+        total = sum(n for n, _ in parts.values())
+        participants = []
+        for cid, (n, upd) in sorted(parts.items()):
+            update = {k: np.array(v, dtype=np.float32) for k, v in upd.items()}
+            participants.append(
+                ParticipantUpdate(client_id=cid, num_examples=n, weight=n / total, seed=t,
+                                  update=update)
+            )
+            for k in theta:
+                theta[k] += n / total * update[k]
+        after = {k: v.astype(np.float32) for k, v in theta.items()}
+        record = store.commit_round(round=t, global_before=digest, global_after=after,
+                                    participants=participants, config={})
+        digest = record.global_after
+    return store
+
+
+class RepairFederation:
+    """Records training requests; each client returns ``sent + shift[cid]``."""
+
+    def __init__(self, shift: Mapping[str, float], examples: Mapping[str, int]) -> None:
+        self.cost = Cost()
+        self.shift = dict(shift)
+        self.examples = dict(examples)
+        self.calls: list[dict[str, Any]] = []
+
+    @property
+    def roster(self) -> tuple[str, ...]:
+        return tuple(sorted(self.examples))
+
+    def replay(self, **kwargs: Any) -> Tensors:
+        raise AssertionError("subtract must not replay rounds")
+
+    def train(self, *, server_round: int, global_model: Mapping[str, np.ndarray],
+              clients: Sequence[str], local_epochs: int | None = None, task: str = "train",
+              extra_config: Mapping[str, Any] | None = None) -> dict[str, ClientUpdate]:
+        self.calls.append({"server_round": server_round, "clients": list(clients),
+                           "local_epochs": local_epochs,
+                           "global_model": {k: v.copy() for k, v in global_model.items()}})
+        self.cost.client_epochs += len(clients) * (local_epochs or 0)
+        return {
+            cid: ClientUpdate(cid, {k: (v + self.shift[cid]).astype(np.float32)
+                                    for k, v in global_model.items()}, self.examples[cid])
+            for cid in clients
+        }
+
+    def evaluate_local(self, model: Tensors, clients: Sequence[str]) -> dict[str, float]:
+        raise AssertionError("not used")
+
+
+def request(store: HistoryStore, forget: set[str], federation: Any, tmp_path: Path,
+            current: Tensors | None = None) -> UnlearningRequest:
+    return UnlearningRequest(store=store, forget=frozenset(forget), federation=federation,
+                             workdir=str(tmp_path / "work"), current_model=current)
+
+
+def run(params: Mapping[str, Any], req: UnlearningRequest) -> UnlearningResult:
+    return get_method("subtract", params).unlearn(req)
+
+
+# A 3-round history with clients a, b and u (the one to forget), worked out by hand.
+#   θ_0 = w [1, 2], b [[0, 0]]
+#   round 1: a (n=1) w [4, 0] b [[2, 2]];  b (n=1) w [0, 4] b [[-2, 2]];
+#            u (n=2) w [8, 8] b [[4, 4]]
+#            weights 1/4, 1/4, 1/2 -> g_1 = w [5, 5], b [[2, 3]]
+#   round 2: a (n=1) w [2, 2] b [[0, 4]];  u (n=3) w [4, 0] b [[4, 0]]
+#            weights 1/4, 3/4 -> g_2 = w [3.5, 0.5], b [[3, 1]]
+#   round 3: a (n=2) w [1, 0] b [[0, 0]];  b (n=2) w [0, 1] b [[2, 2]]
+#            weights 1/2, 1/2 -> g_3 = w [0.5, 0.5], b [[1, 1]]
+#   θ_3 = w [10, 8], b [[6, 5]]
+THETA0 = tensors([1, 2], [[0, 0]])
+ROUNDS: list[Round] = [
+    {"a": (1, {"w": [4, 0], "b": [[2, 2]]}), "b": (1, {"w": [0, 4], "b": [[-2, 2]]}),
+     "u": (2, {"w": [8, 8], "b": [[4, 4]]})},
+    {"a": (1, {"w": [2, 2], "b": [[0, 4]]}), "u": (3, {"w": [4, 0], "b": [[4, 0]]})},
+    {"a": (2, {"w": [1, 0], "b": [[0, 0]]}), "b": (2, {"w": [0, 1], "b": [[2, 2]]})},
+]
+# Without u: round 1 -> a, b at 1/2 each: w [2, 2], b [[0, 2]]; round 2 -> a alone:
+# w [2, 2], b [[0, 4]]; round 3 unchanged: w [0.5, 0.5], b [[1, 1]].
+# θ~ = θ_0 + those = w [1+2+2+0.5, 2+2+2+0.5] = [5.5, 6.5], b [[0+0+0+1, 0+2+4+1]] = [[1, 7]]
+EXPECTED = tensors([5.5, 6.5], [[1, 7]])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[HistoryStore]:
+    with build_store(tmp_path / "run", THETA0, ROUNDS) as s:
+        yield s
+
+
+def assert_tensors(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    assert list(actual) == list(expected)
+    for k in expected:
+        assert actual[k].dtype == np.float32
+        np.testing.assert_allclose(actual[k], expected[k], rtol=0, atol=1e-6)
+
+
+def test_registered_under_its_name() -> None:
+    assert REGISTRY["subtract"] is Subtract
+
+
+def test_the_store_is_what_the_comment_says(store: HistoryStore) -> None:
+    assert_tensors(store.global_model(3), tensors([10, 8], [[6, 5]]))
+
+
+def test_removal_from_the_final_model_matches_the_hand_computed_rule(
+    store: HistoryStore, tmp_path: Path
+) -> None:
+    # Prepare
+    federation = RepairFederation({}, {"a": 1, "b": 1, "u": 1})
+    # Execute
+    result = run({}, request(store, {"u"}, federation, tmp_path))
+    # Assert
+    assert_tensors(result.model, EXPECTED)
+    assert result.rounds_affected == [1, 2]
+    assert federation.calls == []
+    assert result.cost.client_epochs == 0 and result.cost.rounds == 0
+
+
+def test_residual_of_a_round_by_hand(store: HistoryStore) -> None:
+    # r_1 = (a, b at 1/2) - g_1 = w [2-5, 2-5], b [[0-2, 2-3]]
+    r1 = removal_residual(store, 1, frozenset({"u"}))
+    np.testing.assert_allclose(r1["w"], [-3, -3], atol=1e-12)
+    np.testing.assert_allclose(r1["b"], [[-2, -1]], atol=1e-12)
+    # Round 3 had no forgotten client: nothing changes.
+    r3 = removal_residual(store, 3, frozenset({"u"}))
+    assert all(not np.any(v) for v in r3.values())
+
+
+def test_forgetting_a_client_who_never_took_part_changes_nothing(
+    store: HistoryStore, tmp_path: Path
+) -> None:
+    federation = RepairFederation({}, {"a": 1})
+    result = run({"repair-rounds": 2}, request(store, {"nobody"}, federation, tmp_path))
+    assert_tensors(result.model, store.global_model(3))
+    assert result.rounds_affected == []
+    assert federation.calls == []
+
+
+def test_a_round_of_only_the_forgotten_client_contributes_nothing(tmp_path: Path) -> None:
+    # Prepare: round 2 had u alone.
+    #   θ_0 = w [0, 0], b [[0, 0]]
+    #   round 1: a (n=1) w [2, 0] b [[0, 2]]; u (n=1) w [6, 6] b [[6, 6]] -> a alone w/o u
+    #   round 2: u (n=5) w [9, 9] b [[9, 9]]                              -> nothing w/o u
+    #   round 3: a (n=1) w [1, 1] b [[1, 0]]; u (n=3) w [4, 4] b [[4, 4]] -> a alone w/o u
+    # θ~ = w [2+0+1, 0+0+1] = [3, 1], b [[0+0+1, 2+0+0]] = [[1, 2]]
+    rounds: list[Round] = [
+        {"a": (1, {"w": [2, 0], "b": [[0, 2]]}), "u": (1, {"w": [6, 6], "b": [[6, 6]]})},
+        {"u": (5, {"w": [9, 9], "b": [[9, 9]]})},
+        {"a": (1, {"w": [1, 1], "b": [[1, 0]]}), "u": (3, {"w": [4, 4], "b": [[4, 4]]})},
+    ]
+    with build_store(tmp_path / "run", tensors([0, 0], [[0, 0]]), rounds) as store:
+        # Execute
+        result = run({}, request(store, {"u"}, RepairFederation({}, {"a": 1}), tmp_path))
+    # Assert
+    assert_tensors(result.model, tensors([3, 1], [[1, 2]]))
+    assert result.rounds_affected == [1, 2, 3]
+
+
+def test_the_model_in_service_is_not_corrected_twice(store: HistoryStore, tmp_path: Path) -> None:
+    # The forget set is cumulative, so the result is rebuilt from θ_T whatever model an
+    # earlier withdrawal left in service.
+    current = tensors([0, 0], [[0, 0]])
+    result = run({}, request(store, {"u"}, RepairFederation({}, {"a": 1}), tmp_path, current))
+    assert_tensors(result.model, EXPECTED)
+
+
+def test_a_client_only_in_retained_rounds_is_served_with_a_retain_interval(
+    tmp_path: Path,
+) -> None:
+    # Prepare: Δt = 2 keeps rounds 1 and 3; u took part in those only.
+    #   round 1: a (n=1) w [2, 2] b [[2, 0]]; u (n=1) w [4, 0] b [[0, 4]] -> a alone w/o u
+    #   round 2: a (n=1) w [1, 0] b [[0, 1]]                              -> unchanged
+    #   round 3: a (n=3) w [4, 0] b [[0, 0]]; u (n=1) w [0, 8] b [[8, 8]] -> a alone w/o u
+    # θ~ = w [2+1+4, 2+0+0] = [7, 2], b [[2+0+0, 0+1+0]] = [[2, 1]]
+    rounds: list[Round] = [
+        {"a": (1, {"w": [2, 2], "b": [[2, 0]]}), "u": (1, {"w": [4, 0], "b": [[0, 4]]})},
+        {"a": (1, {"w": [1, 0], "b": [[0, 1]]})},
+        {"a": (3, {"w": [4, 0], "b": [[0, 0]]}), "u": (1, {"w": [0, 8], "b": [[8, 8]]})},
+    ]
+    with build_store(tmp_path / "run", tensors([0, 0], [[0, 0]]), rounds,
+                     retain_interval=2) as store:
+        result = run({}, request(store, {"u"}, RepairFederation({}, {"a": 1}), tmp_path))
+    assert_tensors(result.model, tensors([7, 2], [[2, 1]]))
+    assert result.rounds_affected == [1, 3]
+
+
+def test_a_contribution_in_a_round_not_retained_is_refused_up_front(tmp_path: Path) -> None:
+    # Prepare: Δt = 2 keeps rounds 1 and 3, but u took part in round 2.
+    rounds: list[Round] = [
+        {"a": (1, {"w": [2, 2], "b": [[2, 0]]})},
+        {"a": (1, {"w": [1, 0], "b": [[0, 1]]}), "u": (1, {"w": [4, 0], "b": [[0, 4]]})},
+        {"a": (1, {"w": [4, 0], "b": [[0, 0]]})},
+    ]
+    federation = RepairFederation({"a": 0.0}, {"a": 1})
+    with build_store(tmp_path / "run", tensors([0, 0], [[0, 0]]), rounds,
+                     retain_interval=2) as store:
+        message = (
+            "subtract needs the stored client updates of every round a forgotten client "
+            "took part in ([2]); the history keeps them only every 2 rounds (1, 3, 5, ...), "
+            "so rounds [2] are missing; record with retain-interval 1, or use an exact "
+            "method (retrain, rollback)"
+        )
+        with pytest.raises(RetentionError, match=re.escape(message)):
+            run({"repair-rounds": 1}, request(store, {"u"}, federation, tmp_path))
+    assert federation.calls == []  # refused before any work
+
+
+def test_repair_runs_ordinary_rounds_with_the_remaining_clients(
+    store: HistoryStore, tmp_path: Path
+) -> None:
+    # Prepare: a (n=1) returns sent + 4, b (n=3) returns sent + 0, u must not be asked.
+    # Each repair round moves every entry by (1·4 + 3·0)/4 = 1.
+    federation = RepairFederation({"a": 4.0, "b": 0.0}, {"a": 1, "b": 3, "u": 2})
+    # Execute
+    result = run({"repair-rounds": 2}, request(store, {"u"}, federation, tmp_path))
+    # Assert: rounds T+1, T+2; the run's 3 local epochs; first from θ~, then θ~ + 1.
+    assert [c["server_round"] for c in federation.calls] == [4, 5]
+    assert [c["clients"] for c in federation.calls] == [["a", "b"], ["a", "b"]]
+    assert [c["local_epochs"] for c in federation.calls] == [3, 3]
+    assert_tensors(federation.calls[0]["global_model"], EXPECTED)
+    assert_tensors(federation.calls[1]["global_model"], tensors([6.5, 7.5], [[2, 8]]))
+    assert_tensors(result.model, tensors([7.5, 8.5], [[3, 9]]))
+    assert result.cost.client_epochs == 2 * 2 * 3
+
+
+def test_repair_epochs_override_the_runs(store: HistoryStore, tmp_path: Path) -> None:
+    federation = RepairFederation({"a": 0.0, "b": 0.0}, {"a": 1, "b": 1, "u": 1})
+    run({"repair-rounds": 1, "repair-epochs": 5}, request(store, {"u"}, federation, tmp_path))
+    assert [c["local_epochs"] for c in federation.calls] == [5]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"repair-rounds": -1}, "repair-rounds = -1 is out of range; expected >= 0"),
+        ({"repair-epochs": -2}, "repair-epochs = -2 is out of range; expected >= 0"),
+        ({"repair-rounds": 1.5}, "repair-rounds = 1.5: expected an integer"),
+        ({"rounds": 1}, "unknown parameter 'rounds'; allowed: repair-rounds, repair-epochs"),
+    ],
+)
+def test_bad_parameters_are_refused(params: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        get_method("subtract", params)
+
+
+def test_params_defaults() -> None:
+    assert SubtractParams().to_dict() == {"repair-rounds": 0, "repair-epochs": 0}
