@@ -25,6 +25,7 @@ from fedforget.errors import ClientReplyError, ConfigError
 from fedforget.sampling import derive_seed
 from fedforget.task import load_client_data, new_model
 from fedforget.training import evaluate, train_local
+from fedforget.unlearning import ascent
 
 app = ClientApp()
 
@@ -112,8 +113,12 @@ def train(msg: Message, context: Context) -> Message:
     train_data, _ = local_data(context)
     model = _received_model(msg, cfg)
     task = conf.get("task", "train")
+    if task == ascent.TASK:
+        return _projected_gradient_ascent(msg, context, model, conf, train_data)
     if task != "train":
-        raise ConfigError(f"train config task = {task!r}; this client knows 'train'")
+        raise ConfigError(
+            f"train config task = {task!r}; this client knows 'train' and {ascent.TASK!r}"
+        )
     started = time.perf_counter()
     result = train_local(
         model,
@@ -136,6 +141,30 @@ def train(msg: Message, context: Context) -> Message:
             ),
             "client": _identity(context),
         }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _projected_gradient_ascent(
+    msg: Message, context: Context, model: torch.nn.Module, conf: ConfigRecord,
+    train_data: ArrayDataset,
+) -> Message:
+    """PGA (Halimi et al., 2022): the leaving client ascends its loss near the reference.
+
+    The message's arrays are the reference model (start and centre of the ball); the
+    settings are in the train config (see :mod:`fedforget.unlearning.ascent`).
+    """
+    started = time.perf_counter()
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = ascent.projected_gradient_ascent(
+        model, train_data, reference=reference, **ascent.ascent_kwargs(conf)
+    )
+    metrics = MetricRecord(
+        {**result.metrics(), "train-seconds": time.perf_counter() - started}
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics,
+         "client": _identity(context)}
     )
     return Message(content=content, reply_to=msg)
 

@@ -122,7 +122,78 @@ def _cmd_train(args: argparse.Namespace) -> int:
           f"updates kept every {summary['retain_interval']} rounds)")
     print(f"wall time:           {elapsed:.1f} s")
     print(f"run directory:       {cfg.out_dir}")
+    if args.command == "demo":
+        _demo_unlearning(cfg, project, quiet=args.quiet)
     return 0
+
+
+# FedEraser with the paper's defaults: Δt = 2 (every other stored round), r = 0.5.
+DEMO_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("retrain", {}),
+    ("rollback", {}),
+    ("federaser", {"retain-interval": 2, "calibration-ratio": 0.5}),
+    ("subtract", {}),
+)
+
+
+def _demo_unlearning(cfg: Any, project: Any, *, quiet: bool) -> None:
+    """The demo's second half: the backdoor client withdraws and four methods unlearn it."""
+    from fedforget.engine.unlearning import run_unlearning
+    from fedforget.withdrawal import WithdrawalLedger
+
+    leaving = sorted(cfg.backdoor_client_ids())
+    if not leaving:
+        return
+    client = leaving[0]
+    out = Path(cfg.out_dir)
+    with WithdrawalLedger(out) as ledger:
+        done = ledger.for_client(client)
+    print(f"\n{client} planted a backdoor (trigger -> label {cfg.backdoor_target}) and now "
+          f"withdraws{' (already recorded)' if done else ''}.")
+    results = []
+    for method, params in DEMO_METHODS:
+        print(f"unlearning {client} with {method} ...", file=sys.stderr)
+        info = run_unlearning(
+            out, client=client, method=method, params=params,
+            reason="demo: the backdoor client leaves",
+            project=project, progress=not quiet,
+        )
+        if info is not None:
+            results.append(info)
+    print()
+    print(format_table(results))
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One line per method: accuracy, forgotten accuracy, backdoor, distance, cost."""
+    if not results:
+        return "(no results)"
+    header = (f"{'model':<11}{'exact':>6}{'test acc':>10}{'forgot acc':>11}{'backdoor':>10}"
+              f"{'L2 to retrain':>15}{'client-ep':>11}{'speed-up ep':>12}{'wall s':>8}")
+    first = results[0]["metrics"]
+    backdoor = first.get("backdoor_success") or {}
+    lines = [header, "-" * len(header)]
+    lines.append(
+        f"{'original':<11}{'':>6}{_pct(first['test_accuracy']['original']):>10}"
+        f"{_pct(first['forgotten_accuracy'].get('original')):>11}"
+        f"{_pct(backdoor.get('original')):>10}"
+        f"{first['l2_to_retrained']['original']:>15.4f}{'':>11}{'':>12}{'':>8}"
+    )
+    for info in results:
+        m = info["metrics"]
+        bd = m.get("backdoor_success") or {}
+        speed = m["speedup_client_epochs"]
+        lines.append(
+            f"{info['method']:<11}{'yes' if info['exact'] else 'no':>6}"
+            f"{_pct(m['test_accuracy']['unlearned']):>10}"
+            f"{_pct(m['forgotten_accuracy'].get('unlearned')):>11}"
+            f"{_pct(bd.get('unlearned')):>10}"
+            f"{m['l2_to_retrained']['unlearned']:>15.4f}"
+            f"{info['cost']['client_epochs']:>11g}"
+            f"{'inf' if speed is None else f'{speed:.2f}x':>12}"
+            f"{info['cost']['server_seconds']:>8.2f}"
+        )
+    return "\n".join(lines)
 
 
 def _final_accuracy(out: Path) -> float | None:
@@ -153,63 +224,24 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- unlearn
 def _cmd_unlearn(args: argparse.Namespace) -> int:
-    from fedforget.config import RunConfig, parse_assignments
-    from fedforget.engine import run_training
+    from fedforget.config import parse_assignments
     from fedforget.engine.apps import find_project
-    from fedforget.history import HistoryStore
-    from fedforget.unlearning import UnlearningRequest, get_method
-    from fedforget.unlearning.base import first_contribution
-    from fedforget.withdrawal import WithdrawalLedger
+    from fedforget.engine.unlearning import run_unlearning
 
-    out = Path(args.dir).resolve()
-    params = parse_assignments(args.set)
-    method = get_method(args.method, params)  # unknown method / bad parameter: nothing written
-    with HistoryStore.open(out) as store:
-        roster = frozenset(store.roster())
-        if args.client not in roster:
-            raise _error(f"unknown client {args.client!r}: this run's clients are "
-                         f"{', '.join(sorted(roster)) or 'none'}")
-        if first_contribution(store, [args.client]) is None:
-            print(f"no-op: {args.client} has no stored contribution in {out}; "
-                  "the model is unchanged and nothing was written")
-            return 0
-        with WithdrawalLedger(out) as ledger:
-            earlier = ledger.withdrawn()
-        forget = (earlier | {args.client}) if method.multi_client else frozenset({args.client})
-        method.check(UnlearningRequest(store=store, forget=forget, federation=_NoFederation(),
-                                       workdir=""))
-        cfg = RunConfig.from_mapping(store.run_config)
-    with WithdrawalLedger(out) as ledger:
-        request, _ = ledger.request(args.client, reason=args.reason or "unlearn command",
-                                    roster=roster)
-    cfg = cfg.replace(out_dir=str(out), mode="unlearn", request_id=request.request_id,
-                      method=method.name, method_params=json.dumps(method.params.to_dict()),
-                      progress=not (args.quiet or args.json))
-    run_training(cfg, engine=args.engine, project=find_project(args.app))
-    result_path = out / "unlearned" / request.request_id / method.name / "result.json"
-    info = json.loads(result_path.read_text())
-    info["model_path"] = str(out / info["model_path"])
-    info["result_path"] = str(result_path)
+    info = run_unlearning(
+        args.dir, client=args.client, method=args.method, params=parse_assignments(args.set),
+        reason=args.reason, engine=args.engine, project=find_project(args.app),
+        progress=not (args.quiet or args.json),
+    )
+    if info is None:
+        print(f"no-op: {args.client} has no stored contribution in {args.dir}; "
+              "the model is unchanged and nothing was written")
+        return 0
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
         print(format_comparison(info))
     return 0
-
-
-class _NoFederation:
-    """Stands in for the federation when a method only checks a request."""
-
-    cost = None
-
-    def __getattr__(self, name: str) -> Any:
-        raise RuntimeError("a method's check() must not use the federation")
-
-
-def _error(message: str) -> Exception:
-    from fedforget.unlearning import UnlearningError
-
-    return UnlearningError(message)
 
 
 def _pct(value: float | None) -> str:

@@ -114,7 +114,10 @@ class WithdrawalLedger:
         if row is None:
             return None
         detail = json.loads(row[7]) if row[7] else None
-        return WithdrawalRequest(*row[:7], detail=detail)
+        return WithdrawalRequest(
+            request_id=row[0], client_id=row[1], received_at=row[2], reason=row[3],
+            state=row[4], updated_at=row[5], method=row[6], detail=detail,
+        )
 
     def get(self, request_id: str) -> WithdrawalRequest:
         """The request ``request_id``; WithdrawalError if there is none."""

@@ -369,6 +369,8 @@ def test_refusals_before_any_work(tmp_path: Path) -> None:
         ask({"u"})
     with pytest.raises(UnlearningError, match="one client per request"):
         ask({"a", "b"})
+    with pytest.raises(UnlearningError, match="exactly one client per request; got none"):
+        ask(set())
     # Δt = 2 keeps rounds 1, 3, ...: the last round 2 is not retained
     with pytest.raises(RetentionError, match="last round 2, but retain_interval 2"):
         ask({"a"}, tiny_store(tmp_path / "run2", retain_interval=2))

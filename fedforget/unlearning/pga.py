@@ -198,6 +198,8 @@ class PGA(Unlearner):
         """Refuse a client that no longer answers, or a history that cannot give w_ref."""
         super().check(request)
         store = request.store
+        if len(request.forget) != 1:
+            raise UnlearningError("pga forgets exactly one client per request; got none")
         (client,) = request.forget
         if client not in request.federation.roster:
             raise UnlearningError(
