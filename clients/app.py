@@ -156,8 +156,10 @@ def _projected_gradient_ascent(
     """
     started = time.perf_counter()
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _, holdout = local_data(context)
     result = ascent.projected_gradient_ascent(
-        model, train_data, reference=reference, **ascent.ascent_kwargs(conf)
+        model, train_data, reference=reference, **ascent.ascent_kwargs(conf),
+        validation=holdout if len(holdout) else None,  # the paper's early stop
     )
     metrics = MetricRecord(
         {**result.metrics(), "train-seconds": time.perf_counter() - started}

@@ -177,3 +177,27 @@ def test_rounds_where_only_forgotten_clients_were_drawn_stay_empty_and_exact(
     with HistoryStore.open(replayed) as store:
         assert store.round(1).participants == ()
         assert store.model_digest(1) == store.model_digest(0)
+
+
+def test_a_parameter_out_of_range_is_refused_by_name(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _snapshot(trained_run)
+    assert main(["unlearn", str(trained_run), "--client", "client-000", "--method", "federaser",
+                 "--set", "calibration-ratio=1.5"]) == 2
+    assert "calibration-ratio = 1.5 is out of range" in capsys.readouterr().err
+    assert _snapshot(trained_run) == before
+
+
+def test_a_history_whose_retention_dropped_what_the_method_needs_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Updates kept every 2 rounds: subtract needs every round the client took part in.
+    run = tmp_path / "run"
+    train_small(run, **{"retain-interval": 2, "num-rounds": 3})
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["unlearn", str(run), "--client", "client-001", "--method", "subtract"]) == 2
+    err = capsys.readouterr().err
+    assert "rounds [2] are missing" in err and "retain-interval" in err
+    assert _snapshot(run) == before

@@ -44,6 +44,7 @@ from fedforget.unlearning.base import (
     UnlearningRequest,
 )
 from fedforget.unlearning.pga import PGA, PGAParams, derive_radius, reference_model
+from fedforget.withdrawal import WithdrawalLedger
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -341,6 +342,21 @@ def test_ascent_asked_of_the_client_then_post_rounds_of_the_others(tmp_path: Pat
     assert result.model["w"].dtype == np.float32
     assert result.rounds_affected == [1, 2]
     assert result.cost.client_epochs == 2 + 2 + 2
+
+
+def test_post_rounds_never_ask_a_client_that_withdrew_before(tmp_path: Path) -> None:
+    # Prepare: a withdrew earlier (its request is in the run's ledger); now u leaves
+    store = tiny_store(tmp_path / "run")
+    with WithdrawalLedger(store.directory) as ledger:
+        ledger.request("a", reason="earlier", roster={"a", "b", "u"})
+    fed = ScriptedFederation(["a", "b", "u"], {"b": (vec(3, -1), 3)}, pga_offset=vec(0, 0))
+
+    # Execute
+    PGA(PGAParams(radius=1.0, post_rounds=1)).unlearn(UnlearningRequest(
+        store=store, forget=frozenset({"u"}), federation=fed, workdir=str(tmp_path / "w")))
+
+    # Assert
+    assert [(c["round"], c["clients"]) for c in fed.calls] == [(3, ("u",)), (3, ("b",))]
 
 
 def test_the_server_projects_a_reply_outside_the_ball(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ in FL?", 2022, https://arxiv.org/abs/2207.05521.
    authors' code. The server projects the reply onto the ball again (it does not trust the
    client to have done so).
 3. **Post-training**: ``post_rounds`` ordinary FedAvg rounds :math:`T+1, \\dots` with the
-   run's client sampling minus the leaving client.
+   run's client sampling minus the leaving client and every client that withdrew before
+   (read from the run's withdrawal ledger: a withdrawn client is never asked to train again).
 
 The ascent message is sent as round :math:`T + 1` (the leaving client's seed for a round it
 takes no other part in).
@@ -156,6 +157,14 @@ def project(model: TensorDict, centre: TensorDict, radius: float) -> TensorDict:
             for k in centre}
 
 
+def _withdrawn(store: HistoryStore) -> frozenset[str]:
+    """Every client that asked to leave this run (the ledger shares the store's index)."""
+    from fedforget.withdrawal import WithdrawalLedger
+
+    with WithdrawalLedger(store.directory) as ledger:
+        return ledger.withdrawn()
+
+
 def derive_radius(reference: TensorDict, run_config: RunConfig) -> float:
     """:math:`\\delta` = RADIUS_FRACTION × the mean distance from ``reference`` to
     RADIUS_SAMPLES random initialisations of the run's model (seeds derived from the run's)."""
@@ -280,8 +289,9 @@ class PGA(Unlearner):
 
         sampler = ClientSampler(seed=cfg.seed, count=cfg.clients_per_round())
         epochs = self.p.post_epochs or None
+        exclude = request.forget | (_withdrawn(store) if self.p.post_rounds else frozenset())
         for t in range(last + 1, last + 1 + self.p.post_rounds):
-            chosen = sampler.sample(t, federation.roster, exclude=request.forget)
+            chosen = sampler.sample(t, federation.roster, exclude=exclude)
             updates = federation.train(server_round=t, global_model=model, clients=chosen,
                                        local_epochs=epochs, task="train")
             replied = [updates[c] for c in chosen if c in updates]
