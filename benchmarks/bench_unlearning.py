@@ -164,14 +164,17 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key of simulations/demo.toml")
     args = parser.parse_args()
+    overrides = parse_assignments(args.set)
     with tempfile.TemporaryDirectory(prefix="fedforget-bench-") as tmp:
         workdir = Path(args.out) if args.out else Path(tmp)
-        overrides = parse_assignments(args.set)
         per_seed = {seed: run_seed(seed, args.rounds, workdir, overrides) for seed in args.seeds}
     if args.json:
         Path(args.json).write_text(json.dumps(per_seed, indent=2, sort_keys=True, default=str))
-    print(f"digits, 10 clients, Dirichlet(0.5), MLP, {args.rounds} rounds, 2 local epochs, "
-          f"backdoor client {CLIENT} withdraws; seeds {args.seeds}")
+    cfg = load_config(ROOT / "simulations" / "demo.toml", **overrides)
+    print(f"{cfg.dataset}, {cfg.num_clients} clients, {cfg.partitioner}"
+          f"({cfg.dirichlet_alpha}), {cfg.model}, {args.rounds} rounds, {cfg.local_epochs} local "
+          f"epochs, lr {cfg.learning_rate}, batch {cfg.batch_size}; backdoor client {CLIENT} "
+          f"withdraws; seeds {args.seeds}")
     print()
     print(summarise(per_seed))
     return 0

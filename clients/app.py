@@ -12,8 +12,11 @@ The server sends everything that shapes local training in each train message:
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,7 +26,7 @@ from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, poison
 from fedforget.errors import ClientReplyError, ConfigError
 from fedforget.sampling import derive_seed
-from fedforget.task import load_client_data, new_model
+from fedforget.task import client_state_dir, load_client_data, new_model
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning import ascent
 
@@ -91,6 +94,32 @@ def _setting(conf: ConfigRecord, key: str, kind: type[int] | type[float]) -> int
     return kind(value)
 
 
+def state_dir(context: Context) -> Path:
+    """This client's own state directory (node config ``state-dir``; in simulation a
+    per-client folder of the run directory)."""
+    explicit = context.node_config.get("state-dir")
+    if explicit:
+        return Path(str(explicit))
+    return client_state_dir(run_config_of(context).out_dir, client_id_of(context))
+
+
+def _keep_tree_head(context: Context, conf: ConfigRecord) -> None:
+    """Keep the latest signed tree head the server showed (``head.json``), so that a later
+    erasure receipt can be checked to extend the history this client saw."""
+    head = conf.get("tree-head")
+    if not isinstance(head, str) or not head:
+        return
+    size = json.loads(head).get("size", 0)
+    directory = state_dir(context)
+    path = directory / "head.json"
+    if path.exists() and json.loads(path.read_text()).get("size", 0) >= size:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(head)
+    os.replace(tmp, path)
+
+
 def _identity(context: Context) -> ConfigRecord:
     return ConfigRecord({"client-id": client_id_of(context)})
 
@@ -119,6 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ConfigError(
             f"train config task = {task!r}; this client knows 'train' and {ascent.TASK!r}"
         )
+    _keep_tree_head(context, conf)
     started = time.perf_counter()
     result = train_local(
         model,

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
                          help="in-process Grid (default) or Flower's simulation engine")
 
+    from fedforget.receipts.cli import add_subcommands
+
+    add_subcommands(sub)  # keys generate, receipt verify
+
     history = sub.add_parser("history", help="inspect a run's history store")
     hsub = history.add_subparsers(dest="history_command", required=True)
     verify = hsub.add_parser("verify", help="check every record and blob against its digest")
@@ -72,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from fedforget.receipts.cli import dispatch
+
+        code = dispatch(args)
+        if code is not None:
+            return code
         if args.command in ("demo", "train"):
             return _cmd_train(args)
         if args.command == "withdraw":
@@ -162,6 +171,33 @@ def _demo_unlearning(cfg: Any, project: Any, *, quiet: bool) -> None:
             results.append(info)
     print()
     print(format_table(results))
+    print()
+    print("Each unlearning issued a signed erasure receipt; verifying them as a user would:")
+    for info in results:
+        if not _verify_receipt_as_a_user(info, client):
+            from fedforget.unlearning import UnlearningError
+
+            raise UnlearningError(f"the receipt of {info['method']} did not verify")
+
+
+def _verify_receipt_as_a_user(info: dict[str, Any], client: str) -> bool:
+    """Run ``fedforget receipt verify`` in a subprocess on one result's receipt."""
+    import shlex
+    import subprocess
+
+    receipt = info["receipt"]
+    exe = Path(sys.executable).parent / "fedforget"
+    prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedforget.cli"]
+    args = ["receipt", "verify", receipt["receipt_path"], "--key", receipt["public_key_path"],
+            "--model", info["model_path"]]
+    if receipt.get("head_path"):
+        args += ["--head", receipt["head_path"]]
+    salt = Path(receipt["salt_path"]).read_text().strip()
+    args += ["--salt", salt, "--client", client]
+    print("$ fedforget " + " ".join(shlex.quote(a) for a in args))
+    done = subprocess.run(prefix + args, capture_output=True, text=True, check=False)
+    print((done.stdout + done.stderr).strip())
+    return done.returncode == 0
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -281,6 +317,7 @@ def format_comparison(info: dict[str, Any]) -> str:
     for note in info.get("notes", []):
         lines.append(f"note: {note}")
     lines.append(f"model: {info['model_path']} ({info['model_digest']})")
+    lines.append(f"receipt: {info['receipt_path']} (public key {info['public_key_path']})")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ CODECS = ("fp32", "fp16", "bf16")
 
 # Keys that do not change the training itself: a run may be resumed with other values.
 OPERATIONAL_KEYS = frozenset(
-    {"out-dir", "progress", "mode", "request-id", "method", "method-params"}
+    {"out-dir", "progress", "mode", "request-id", "method", "method-params", "keys-dir"}
 )
 MODES = ("train", "unlearn")
 
@@ -89,6 +89,7 @@ class RunConfig:
     request_id: str = ""
     method: str = ""
     method_params: str = ""  # a JSON object of the method's parameters
+    keys_dir: str = ""  # the server's signing keys (default: <out-dir>/keys, made on first use)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -8,6 +8,7 @@ module is that single place.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,3 +94,12 @@ def to_array_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_array_record(record: ArrayRecord) -> TensorDict:
     """Flower ArrayRecord -> numpy arrays (keeps the order)."""
     return {k: record[k].numpy() for k in record}
+
+
+def client_state_dir(out_dir: str | Path, client_id: str) -> Path:
+    """Where a simulated client keeps its own state (its saved tree head, receipt salts).
+
+    On a real SuperNode the node config key ``state-dir`` names a directory of the
+    client's own machine instead.
+    """
+    return Path(out_dir) / "client-state" / client_id

@@ -22,10 +22,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedforget.config import RunConfig
 from fedforget.errors import HistoryError
 from fedforget.history import HistoryStore
-from fedforget.task import load_tensors, load_test_set, model_tensors, new_model
+from fedforget.task import TensorDict, load_tensors, load_test_set, model_tensors, new_model
 from fedforget.training import evaluate
 from fedforget.withdrawal import WithdrawalLedger
 from server.federation import GridFederation, identify_clients
+from server.receipts import HeadSigner, signing_key
 
 log = logging.getLogger("fedforget.server")
 
@@ -103,15 +104,17 @@ def train(grid: Grid, cfg: RunConfig, store: HistoryStore) -> None:
     scratch = new_model(cfg)
     metrics_path = Path(cfg.out_dir) / "metrics.jsonl"
 
-    def central_evaluate(t: int, model: dict) -> dict[str, float]:  # type: ignore[type-arg]
+    def central_evaluate(t: int, model: TensorDict) -> dict[str, float]:
         result = evaluate(load_tensors(scratch, model), test_set)
         with metrics_path.open("a") as fh:
             fh.write(json.dumps({"round": t, "test-accuracy": result.accuracy,
                                  "test-loss": result.loss}) + "\n")
         return {"accuracy": result.accuracy, "loss": result.loss}
 
+    key, _ = signing_key(cfg)
     federation = GridFederation(grid, cfg, clients)
     federation.replay(
+        head_signer=HeadSigner(store, key),
         store=store,
         start_round=store.last_round + 1,
         end_round=cfg.num_rounds,

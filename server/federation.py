@@ -111,10 +111,13 @@ class GridFederation:
         progress_label: str = "round",
         on_round: Callable[[int, TensorDict], dict[str, float] | None] | None = None,
         evaluate_rounds: Iterable[int] = (),
+        head_signer: Any = None,
     ) -> TensorDict:
         """Ordinary recorded rounds ``start_round..end_round`` (see the Federation protocol).
 
-        ``on_round(t, model)`` may return metrics to show in the progress line.
+        ``on_round(t, model)`` may return metrics to show in the progress line;
+        ``head_signer`` (:class:`server.receipts.HeadSigner`) signs a tree head after each
+        committed round and sends the latest to the clients.
         """
         cfg = self.cfg
         if start_round != store.last_round + 1:
@@ -139,6 +142,8 @@ class GridFederation:
             exclude=exclude,
             evaluate_rounds=evaluate_rounds,
             roster=store.roster() or None,
+            on_commit=head_signer.on_commit if head_signer is not None else None,
+            extra_config=head_signer.config if head_signer is not None else None,
         )
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -147,7 +152,7 @@ class GridFederation:
             t = server_round + start_round - 1
             metrics = on_round(t, _tensors(arrays)) if on_round is not None else None
             progress.update(t, **(metrics or {}))
-            return MetricRecord(metrics) if metrics else None
+            return MetricRecord(dict(metrics)) if metrics else None
 
         try:
             result = wrapper.start(

@@ -11,7 +11,9 @@ For request ``request-id`` with ``method``:
    ClientApp as training;
 4. the retrained reference (same seeds and schedule, minus the forgotten clients) is
    computed once per forget set and cached in ``unlearned/reference-<key>/``;
-5. the result is written atomically to ``unlearned/<request-id>/<method>/`` (``model.fft``
+5. a signed erasure receipt is written to ``receipts/<receipt-id>.json`` (the salt of the
+   client commitment goes to the client's own state directory);
+6. the result is written atomically to ``unlearned/<request-id>/<method>/`` (``model.fft``
    and ``result.json``), ``unlearned/current.json`` points at the model now in service, and
    the request goes to ``done`` (or ``failed``, with the error, if anything raised).
 """
@@ -42,6 +44,7 @@ from fedforget.unlearning.base import Unlearner, UnlearningError
 from fedforget.withdrawal import WithdrawalLedger, WithdrawalRequest
 from server.app import check_same_training
 from server.federation import GridFederation, identify_clients
+from server.receipts import issue_receipt, saved_head_of
 
 log = logging.getLogger("fedforget.server")
 
@@ -229,6 +232,10 @@ def _serve(grid: Grid, cfg: RunConfig, store: HistoryStore, ledger: WithdrawalLe
             "finished_at": utc_now(),
             **_json_ready(result, final, partial),
         }
+        saved_head, head_path = saved_head_of(out, request.request_id, request.client_id)
+        info["receipt"] = issue_receipt(cfg=cfg, store=store, info=info,
+                                        client_id=request.client_id, saved_head=saved_head)
+        info["receipt"]["head_path"] = str(head_path) if head_path is not None else None
         (partial / RESULT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         _commit_dir(partial, final)
         pointer = out / UNLEARNED / "current.json"

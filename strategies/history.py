@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -168,6 +168,11 @@ class HistoryRecording(Strategy):
         The ids the sampler draws from (default: ``clients``). Giving the run's recorded
         roster keeps the schedule when some clients are no longer connected; a selected
         client that is not connected counts as a missing reply.
+    on_commit : callable, optional
+        Called with each committed record, in round order, on this thread (the server
+        signs a new tree head with it).
+    extra_config : callable, optional
+        Extra train-config entries for every message of a round (the latest tree head).
     """
 
     def __init__(
@@ -184,11 +189,15 @@ class HistoryRecording(Strategy):
         evaluate_rounds: Iterable[int] = (),
         background_commit: bool = True,
         roster: Iterable[str] | None = None,
+        on_commit: Callable[[RoundRecord], None] | None = None,
+        extra_config: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.strategy = strategy
         self.store = store
         self.clients = dict(clients)
         self.roster = tuple(sorted(roster if roster is not None else self.clients))
+        self.on_commit = on_commit
+        self.extra_config = extra_config
         self.sampler = sampler
         self.run_seed = run_seed
         self.round_offset = round_offset
@@ -209,20 +218,25 @@ class HistoryRecording(Strategy):
     # ------------------------------------------------------------------ commits
     def _commit(self, **kwargs: object) -> None:
         if self._writer is None:
-            self.records.append(self.store.commit_round(**kwargs))  # type: ignore[arg-type]
+            self._committed(self.store.commit_round(**kwargs))  # type: ignore[arg-type]
             return
         self._raise_failed_commit()
         self._commits.append(self._writer.submit(self.store.commit_round, **kwargs))  # type: ignore[arg-type]
 
     def _raise_failed_commit(self) -> None:
         while self._commits and self._commits[0].done():
-            self.records.append(self._commits.pop(0).result())  # re-raises a failed commit
+            self._committed(self._commits.pop(0).result())  # re-raises a failed commit
+
+    def _committed(self, record: RoundRecord) -> None:
+        self.records.append(record)
+        if self.on_commit is not None:
+            self.on_commit(record)
 
     def flush(self) -> list[RoundRecord]:
         """Wait for every pending commit; raise the first that failed; return the records."""
         try:
             while self._commits:
-                self.records.append(self._commits.pop(0).result())
+                self._committed(self._commits.pop(0).result())
         finally:
             if self._writer is not None and not self._commits:
                 self._writer.shutdown(wait=True)
@@ -252,6 +266,7 @@ class HistoryRecording(Strategy):
         seeds: dict[str, int] = {}
         messages: list[Message] = []
         sent_config: dict[str, object] = {}
+        extra = dict(self.extra_config()) if self.extra_config is not None else {}
         for msg in inner:
             cid = self._client_of_node[msg.metadata.dst_node_id]
             seeds[cid] = client_train_seed(self.run_seed, t, cid)
@@ -262,6 +277,8 @@ class HistoryRecording(Strategy):
                     record["server-round"] = t
                     record["seed"] = seeds[cid]
                     sent_config = {k: v for k, v in record.items() if k != "seed"}
+                    for extra_key, extra_value in extra.items():  # not recorded config
+                        record[extra_key] = extra_value
                 content[key] = record
             messages.append(
                 Message(

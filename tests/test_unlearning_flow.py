@@ -201,3 +201,32 @@ def test_a_history_whose_retention_dropped_what_the_method_needs_is_refused(
     err = capsys.readouterr().err
     assert "rounds [2] are missing" in err and "retain-interval" in err
     assert _snapshot(run) == before
+
+
+def test_unlearn_issues_a_receipt_that_verifies_and_catches_a_changed_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    train_small(run, **{"num-rounds": 4})
+    result = _unlearn(run, "client-002", "federaser", "--quiet", capsys=capsys)
+    receipt = result["receipt"]
+    salt = Path(receipt["salt_path"]).read_text().strip()
+
+    def verify(client: str) -> int:
+        command = ["receipt", "verify", result["receipt_path"], "--key",
+                   result["public_key_path"], "--model", result["model_path"],
+                   "--salt", salt, "--client", client]
+        if receipt["head_path"]:
+            command += ["--head", receipt["head_path"]]
+        return main(command)
+
+    assert verify("client-002") == 0
+    assert "OK receipt" in capsys.readouterr().out
+    assert verify("client-001") == 1  # the commitment names client-002 only
+    assert "client commitment" in capsys.readouterr().err
+    model = Path(result["model_path"])
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01
+    model.write_bytes(bytes(data))
+    assert verify("client-002") == 1
+    assert "FAILED subject digest" in capsys.readouterr().err

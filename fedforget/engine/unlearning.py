@@ -79,4 +79,6 @@ def run_unlearning(
     info: dict[str, Any] = json.loads(result_path.read_text())
     info["model_path"] = str(out / info["model_path"])
     info["result_path"] = str(result_path)
+    info["receipt_path"] = info["receipt"]["receipt_path"]
+    info["public_key_path"] = info["receipt"]["public_key_path"]
     return info

@@ -1,0 +1,134 @@
+"""Command-line pieces: ``fedforget keys generate`` and ``fedforget receipt verify``.
+
+Hook into the main parser with :func:`add_subcommands` and run with :func:`dispatch`::
+
+    add_subcommands(sub)             # sub = parser.add_subparsers(dest="command")
+    ...
+    code = dispatch(args)            # None when the command is not one of these
+    if code is not None:
+        return code
+
+``receipt verify`` exits 0 and prints the one-line summary when every check passes;
+otherwise it prints ``FAILED <check>: <what was found and expected>`` to stderr and exits 1
+(2 for unusable arguments or unreadable files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedforget.receipts.errors import ReceiptError
+from fedforget.receipts.keys import generate_keys, public_key_from_pem
+from fedforget.receipts.manifest import KeyManifest
+from fedforget.receipts.tree_head import TreeHead
+from fedforget.receipts.verify import summary_line, verify_receipt
+
+__all__ = ["add_subcommands", "dispatch"]
+
+_HANDLER = "receipts_handler"
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``keys generate DIR`` and ``receipt verify RECEIPT ...`` to ``subparsers``.
+
+    Parameters
+    ----------
+    subparsers
+        The object returned by ``ArgumentParser.add_subparsers()``.
+    """
+    keys = subparsers.add_parser("keys", help="manage the server's receipt signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_sub.add_parser(
+        "generate", help="write signing.key (0600) and signing.pub into DIR; never overwrites"
+    )
+    generate.add_argument("directory", metavar="DIR")
+    generate.set_defaults(**{_HANDLER: _cmd_keys_generate})
+
+    receipt = subparsers.add_parser("receipt", help="check erasure receipts")
+    receipt_sub = receipt.add_subparsers(dest="receipt_command", required=True)
+    verify = receipt_sub.add_parser(
+        "verify", help="verify a receipt offline; exit 0 only if every check passes"
+    )
+    verify.add_argument("receipt", metavar="RECEIPT", help="receipt file (DSSE envelope)")
+    verify.add_argument("--key", required=True, metavar="PUB",
+                        help="the server's public key (PEM) you trust")
+    verify.add_argument("--manifest", metavar="FILE",
+                        help="key manifest, for receipts signed by a rotated key")
+    verify.add_argument("--model", metavar="FILE", help="the unlearned model file (model.fft)")
+    verify.add_argument("--head", metavar="FILE", help="the tree head your client saved")
+    verify.add_argument("--salt", metavar="HEX", help="your commitment salt (with --client)")
+    verify.add_argument("--client", metavar="ID", help="your client id (with --salt)")
+    verify.set_defaults(**{_HANDLER: _cmd_receipt_verify})
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    """Run the command parsed into ``args`` if it is one of ours; else return None."""
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, _HANDLER, None)
+    if handler is None:
+        return None
+    return handler(args)
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    try:
+        keys = generate_keys(args.directory)
+    except ReceiptError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    print(f"key id {keys.key_id}: wrote {keys.private_key_path} and {keys.public_key_path}")
+    return 0
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _cmd_receipt_verify(args: argparse.Namespace) -> int:
+    try:
+        if (args.salt is None) != (args.client is None):
+            raise _UsageError("--salt and --client go together")
+        salt = None
+        if args.salt is not None:
+            try:
+                salt = bytes.fromhex(args.salt)
+            except ValueError:
+                raise _UsageError(f"--salt {args.salt!r} is not hex") from None
+        receipt = _read(args.receipt, "receipt")
+        key_bytes = _read(args.key, "public key")
+        manifest_bytes = None if args.manifest is None else _read(args.manifest, "manifest")
+        model = None if args.model is None else _read(args.model, "model file")
+        head_bytes = None if args.head is None else _read(args.head, "saved head")
+    except _UsageError as exc:
+        print(f"receipt verify: {exc}", file=sys.stderr)
+        return 2
+    try:
+        public_key = public_key_from_pem(key_bytes, args.key)
+        manifest = None
+        if manifest_bytes is not None:
+            manifest = KeyManifest.from_json(manifest_bytes, trusted_key=public_key)
+        saved_head = None if head_bytes is None else TreeHead.from_json(head_bytes)
+        verified = verify_receipt(
+            receipt,
+            public_key=None if manifest is not None else public_key,
+            manifest=manifest,
+            model_bytes=model,
+            saved_head=saved_head,
+            salt=salt,
+            client_id=args.client,
+        )
+    except ReceiptError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    print(summary_line(verified))
+    return 0
