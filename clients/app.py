@@ -78,12 +78,19 @@ def _poisoned(data: ArrayDataset, cfg: RunConfig, cid: str) -> ArrayDataset:
                   seed=derive_seed(cfg.seed, "backdoor", cid))
 
 
+@lru_cache(maxsize=4)
+def _scratch_model(cfg: RunConfig) -> torch.nn.Module:
+    """One model object per configuration, reused across messages (every parameter is
+    overwritten from the received arrays, and optimisers are made per call)."""
+    return new_model(cfg)
+
+
 def _received_model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise ClientReplyError("the message carries no ArrayRecord 'arrays'")
-    model = new_model(cfg)
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model = _scratch_model(cfg)
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     return model
 
 
