@@ -1,0 +1,56 @@
+"""Evaluation of unlearning against retraining: one module per family of metrics.
+
+* :mod:`~fedforget.evaluation.membership`: membership inference on the forgotten data
+  (loss and confidence thresholds, shadow-model attack);
+* :mod:`~fedforget.evaluation.divergence`: parameter distance (L2, cosine) and prediction
+  divergence (KL, JS);
+* :mod:`~fedforget.evaluation.impact`: the accuracy change of each remaining client;
+* :mod:`~fedforget.evaluation.suite`: everything at once, JSON-ready.
+"""
+
+from __future__ import annotations
+
+from fedforget.evaluation.divergence import (
+    KL_EPSILON,
+    PredictionDivergence,
+    cosine_distance,
+    js_divergence,
+    kl_divergence,
+    l2_distance,
+    prediction_divergence,
+)
+from fedforget.evaluation.errors import EvaluationError
+from fedforget.evaluation.impact import ImpactReport, client_impact
+from fedforget.evaluation.membership import (
+    AttackResult,
+    attack_features,
+    confidence_threshold_auc,
+    loss_threshold_auc,
+    per_example_loss,
+    precision_recall,
+    roc_auc,
+    shadow_attack,
+)
+from fedforget.evaluation.suite import evaluate_unlearning
+
+__all__ = [
+    "KL_EPSILON",
+    "AttackResult",
+    "EvaluationError",
+    "ImpactReport",
+    "PredictionDivergence",
+    "attack_features",
+    "client_impact",
+    "confidence_threshold_auc",
+    "cosine_distance",
+    "evaluate_unlearning",
+    "js_divergence",
+    "kl_divergence",
+    "l2_distance",
+    "loss_threshold_auc",
+    "per_example_loss",
+    "precision_recall",
+    "prediction_divergence",
+    "roc_auc",
+    "shadow_attack",
+]
