@@ -19,14 +19,22 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, poison
 from fedforget.errors import ClientReplyError, ConfigError
 from fedforget.sampling import derive_seed
-from fedforget.task import client_state_dir, load_client_data, new_model
+from fedforget.task import (
+    client_state_dir,
+    from_array_record,
+    load_client_data,
+    load_tensors,
+    model_tensors,
+    new_model,
+    to_array_record,
+)
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning import ascent
 
@@ -89,9 +97,7 @@ def _received_model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
     arrays = msg.content.array_records.get("arrays")
     if arrays is None:
         raise ClientReplyError("the message carries no ArrayRecord 'arrays'")
-    model = _scratch_model(cfg)
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-    return model
+    return load_tensors(_scratch_model(cfg), from_array_record(arrays))
 
 
 def _setting(conf: ConfigRecord, key: str, kind: type[int] | type[float]) -> int | float:
@@ -168,7 +174,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": to_array_record(model_tensors(model)),
             "metrics": MetricRecord(
                 {
                     "num-examples": result.num_examples,
@@ -202,7 +208,7 @@ def _projected_gradient_ascent(
         {**result.metrics(), "train-seconds": time.perf_counter() - started}
     )
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics,
+        {"arrays": to_array_record(model_tensors(model)), "metrics": metrics,
          "client": _identity(context)}
     )
     return Message(content=content, reply_to=msg)

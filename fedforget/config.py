@@ -26,7 +26,8 @@ CODECS = ("fp32", "fp16", "bf16")
 
 # Keys that do not change the training itself: a run may be resumed with other values.
 OPERATIONAL_KEYS = frozenset(
-    {"out-dir", "progress", "mode", "request-id", "method", "method-params", "keys-dir"}
+    {"out-dir", "progress", "mode", "request-id", "method", "method-params", "keys-dir",
+     "history-fsync"}
 )
 MODES = ("train", "unlearn")
 
@@ -78,6 +79,9 @@ class RunConfig:
     # history
     retain_interval: int = field(default=1, metadata=_range(1))
     codec: str = field(default="fp32", metadata=_choice(CODECS))
+    # true: each round is fsynced before it counts (survives power loss); false: atomic
+    # against a killed process only, cheaper (for simulations that can be re-run)
+    history_fsync: bool = True
     # experiment option: these clients train on data with a planted trigger
     backdoor_clients: str = ""  # comma-separated client ids, e.g. "client-003"
     backdoor_target: int = field(default=0, metadata=_range(0))

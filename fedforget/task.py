@@ -7,7 +7,9 @@ module is that single place.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -82,18 +84,59 @@ def model_tensors(model: torch.nn.Module) -> TensorDict:
 
 def load_tensors(model: torch.nn.Module, tensors: Mapping[str, np.ndarray]) -> torch.nn.Module:
     """Load numpy arrays into ``model`` (strict: same keys and shapes)."""
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    model.load_state_dict(
+        {k: torch.from_numpy(v if v.flags.writeable else v.copy())
+         for k, v in ((k, np.asarray(v)) for k, v in tensors.items())}
+    )
     return model
+
+
+@lru_cache(maxsize=4096)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array of ``dtype``, ``shape``."""
+    empty = np.zeros(shape, dtype=np.dtype(dtype))
+    buffer = io.BytesIO()
+    np.save(buffer, empty, allow_pickle=False)
+    data = buffer.getvalue()
+    return data[: len(data) - empty.nbytes]
+
+
+def _to_array(value: np.ndarray) -> Array:
+    """Flower ``Array`` of ``value``: the very bytes ``np.save`` would write, made without
+    ``np.save`` (a cached header plus the raw C-ordered data)."""
+    value = np.asarray(value)
+    if not value.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+        value = np.copy(value, order="C")
+    if value.dtype.hasobject or value.dtype.byteorder == ">":
+        return Array(value)
+    header = _npy_header(value.dtype.str, value.shape)
+    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray",
+                 data=header + value.tobytes())
+
+
+def _from_array(array: Array) -> np.ndarray:
+    """numpy copy of a Flower ``Array``; the payload is read directly when its header is
+    the one ``np.save`` writes for its dtype and shape, else through ``Array.numpy()``."""
+    dtype = np.dtype(array.dtype)
+    shape = tuple(int(d) for d in array.shape)
+    data = array.data
+    if array.stype == "numpy.ndarray" and not dtype.hasobject:
+        header = _npy_header(dtype.str, shape)
+        if data[: len(header)] == header:
+            count = int(np.prod(shape, dtype=np.int64))
+            flat = np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
+            return flat.reshape(shape).copy()
+    return np.array(array.numpy())
 
 
 def to_array_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
     """numpy arrays -> Flower ArrayRecord (keeps the order)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    return ArrayRecord({k: _to_array(v) for k, v in tensors.items()})
 
 
 def from_array_record(record: ArrayRecord) -> TensorDict:
     """Flower ArrayRecord -> numpy arrays (keeps the order)."""
-    return {k: record[k].numpy() for k in record}
+    return {k: _from_array(record[k]) for k in record}
 
 
 def client_state_dir(out_dir: str | Path, client_id: str) -> Path:

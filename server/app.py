@@ -57,7 +57,7 @@ def open_run_store(cfg: RunConfig) -> HistoryStore:
     """Create the run directory's store, or reopen it to resume the same configuration."""
     out = Path(cfg.out_dir)
     if (out / "history.sqlite").exists():
-        store = HistoryStore.open(out)
+        store = HistoryStore.open(out, fsync=cfg.history_fsync)
         check_same_training(store, cfg)
         return store
     return HistoryStore.create(
@@ -65,6 +65,7 @@ def open_run_store(cfg: RunConfig) -> HistoryStore:
         run_config=cfg.training_mapping(),
         codec=cfg.codec,
         retain_interval=cfg.retain_interval,
+        fsync=cfg.history_fsync,
     )
 
 
