@@ -122,15 +122,22 @@ def _keep_tree_head(context: Context, conf: ConfigRecord) -> None:
     head = conf.get("tree-head")
     if not isinstance(head, str) or not head:
         return
-    size = json.loads(head).get("size", 0)
-    directory = state_dir(context)
-    path = directory / "head.json"
-    if path.exists() and json.loads(path.read_text()).get("size", 0) >= size:
+    size = int(json.loads(head).get("size", 0))
+    path = state_dir(context) / "head.json"
+    if _saved_head_size.get(path, -1) >= size:
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path not in _saved_head_size:  # first time in this process
+        _saved_head_size[path] = int(json.loads(path.read_text()).get("size", 0))
+        if _saved_head_size[path] >= size:
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(head)
     os.replace(tmp, path)
+    _saved_head_size[path] = size
+
+
+_saved_head_size: dict[Path, int] = {}
 
 
 def _identity(context: Context) -> ConfigRecord:

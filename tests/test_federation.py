@@ -177,3 +177,23 @@ def test_a_finished_run_resumed_trains_nothing_more(tmp_path: Path) -> None:
     after = train_small(out)
     assert after["rounds"] == before["rounds"]
     assert after["final_model_digest"] == before["final_model_digest"]
+
+
+def test_the_wrappers_fedavg_shortcut_is_bit_identical_to_flowers_fedavg(
+    tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A FedAvg subclass that overrides aggregate_train makes the wrapper delegate to
+    # Flower's own aggregation instead of aggregating the arrays it already decoded.
+    from flwr.serverapp.strategy import FedAvg
+
+    import server.federation
+
+    class DelegatingFedAvg(FedAvg):
+        def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+            return super().aggregate_train(server_round, replies)
+
+    monkeypatch.setattr(server.federation, "build_strategy", lambda cfg: DelegatingFedAvg(
+        fraction_train=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1))
+    delegated = train_small(tmp_path / "delegated")
+    with HistoryStore.open(trained_run) as store:
+        assert delegated["final_model_digest"] == store.summary()["final_model_digest"]

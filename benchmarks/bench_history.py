@@ -1,0 +1,282 @@
+"""Training with history recording vs without, on the in-process engine.
+
+The same run (the issue-2 demo, ``_common.BENCH_CONFIG``, 20 rounds by default) on the
+in-process engine, in five variants, run interleaved (rotating order) after a warm-up:
+
+* ``no recording``: ``HistoryStore.commit_round`` replaced by a no-op and no tree heads
+  signed (BENCHMARK-LOCAL PATCH, ``_common.no_store_writes``): the baseline. Everything
+  else of the engine runs, including what ``HistoryRecording`` does before a commit (reply
+  validation, the updates Δ, the digest of the new global model), so the ratio isolates
+  the recording: the store's commits (encoding, hashing, writing blobs, fsyncs, the SQLite
+  transaction) and, since the erasure receipts, the signed tree head after each round
+  (Merkle append, Ed25519 signature, an fsynced append to ``tree_heads.jsonl``, and each
+  client writing the head it receives);
+* ``store, fsync off``: the real store without fsync, by the run-config key
+  ``history-fsync = false`` (on code from before that key, by a BENCHMARK-LOCAL PATCH of the
+  default of ``HistoryStore.create``'s ``fsync``, ``_common.store_without_fsync``); the
+  tree heads' own fsync stays;
+* ``store, fsync on``: the real store as ``fedforget train`` runs it (fsync on): the
+  default, on which the goal is judged;
+* ``store, fsync on, no tree heads``: the same without the tree heads
+  (BENCHMARK-LOCAL PATCH, ``_common.no_tree_heads``), to tell the two costs apart;
+* ``store, fsync on, no writer thread``: the same with ``background_commit=False``
+  (BENCHMARK-LOCAL PATCH of the default of ``HistoryRecording``'s ``background_commit``,
+  ``_common.commits_on_main_thread``): each commit on the round's critical path, for
+  comparison with the writer thread.
+
+Commits run on the wrapper's background writer thread; the run's wall time includes the
+final ``flush`` (waiting for every commit), so a writer that falls behind shows up. A second,
+instrumented pass reports the writer's own time per commit and the wait at the end, and a
+micro-measurement reports this disk's fsync latency (the main factor).
+
+Goal (issue 2): a training round with history recording costs <= 5 % more than without.
+
+Usage: ``python benchmarks/bench_history.py [--quick] [--rounds R] [--repetitions N]
+[--dir DIR] [--set key=value ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _common import (
+    commits_on_main_thread,
+    demo_config,
+    describe,
+    environment,
+    interleave,
+    no_store_writes,
+    no_tree_heads,
+    project,
+    scratch_dir,
+    store_without_fsync,
+    timed_calls,
+)
+
+from fedforget.config import RunConfig, parse_assignments
+from fedforget.engine import run_training
+from fedforget.history import HistoryStore, ParticipantUpdate
+from fedforget.task import model_tensors, new_model
+
+GOAL = 1.05
+FSYNC_KEY = "history-fsync"
+BASELINE = "no recording"
+
+
+def fsync_latency(directory: Path, *, size: int, count: int) -> tuple[float, float]:
+    """Median seconds of (write ``size`` bytes + fsync the file, fsync its directory)."""
+    data = os.urandom(size)
+    file_times: list[float] = []
+    dir_times: list[float] = []
+    for i in range(count):
+        path = directory / f"fsync-probe-{i}"
+        start = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        middle = time.perf_counter()
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        file_times.append(middle - start)
+        dir_times.append(time.perf_counter() - middle)
+        path.unlink()
+    return statistics.median(file_times), statistics.median(dir_times)
+
+
+def commit_alone(
+    directory: Path, cfg: Any, *, fsync: bool, rounds: int
+) -> float:
+    """Median seconds of one ``commit_round`` of a demo-sized round, with nothing else running.
+
+    The round has the demo's shapes: the global model and one update per client (random
+    values; the cost does not depend on them).
+    """
+    rng = np.random.default_rng(0)
+    model = model_tensors(new_model(cfg))
+    store = HistoryStore.create(directory, run_config={"bench": True}, fsync=fsync)
+    times: list[float] = []
+    try:
+        before = store.put_initial_model(model)
+        for t in range(1, rounds + 1):
+            after = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.items()}
+            participants = [
+                ParticipantUpdate(
+                    client_id=f"client-{i:03d}",
+                    num_examples=100,
+                    weight=1 / cfg.num_clients,
+                    seed=i,
+                    update={
+                        k: rng.standard_normal(v.shape).astype(np.float32)
+                        for k, v in model.items()
+                    },
+                )
+                for i in range(cfg.num_clients)
+            ]
+            start = time.perf_counter()
+            record = store.commit_round(
+                round=t, global_before=before, global_after=after,
+                participants=participants, config={"local-epochs": 2},
+            )
+            times.append(time.perf_counter() - start)
+            before = record.global_after
+    finally:
+        store.close()
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 2 repetitions")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 20)")
+    parser.add_argument("--repetitions", type=int, default=None, help="default 15")
+    parser.add_argument("--dir", default=None, help="run directories go here (default $TMPDIR)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run-config overrides of _common.BENCH_CONFIG")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 20)
+    repetitions = args.repetitions or (2 if args.quick else 15)
+    overrides = parse_assignments(args.set)
+    if args.dir:
+        tempfile.tempdir = args.dir
+
+    torch.set_num_threads(1)
+    proj = project()
+    proj.load()
+    recording = sys.modules["strategies.history"].HistoryRecording
+    with scratch_dir("fedforget-bench-history-") as scratch:
+        counter = itertools.count()
+
+        def fresh_cfg(**extra: Any) -> Any:
+            out = scratch / f"run-{next(counter)}"
+            return demo_config(num_rounds=rounds, out_dir=out, **{**overrides, **extra})
+
+        def no_writes() -> None:
+            with no_store_writes():
+                run_training(fresh_cfg(), engine="inprocess", project=proj)
+
+        def fsync_off() -> None:
+            known_keys = RunConfig.keys()  # a tuple of kebab-case names
+            if FSYNC_KEY in known_keys:
+                run_training(fresh_cfg(**{FSYNC_KEY: False}), engine="inprocess", project=proj)
+            else:  # code from before the run-config key
+                with store_without_fsync():
+                    run_training(fresh_cfg(), engine="inprocess", project=proj)
+
+        def fsync_on() -> None:
+            run_training(fresh_cfg(), engine="inprocess", project=proj)
+
+        def fsync_on_no_heads() -> None:
+            with no_tree_heads():
+                run_training(fresh_cfg(), engine="inprocess", project=proj)
+
+        def fsync_on_sync() -> None:
+            with commits_on_main_thread(proj):
+                run_training(fresh_cfg(), engine="inprocess", project=proj)
+
+        variants = {
+            BASELINE: no_writes,
+            "store, fsync off": fsync_off,
+            "store, fsync on": fsync_on,
+            "store, fsync on, no tree heads": fsync_on_no_heads,
+            "store, fsync on, no writer thread": fsync_on_sync,
+        }
+        for run in variants.values():  # warm-up
+            run()
+        timings = interleave(variants, repetitions=repetitions)
+
+        # Instrumented pass: the writer thread's time per commit and the wait at the end.
+        writer: dict[str, list[tuple[float, float, float]]] = {}
+        sizes: dict[str, int] = {}
+        for _ in range(max(2, repetitions // 3)):
+            for name, run in (("store, fsync off", fsync_off), ("store, fsync on", fsync_on)):
+                targets = [(HistoryStore, "commit_round", "commit"), (recording, "flush", "flush"),
+                           (os, "fsync", "fsync")]
+                with timed_calls(targets) as t:
+                    run()
+                writer.setdefault(name, []).append((t["commit"], t["flush"], t["fsync calls"]))
+        with HistoryStore.open(scratch / f"run-{next(counter) - 1}") as store:
+            summary = store.summary()
+            updates = sum(len(r) for r in summary["clients"].values())
+            sizes = {"model": summary["model_bytes"] // (rounds + 1),
+                     "update": summary["update_bytes"] // max(1, updates)}
+        probe = scratch / "probe"
+        probe.mkdir()
+        file_fsync, dir_fsync = fsync_latency(probe, size=sizes["model"], count=30)
+        alone = {
+            flag: commit_alone(scratch / f"alone-{flag}", fresh_cfg(), fsync=flag, rounds=20)
+            for flag in (False, True)
+        }
+
+    print(f"bench_history: history recording vs none, in-process engine ({environment()})")
+    print(
+        f"config: issue-2 demo ({describe(demo_config(num_rounds=rounds, **overrides))}), "
+        f"{rounds} rounds"
+        + (f", overrides {overrides}" if overrides else "")
+        + f"; {repetitions} interleaved repetitions after one warm-up run of each variant; "
+        f"run directories under {Path(scratch).parent}"
+    )
+    print()
+    print("time per training round = run wall time (incl. the final flush) / rounds;")
+    print("ratio = median / median of 'no recording'; paired = within each repetition")
+    print(timings.table(per=rounds, unit="ms", baseline=BASELINE))
+    print()
+    print("process CPU time per round, same runs (all threads incl. the writer; less disturbed")
+    print("by other load, blind to fsync waits)")
+    assert timings.cpu is not None
+    print(timings.cpu.table(per=rounds, unit="ms", baseline=BASELINE))
+    print()
+    print("writer thread, per round (median over instrumented runs): wall time inside")
+    print("commit_round; wait in flush() at the end of the run / rounds; os.fsync calls of the")
+    print("whole run, by any code, / rounds (SQLite's own fsyncs not counted)")
+    for name, values in writer.items():
+        commit = statistics.median(v[0] for v in values) / rounds * 1e3
+        flush = statistics.median(v[1] for v in values) / rounds * 1e3
+        fsyncs = statistics.median(v[2] for v in values) / rounds
+        print(f"  {name:<16} commit_round {commit:6.1f} ms; flush wait {flush:5.1f} ms; "
+              f"{fsyncs:4.1f} os.fsync")
+    print(
+        "commit_round alone (same sizes, nothing else running; median of 20 commits): "
+        f"fsync off {alone[False] * 1e3:.1f} ms, fsync on {alone[True] * 1e3:.1f} ms"
+    )
+    print(
+        f"blobs per round: 1 global model (~{sizes['model']} B) + 1 update per client "
+        f"(~{sizes['update']} B); each blob is a file: fsync on = 1 file fsync per blob + 1 "
+        "fsync per blob directory touched + SQLite's WAL fsync"
+    )
+    print(
+        f"this disk: write {sizes['model']} B + fsync {file_fsync * 1e3:.2f} ms, directory "
+        f"fsync {dir_fsync * 1e3:.2f} ms (median of 30)"
+    )
+    print()
+    print(f"goal recording / none <= {GOAL}, judged on the ratio of medians and on the median of")
+    print("the paired ratios (each repetition runs every variant back to back):")
+    for name in timings.names[1:]:
+        ratio = timings.median(name) / timings.median(BASELINE)
+        paired = statistics.median(timings.paired_ratios(name, BASELINE))
+        verdict = "MET" if max(ratio, paired) <= GOAL else "NOT MET"
+        if min(ratio, paired) <= GOAL < max(ratio, paired):
+            verdict = "UNDECIDED (within noise)"
+        cpu = timings.cpu.median(name) / timings.cpu.median(BASELINE)
+        print(f"  {name:<34} wall {ratio:.3f} / paired {paired:.3f} -> {verdict} "
+              f"(CPU-time ratio {cpu:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
