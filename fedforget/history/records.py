@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from fedforget.canonical import canonical_dumps
 from fedforget.errors import HistoryError
 
 __all__ = [
@@ -35,11 +36,6 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
 
 def canonical_json(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, compact separators, UTF-8, NaN/Infinity refused.
@@ -50,17 +46,9 @@ def canonical_json(obj: Any) -> bytes:
         If ``obj`` holds a value JSON cannot represent (NaN, infinity, an arbitrary object).
     """
     try:
-        text = json.dumps(
-            obj,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-            default=_json_default,
-        )
+        return canonical_dumps(obj)
     except (TypeError, ValueError) as exc:
         raise HistoryError(f"value cannot be recorded as canonical JSON: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def is_digest(value: object) -> bool:

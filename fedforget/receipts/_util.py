@@ -13,8 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fedforget.canonical import canonical_dumps
 from fedforget.receipts.errors import ReceiptError
 
 _RFC3339_UTC = re.compile(
@@ -24,11 +23,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
 
 def canonical_json(obj: Any, error: type[ReceiptError] = ReceiptError) -> bytes:
     """JSON with sorted keys, compact separators, UTF-8, NaN and infinities refused.
@@ -36,17 +30,9 @@ def canonical_json(obj: Any, error: type[ReceiptError] = ReceiptError) -> bytes:
     NumPy scalars are written as the Python numbers they hold.
     """
     try:
-        text = json.dumps(
-            obj,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-            default=_json_default,
-        )
+        return canonical_dumps(obj)
     except (TypeError, ValueError) as exc:
         raise error(f"value cannot be written as canonical JSON: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def parse_canonical_json(data: bytes, what: str, error: type[ReceiptError]) -> Any:

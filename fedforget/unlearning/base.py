@@ -14,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -203,7 +203,10 @@ def check_range(name: str, value: float, *, low: float | None = None,
         raise ConfigError(f"{name} = {value!r} is out of range; expected {expected}")
 
 
-class Unlearner(ABC):
+P = TypeVar("P", bound=MethodParams)
+
+
+class Unlearner(ABC, Generic[P]):
     """One unlearning method.
 
     Subclasses set ``name``, ``version``, ``exact`` (reproduces retraining bit for bit),
@@ -217,9 +220,16 @@ class Unlearner(ABC):
     multi_client: ClassVar[bool] = True
     needs_clients: ClassVar[bool] = True
     Params: ClassVar[type[MethodParams]] = MethodParams
+    params: P
 
-    def __init__(self, params: MethodParams | None = None) -> None:
-        self.params = params if params is not None else self.Params()
+    def __init__(self, params: P | None = None) -> None:
+        if params is None:
+            params = self.Params()  # type: ignore[assignment]
+        if not isinstance(params, self.Params):
+            raise UnlearningError(
+                f"{self.name} expects {self.Params.__name__}; got {type(params).__name__}"
+            )
+        self.params = params
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a request this method cannot serve, before any work (override to add)."""
@@ -241,10 +251,10 @@ class Unlearner(ABC):
         """Compute the unlearned model."""
 
 
-REGISTRY: dict[str, type[Unlearner]] = {}
+REGISTRY: dict[str, type[Unlearner[Any]]] = {}
 
 
-def register(cls: type[Unlearner]) -> type[Unlearner]:
+def register(cls: type[Unlearner[Any]]) -> type[Unlearner[Any]]:
     """Class decorator adding a method to :data:`REGISTRY` under ``cls.name``."""
     if cls.name in REGISTRY:
         raise ValueError(f"unlearning method {cls.name!r} is registered twice")
@@ -252,7 +262,7 @@ def register(cls: type[Unlearner]) -> type[Unlearner]:
     return cls
 
 
-def get_method(name: str, params: Mapping[str, Any] | None = None) -> Unlearner:
+def get_method(name: str, params: Mapping[str, Any] | None = None) -> Unlearner[Any]:
     """The registered method ``name`` with its parameters set from ``params``."""
     from fedforget.unlearning import load_methods
 

@@ -90,7 +90,7 @@ class _Plan:
 
 
 @register
-class FedEraser(Unlearner):
+class FedEraser(Unlearner[FedEraserParams]):
     """FedEraser (Liu et al., IWQoS 2021): calibrated replay of the retained rounds.
 
     Choices where the paper leaves room:
@@ -128,19 +128,11 @@ class FedEraser(Unlearner):
     needs_clients = True
     Params = FedEraserParams
 
-    @property
-    def _params(self) -> FedEraserParams:
-        params = self.params
-        if not isinstance(params, FedEraserParams):
-            raise UnlearningError(
-                f"federaser expects FedEraserParams; got {type(params).__name__}"
-            )
-        return params
 
     # ------------------------------------------------------------------ planning
     def _plan(self, store: HistoryStore, forget: frozenset[str]) -> _Plan:
         """Work out the rounds to replay; raise what cannot be served."""
-        params = self._params
+        params = self.params
         last = store.last_round
         kept = store.retain_interval
         interval = params.retain_interval or kept
@@ -198,7 +190,7 @@ class FedEraser(Unlearner):
             f"started from the global model after round {plan.t0 - 1}; replayed retained "
             f"rounds {list(plan.rounds)} (retain interval {plan.retain_interval}) with "
             f"{plan.calibration_epochs} calibration epoch(s) = max(1, round("
-            f"{self._params.calibration_ratio} x {plan.local_epochs}))"
+            f"{self.params.calibration_ratio} x {plan.local_epochs}))"
         ]
         roster = set(federation.roster)
         for j, t in enumerate(plan.rounds):

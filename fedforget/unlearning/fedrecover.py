@@ -280,17 +280,12 @@ class _Curvature:
 
 # -------------------------------------------------------------------------- method
 @register
-class FedRecover(Unlearner):
+class FedRecover(Unlearner[FedRecoverParams]):
     """FedRecover (Cao et al., S&P 2023): history-estimated replay without the clients."""
 
     name = "fedrecover"
     Params = FedRecoverParams
 
-    @property
-    def p(self) -> FedRecoverParams:
-        """The parameters, typed."""
-        assert isinstance(self.params, FedRecoverParams)
-        return self.params
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a history whose retention dropped updates of a replayed round."""
@@ -333,15 +328,15 @@ class FedRecover(Unlearner):
             notes.append("the model in service differs from the history's final model: "
                          "FedRecover recovers from the recorded history, so clients "
                          "forgotten by earlier requests must be listed in forget too")
-        tau = self.p.abnormality_threshold or abnormality_threshold(
-            self._stored_rounds(request, t0, like), self.p.tolerance_rate
+        tau = self.params.abnormality_threshold or abnormality_threshold(
+            self._stored_rounds(request, t0, like), self.params.tolerance_rate
         )
         notes.append(f"abnormality threshold τ = {tau:.6g}"
-                     + ("" if self.p.abnormality_threshold else
-                        f" (from the history, α = {self.p.tolerance_rate})"))
+                     + ("" if self.params.abnormality_threshold else
+                        f" (from the history, α = {self.params.tolerance_rate})"))
         schedule = exact_schedule(
-            t0, last, warmup_rounds=self.p.warmup_rounds,
-            correction_period=self.p.correction_period, final_rounds=self.p.final_rounds,
+            t0, last, warmup_rounds=self.params.warmup_rounds,
+            correction_period=self.params.correction_period, final_rounds=self.params.final_rounds,
         )
         roster = set(federation.roster)
         buffers: dict[str, _Curvature] = {}
@@ -364,9 +359,8 @@ class FedRecover(Unlearner):
                 ask = {cid: schedule[t] for cid in stored}
             else:
                 for cid, g_bar in stored.items():
-                    estimate = buffers.setdefault(cid, _Curvature(self.p.buffer_size)).estimate(
-                        g_bar, dw
-                    )
+                    curvature = buffers.setdefault(cid, _Curvature(self.params.buffer_size))
+                    estimate = curvature.estimate(g_bar, dw)
                     if estimate is None:
                         ask[cid] = "no-curvature"
                     elif float(np.max(np.abs(estimate))) > tau:
@@ -379,7 +373,7 @@ class FedRecover(Unlearner):
                 for cid, reason in ask.items():
                     if reason in counts:
                         counts[reason] += 1
-                    buffer = buffers.setdefault(cid, _Curvature(self.p.buffer_size))
+                    buffer = buffers.setdefault(cid, _Curvature(self.params.buffer_size))
                     if cid in exact:
                         updates[cid] = exact[cid]
                         buffer.add(dw, exact[cid] - stored[cid])

@@ -58,7 +58,6 @@ from fedforget.unlearning.base import (
     MethodParams,
     TensorDict,
     Unlearner,
-    UnlearningError,
     UnlearningRequest,
     UnlearningResult,
     check_range,
@@ -115,7 +114,7 @@ def residual_norm(residual: TensorDict) -> float:
 
 
 @register
-class FedRecovery(Unlearner):
+class FedRecovery(Unlearner[FedRecoveryParams]):
     """FedRecovery (Zhang et al., TIFS 2023): residual subtraction plus Gaussian noise.
 
     Server-only: no client work, cost zero client-epochs. Needs the stored updates of
@@ -131,14 +130,6 @@ class FedRecovery(Unlearner):
     needs_clients = False
     Params = FedRecoveryParams
 
-    @property
-    def _params(self) -> FedRecoveryParams:
-        params = self.params
-        if not isinstance(params, FedRecoveryParams):
-            raise UnlearningError(
-                f"fedrecovery expects FedRecoveryParams; got {type(params).__name__}"
-            )
-        return params
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse, before any work, what the history's retention cannot serve."""
@@ -148,7 +139,7 @@ class FedRecovery(Unlearner):
     def run(self, request: UnlearningRequest) -> UnlearningResult:
         """Subtract the residuals and add the noise."""
         store, forget = request.store, request.forget
-        params = self._params
+        params = self.params
         rounds = check_contributions_retained(store, forget, self.name)
         base = final_model(store)
         if not rounds:

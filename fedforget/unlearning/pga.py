@@ -190,18 +190,13 @@ def derive_radius(reference: TensorDict, run_config: RunConfig) -> float:
 
 # -------------------------------------------------------------------------- method
 @register
-class PGA(Unlearner):
+class PGA(Unlearner[PGAParams]):
     """Projected gradient ascent by the leaving client, then ordinary rounds (Halimi et al.)."""
 
     name = "pga"
     multi_client = False
     Params = PGAParams
 
-    @property
-    def p(self) -> PGAParams:
-        """The parameters, typed."""
-        assert isinstance(self.params, PGAParams)
-        return self.params
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a client that no longer answers, or a history that cannot give w_ref."""
@@ -250,19 +245,19 @@ class PGA(Unlearner):
             )
         cfg = RunConfig.from_mapping(store.run_config)
         w_ref = reference_model(store, client, current=current)
-        radius = self.p.radius or derive_radius(w_ref, cfg)
+        radius = self.params.radius or derive_radius(w_ref, cfg)
         notes = [f"reference: the other clients' models of round {last} "
                  f"(weighted by example counts); radius δ = {radius:.6g}"
-                 + ("" if self.p.radius else " (a third of the mean distance to "
+                 + ("" if self.params.radius else " (a third of the mean distance to "
                     f"{RADIUS_SAMPLES} random initialisations)")]
 
         replies = federation.train(
             server_round=last + 1, global_model=w_ref, clients=[client],
-            local_epochs=self.p.ascent_epochs, task=ascent.TASK,
+            local_epochs=self.params.ascent_epochs, task=ascent.TASK,
             extra_config=ascent.ascent_config(
-                radius=radius, learning_rate=self.p.ascent_learning_rate,
-                clip_grad_norm=self.p.ascent_clip_grad_norm,
-                min_accuracy=self.p.ascent_min_accuracy,
+                radius=radius, learning_rate=self.params.ascent_learning_rate,
+                clip_grad_norm=self.params.ascent_clip_grad_norm,
+                min_accuracy=self.params.ascent_min_accuracy,
             ),
         )
         if client not in replies:
@@ -288,9 +283,9 @@ class PGA(Unlearner):
                      f"{bool(metrics.get('pga-stopped-early', 0))}")
 
         sampler = ClientSampler(seed=cfg.seed, count=cfg.clients_per_round())
-        epochs = self.p.post_epochs or None
-        exclude = request.forget | (_withdrawn(store) if self.p.post_rounds else frozenset())
-        for t in range(last + 1, last + 1 + self.p.post_rounds):
+        epochs = self.params.post_epochs or None
+        exclude = request.forget | (_withdrawn(store) if self.params.post_rounds else frozenset())
+        for t in range(last + 1, last + 1 + self.params.post_rounds):
             chosen = sampler.sample(t, federation.roster, exclude=exclude)
             updates = federation.train(server_round=t, global_model=model, clients=chosen,
                                        local_epochs=epochs, task="train")
@@ -301,7 +296,7 @@ class PGA(Unlearner):
             total = sum(u.num_examples for u in replied)
             model = weighted_sum(((u.num_examples / total, u.local_model) for u in replied),
                                  model)
-        if self.p.post_rounds:
-            notes.append(f"post-training rounds {last + 1}..{last + self.p.post_rounds}")
+        if self.params.post_rounds:
+            notes.append(f"post-training rounds {last + 1}..{last + self.params.post_rounds}")
         return UnlearningResult(model=model, cost=federation.cost,
                                 rounds_affected=list(range(first, last + 1)), notes=notes)

@@ -27,7 +27,7 @@ from fedforget.unlearning.base import (
 
 
 @register
-class Retrain(Unlearner):
+class Retrain(Unlearner[MethodParams]):
     """Retrain from scratch without the forgotten clients (exact; the reference)."""
 
     name = "retrain"

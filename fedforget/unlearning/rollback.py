@@ -30,7 +30,7 @@ from fedforget.unlearning.base import (
 
 
 @register
-class Rollback(Unlearner):
+class Rollback(Unlearner[MethodParams]):
     """Restore the last global model before the first contribution and replay."""
 
     name = "rollback"

@@ -166,7 +166,7 @@ def run_local_epochs(store: HistoryStore, method: str) -> int:
 
 # ------------------------------------------------------------------------ method
 @register
-class Subtract(Unlearner):
+class Subtract(Unlearner[SubtractParams]):
     """Remove the forgotten clients' weighted contributions from the model, server-side.
 
     :math:`\\tilde\\theta = \\theta_T + \\sum_{t \\in P_F} r_t` (see the module docstring).
@@ -193,18 +193,12 @@ class Subtract(Unlearner):
     needs_clients = False  # true only with repair-rounds > 0 (see check)
     Params = SubtractParams
 
-    @property
-    def _params(self) -> SubtractParams:
-        params = self.params
-        if not isinstance(params, SubtractParams):
-            raise UnlearningError(f"subtract expects SubtractParams; got {type(params).__name__}")
-        return params
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse, before any work, what the history's retention cannot serve."""
         super().check(request)
         check_contributions_retained(request.store, request.forget, self.name)
-        params = self._params
+        params = self.params
         if params.repair_rounds > 0:
             if getattr(request, "federation", None) is None:
                 raise UnlearningError(
@@ -217,7 +211,7 @@ class Subtract(Unlearner):
     def run(self, request: UnlearningRequest) -> UnlearningResult:
         """Subtract the residuals, then repair if asked."""
         store, forget = request.store, request.forget
-        params = self._params
+        params = self.params
         rounds = check_contributions_retained(store, forget, self.name)
         base = final_model(store)
         if not rounds:
@@ -242,7 +236,7 @@ class Subtract(Unlearner):
         self, request: UnlearningRequest, model: TensorDict, notes: list[str]
     ) -> TensorDict:
         """``repair_rounds`` ordinary FedAvg rounds of the remaining clients."""
-        params = self._params
+        params = self.params
         store, federation = request.store, request.federation
         epochs = params.repair_epochs or run_local_epochs(store, self.name)
         clients = [c for c in federation.roster if c not in request.forget]
