@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
                          help="in-process Grid (default) or Flower's simulation engine")
 
+    run = sub.add_parser(
+        "run", help="run an experiment file: grids of methods x seeds x settings, a report"
+    )
+    run.add_argument("config", help="experiment TOML, e.g. simulations/quickstart.toml")
+    run.add_argument("--out", required=True,
+                     help="output directory (finished cells are skipped when it exists)")
+    run.add_argument("--app", default=None, help="Flower app project directory")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+
     from fedforget.receipts.cli import add_subcommands
 
     add_subcommands(sub)  # keys generate, receipt verify
@@ -87,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_withdraw(args)
         if args.command == "unlearn":
             return _cmd_unlearn(args)
+        if args.command == "run":
+            return _cmd_run(args)
         if args.command == "history" and args.history_command == "verify":
             return _cmd_verify(args)
         if args.command == "history" and args.history_command == "show":
@@ -211,7 +222,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     lines.append(
         f"{'original':<11}{'':>6}{_pct(first['test_accuracy']['original']):>10}"
-        f"{_pct(first['forgotten_accuracy'].get('original')):>11}"
+        f"{_pct((first['forgotten_accuracy'] or {}).get('original')):>11}"
         f"{_pct(backdoor.get('original')):>10}"
         f"{first['l2_to_retrained']['original']:>15.4f}{'':>11}{'':>12}{'':>8}"
     )
@@ -222,7 +233,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"{info['method']:<11}{'yes' if info['exact'] else 'no':>6}"
             f"{_pct(m['test_accuracy']['unlearned']):>10}"
-            f"{_pct(m['forgotten_accuracy'].get('unlearned')):>11}"
+            f"{_pct((m['forgotten_accuracy'] or {}).get('unlearned')):>11}"
             f"{_pct(bd.get('unlearned')):>10}"
             f"{m['l2_to_retrained']['unlearned']:>15.4f}"
             f"{info['cost']['client_epochs']:>11g}"
@@ -238,6 +249,22 @@ def _final_accuracy(out: Path) -> float | None:
         return None
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return float(lines[-1]["test-accuracy"]) if lines else None
+
+
+# -------------------------------------------------------------------------- run
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedforget.engine.apps import find_project
+    from fedforget.experiments import load_experiment, run_experiment
+
+    project = find_project(args.app)
+    spec = load_experiment(args.config)
+    t0 = time.perf_counter()
+    records = run_experiment(spec, args.out, project=project, progress=not args.quiet)
+    out = Path(args.out)
+    print(f"experiment {spec.name}: {len(records)} cells in {time.perf_counter() - t0:.1f} s")
+    print(f"results: {out / 'results.csv'}")
+    print(f"report:  {out / 'report.md'}")
+    return 0
 
 
 # --------------------------------------------------------------------- withdraw
@@ -302,9 +329,34 @@ def format_comparison(info: dict[str, Any]) -> str:
         if values:
             lines.append(f"{label:24}{_pct(values.get('original')):>10}"
                          f"{_pct(values.get('unlearned')):>11}{_pct(values.get('retrained')):>11}")
+
+    def fraction(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    shadow = m.get("shadow_attack") or {}
+    attacks = [("MIA AUC, loss", m.get("mia_loss_auc")),
+               ("MIA AUC, confidence", m.get("mia_confidence_auc"))]
+    if shadow:
+        attacks += [(f"shadow MIA {part}", {name: shadow[name][part] for name in shadow})
+                    for part in ("precision", "recall", "auc")]
+    for label, values in attacks:
+        if values:
+            lines.append(f"{label:24}{fraction(values.get('original')):>10}"
+                         f"{fraction(values.get('unlearned')):>11}"
+                         f"{fraction(values.get('retrained')):>11}")
     lines.append(f"L2 distance to retrained: original {m['l2_to_retrained']['original']:.4f}, "
                  f"unlearned {m['l2_to_retrained']['unlearned']:.4f}"
                  + ("  (bit-identical)" if ref["bit_identical"] else ""))
+    if m.get("kl_to_retrained") and m.get("js_to_retrained"):
+        kl, js = m["kl_to_retrained"], m["js_to_retrained"]
+        lines.append(f"prediction divergence to retrained (nats): KL original "
+                     f"{kl['original']:.4f}, unlearned {kl['unlearned']:.4f}; JS original "
+                     f"{js['original']:.4f}, unlearned {js['unlearned']:.4f}")
+    impact = m.get("client_impact")
+    if impact:
+        worst = ", ".join(f"{w['client']} {100 * w['change']:+.2f}" for w in impact["worst"])
+        lines.append(f"remaining clients' held-out accuracy change (points): mean "
+                     f"{100 * impact['mean']:+.2f}, worst {worst}")
     speed_wall = m["speedup_wall"]
     speed_epochs = m["speedup_client_epochs"]
     lines.append(

@@ -18,9 +18,7 @@ from typing import Any
 
 from fedforget.errors import ConfigError
 
-DATASETS = ("digits", "fashion-mnist", "synthetic")
 PARTITIONERS = ("iid", "dirichlet", "shard")
-MODELS = ("logreg", "mlp", "cnn")
 STRATEGIES = ("fedavg", "fedprox")
 CODECS = ("fp32", "fp16", "bf16")
 
@@ -34,6 +32,23 @@ MODES = ("train", "unlearn")
 
 def _choice(allowed: tuple[str, ...]) -> dict[str, Any]:
     return {"choices": allowed}
+
+
+def _registered(module: str, registry: str) -> dict[str, Any]:
+    """Allowed values = the keys of a registry, read when a value is checked, so that a
+    data set or model registered after import (a plug-in) is accepted."""
+    return {"registry": (module, registry)}
+
+
+def _choices(f: dataclasses.Field[Any]) -> tuple[str, ...] | None:
+    if "choices" in f.metadata:
+        return tuple(f.metadata["choices"])
+    if "registry" in f.metadata:
+        import importlib
+
+        module, registry = f.metadata["registry"]
+        return tuple(getattr(importlib.import_module(module), registry))
+    return None
 
 
 def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -53,7 +68,9 @@ class RunConfig:
     num_rounds: int = field(default=30, metadata=_range(1))
     num_clients: int = field(default=10, metadata=_range(1))
     # data
-    dataset: str = field(default="digits", metadata=_choice(DATASETS))
+    dataset: str = field(
+        default="digits", metadata=_registered("fedforget.data.datasets", "DATASETS")
+    )
     data_path: str = ""
     test_fraction: float = field(default=0.2, metadata=_range(0, 1, low_open=True, high_open=True))
     partitioner: str = field(default="dirichlet", metadata=_choice(PARTITIONERS))
@@ -64,7 +81,7 @@ class RunConfig:
     synthetic_features: int = field(default=20, metadata=_range(1))
     synthetic_classes: int = field(default=4, metadata=_range(2))
     # model
-    model: str = field(default="mlp", metadata=_choice(MODELS))
+    model: str = field(default="mlp", metadata=_registered("fedforget.models", "MODELS"))
     hidden_size: int = field(default=64, metadata=_range(1))
     # local training (sent to clients every round)
     local_epochs: int = field(default=1, metadata=_range(1))
@@ -152,16 +169,26 @@ class RunConfig:
         return max(1, int(self.num_clients * self.sample_fraction + 1e-9))
 
 
+def read_toml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a ConfigError naming it."""
+    try:
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     """Read a flat TOML file of run-config keys (as under ``simulations/``)."""
     path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            values = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    values = read_toml(path)
+    if "experiment" in values:
+        raise ConfigError(
+            f"config file {str(path)!r} is an experiment file (it has an [experiment] table); "
+            "run it with `fedforget run`, or give a flat run config"
+        )
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(
@@ -226,8 +253,9 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
 
 def _check_value(f: dataclasses.Field[Any], value: Any) -> None:
     key = _kebab(f.name)
-    if "choices" in f.metadata and value not in f.metadata["choices"]:
-        allowed = ", ".join(repr(c) for c in f.metadata["choices"])
+    choices = _choices(f)
+    if choices is not None and value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"{key} = {value!r} is not allowed; expected one of {allowed}")
     if "range" in f.metadata:
         low, high, low_open, high_open = f.metadata["range"]

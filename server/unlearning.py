@@ -10,7 +10,9 @@ For request ``request-id`` with ``method``:
 3. the request goes ``pending → unlearning``; the method runs, through the same Grid and
    ClientApp as training;
 4. the retrained reference (same seeds and schedule, minus the forgotten clients) is
-   computed once per forget set and cached in ``unlearned/reference-<key>/``;
+   computed once per forget set and cached in ``unlearned/reference-<key>/``; the three
+   models (original, unlearned, retrained) are compared by the whole evaluation protocol
+   (:func:`measure`);
 5. a signed erasure receipt is written to ``receipts/<receipt-id>.json`` (the salt of the
    client commitment goes to the client's own state directory);
 6. the result is written atomically to ``unlearned/<request-id>/<method>/`` (``model.fft``
@@ -27,14 +29,17 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.serverapp import Grid
 
-from fedforget.comparison import compare
+from fedforget.comparison import speedups
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
+from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
 from fedforget.task import TensorDict, load_client_data, load_test_set, new_model
@@ -119,13 +124,16 @@ def _partition_of(client_id: str) -> int | None:
 def reference(
     grid: Grid, cfg: RunConfig, store: HistoryStore, clients: dict[str, int],
     forget: frozenset[str], out: Path,
-) -> tuple[TensorDict, Cost, str]:
-    """The retrained model without ``forget`` (cached per forget set); model, cost, digest."""
+) -> tuple[TensorDict, Cost, str, Path | None]:
+    """The retrained model without ``forget`` (cached per forget set); model, cost, digest
+    and the directory of its replayed history."""
     key = hashlib.sha256("\n".join(sorted(forget)).encode()).hexdigest()[:12]
     final = out / UNLEARNED / f"reference-{key}"
     if (final / RESULT_FILE).exists():
         info = json.loads((final / RESULT_FILE).read_text())
-        return read_model(final / MODEL_FILE), Cost(**info["cost"]), str(info["model_digest"])
+        history = final / info["history_dir"] if info.get("history_dir") else None
+        return (read_model(final / MODEL_FILE), Cost(**info["cost"]), str(info["model_digest"]),
+                history)
     partial = _atomic_dir(final)
     try:
         federation = GridFederation(grid, cfg, clients)
@@ -141,7 +149,8 @@ def reference(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return result.model, result.cost, digest
+    history = final / info["history_dir"] if info.get("history_dir") else None
+    return result.model, result.cost, digest, history
 
 
 def _warm_up(grid: Grid, cfg: RunConfig, clients: dict[str, int], store: HistoryStore) -> None:
@@ -152,6 +161,106 @@ def _warm_up(grid: Grid, cfg: RunConfig, clients: dict[str, int], store: History
         GridFederation(grid, cfg, clients).train(
             server_round=0, global_model=store.global_model(0), clients=some, local_epochs=1
         )
+
+
+def forgotten_data(cfg: RunConfig, forget: Collection[str]
+                   ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
+    """The forgotten clients' training data and their held-out data, each pooled.
+
+    Members and non-members of the membership attacks: the same clients, the same
+    distribution, only the training split was trained on. None where there is no example
+    (a client id that names no partition of this run).
+    """
+    splits = [load_client_data(cfg, partition) for partition in
+              (_partition_of(cid) for cid in sorted(forget))
+              if partition is not None and partition < cfg.num_clients]
+    return (_pooled([train for train, _ in splits], "forgotten"),
+            _pooled([held for _, held in splits], "forgotten-holdout"))
+
+
+def _pooled(parts: list[ArrayDataset], name: str) -> ArrayDataset | None:
+    parts = [d for d in parts if len(d)]
+    if not parts:
+        return None
+    return ArrayDataset(x=np.concatenate([d.x for d in parts]),
+                        y=np.concatenate([d.y for d in parts]),
+                        num_classes=parts[0].num_classes, name=name)
+
+
+def history_trace(directory: Path) -> list[tuple[int, TensorDict]]:
+    """The global models of a replayed history, rounds ``1..T``, as ``(round, model)``.
+
+    Retrain's history holds every round it replayed; rollback's holds the rounds before
+    :math:`t_0` forked from the original history (its models, unchanged) and the rounds
+    it replayed, so both traces cover rounds ``1..T``.
+    """
+    with HistoryStore.open(directory, fsync=False) as history:
+        return [(t, history.global_model(t)) for t in range(1, history.last_round + 1)]
+
+
+def measure(
+    *,
+    cfg: RunConfig,
+    store: HistoryStore,
+    federation: GridFederation,
+    forget: frozenset[str],
+    not_remaining: Collection[str],
+    original: TensorDict,
+    unlearned: TensorDict,
+    retrained: TensorDict,
+    method_cost: Cost,
+    retrain_cost: Cost,
+    trace: list[tuple[int, TensorDict]],
+) -> dict[str, Any]:
+    """``result.json["metrics"]``: the protocol's figures, speed-ups, storage and trace.
+
+    * the model-comparison figures of :func:`fedforget.evaluation.evaluate_unlearning`:
+      forgotten data and membership attacks on the forgotten clients' training data
+      (members) against their held-out data (non-members), the shadow attack of
+      :func:`fedforget.evaluation.run_shadow_attack`, the backdoor when a forgotten client
+      planted one, and each remaining client's held-out accuracy under the original and
+      the unlearned model, asked of the clients through the federation (EVALUATE
+      messages, no cost counted) — the remaining clients are the federation's roster
+      minus ``not_remaining``; clients that do not answer for both models are left out;
+    * ``speedup_wall``, ``speedup_client_epochs`` (:func:`fedforget.comparison.speedups`);
+    * ``storage_bytes``: the bytes of the history store (all its blobs);
+    * ``trace``: ``[{"round", "test_accuracy"}]`` of ``trace``'s models on the test set.
+    """
+    test_set = load_test_set(cfg)
+    members, non_members = forgotten_data(cfg, forget)
+    remaining = [cid for cid in federation.roster if cid not in not_remaining]
+    before: Mapping[str, float] | None = None
+    after: Mapping[str, float] | None = None
+    if remaining:
+        asked_before = federation.evaluate_local(original, remaining)
+        asked_after = federation.evaluate_local(unlearned, remaining)
+        answered = sorted(set(asked_before) & set(asked_after))
+        if answered:
+            before = {cid: asked_before[cid] for cid in answered}
+            after = {cid: asked_after[cid] for cid in answered}
+    scratch = new_model(cfg)
+    shadow = (run_shadow_attack(cfg, test_set)
+              if members is not None and non_members is not None else None)
+    figures = evaluate_unlearning(
+        model=scratch, original=original, unlearned=unlearned, retrained=retrained,
+        test_set=test_set, forgotten=members, holdout=non_members,
+        backdoor_target=cfg.backdoor_target if forget & cfg.backdoor_client_ids() else None,
+        shadow=shadow, client_accuracy_before=before, client_accuracy_after=after,
+    )
+    return {
+        **figures,
+        **speedups(method_cost, retrain_cost),
+        "storage_bytes": int(store.summary()["bytes_stored"]),
+        "trace": accuracy_trace(scratch, trace, test_set),
+    }
+
+
+def _keep_copies(snapshots: list[tuple[int, TensorDict]]
+                 ) -> Callable[[int, Mapping[str, np.ndarray]], None]:
+    """An observer that keeps a copy of every model it is handed (evaluated later)."""
+    def observe(server_round: int, model: Mapping[str, np.ndarray]) -> None:
+        snapshots.append((server_round, {k: np.array(v, copy=True) for k, v in model.items()}))
+    return observe
 
 
 def serve_withdrawal(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
@@ -178,9 +287,10 @@ def _serve(grid: Grid, cfg: RunConfig, store: HistoryStore, ledger: WithdrawalLe
     in_service, in_service_digest = current_model(out)
     final = out / UNLEARNED / request.request_id / method.name
     partial = _atomic_dir(final)
+    snapshots: list[tuple[int, TensorDict]] = []
     unlearning_request = UnlearningRequest(
         store=store, forget=forget, federation=federation, workdir=str(partial),
-        current_model=in_service,
+        current_model=in_service, observe=_keep_copies(snapshots),
     )
     try:
         method.check(unlearning_request)
@@ -190,25 +300,23 @@ def _serve(grid: Grid, cfg: RunConfig, store: HistoryStore, ledger: WithdrawalLe
     ledger.move(request.request_id, "unlearning", method=method.name)
     _warm_up(grid, cfg, clients, store)
     try:
-        retrained, retrain_cost, retrained_digest = reference(
+        retrained, retrain_cost, retrained_digest, reference_history = reference(
             grid, cfg, store, clients, forget, out
         )
+        replayed = None  # the history a method replayed, if it wrote one
         if method.name == "retrain":  # the reference is this method's result
             result = UnlearningResult(model=retrained, cost=retrain_cost,
                                       rounds_affected=list(range(1, store.last_round + 1)))
+            replayed = reference_history
         else:
             result = method.unlearn(unlearning_request)
-        original = store.global_model(store.last_round)
-        forgotten_data: list[ArrayDataset] = []
-        for cid in sorted(forget):
-            partition = _partition_of(cid)
-            if partition is not None and partition < cfg.num_clients:
-                forgotten_data.append(load_client_data(cfg, partition)[0])
-        backdoor = cfg.backdoor_target if forget & cfg.backdoor_client_ids() else None
-        comparison = compare(
-            model=new_model(cfg), original=original, unlearned=result.model,
-            retrained=retrained, test_set=load_test_set(cfg), forgotten_data=forgotten_data,
-            backdoor_target=backdoor, method_cost=result.cost, retrain_cost=retrain_cost,
+            replayed = Path(result.history_dir) if result.history_dir else None
+        metrics = measure(
+            cfg=cfg, store=store, federation=federation, forget=forget,
+            not_remaining=forget | ledger.withdrawn(),
+            original=store.global_model(store.last_round), unlearned=result.model,
+            retrained=retrained, method_cost=result.cost, retrain_cost=retrain_cost,
+            trace=history_trace(replayed) if replayed is not None else snapshots,
         )
         digest = write_model(partial / MODEL_FILE, result.model)
         info: dict[str, Any] = {
@@ -228,7 +336,7 @@ def _serve(grid: Grid, cfg: RunConfig, store: HistoryStore, ledger: WithdrawalLe
                 "cost": retrain_cost.to_dict(),
                 "bit_identical": digest == retrained_digest,
             },
-            "metrics": comparison.to_dict(),
+            "metrics": metrics,
             "finished_at": utc_now(),
             **_json_ready(result, final, partial),
         }

@@ -14,6 +14,7 @@ from torch import nn
 from fedforget.data import ArrayDataset
 from fedforget.evaluation import (
     EvaluationError,
+    ShadowAttack,
     confidence_threshold_auc,
     loss_threshold_auc,
     per_example_loss,
@@ -226,3 +227,81 @@ def test_shadow_attack_refuses_a_shadow_with_other_classes() -> None:
             constant_model(), data, data, shadow_train=data, shadow_out=data,
             build_shadow=lambda: nn.Linear(1, 3), train_shadow=lambda model, d: None, seed=0,
         )
+
+
+# ------------------------------------------------- a fitted attack, aimed again
+
+
+def confident_on_ones() -> nn.Module:
+    """logits (0, 4x): softmax (1/2, 1/2) at x = 0, (1/(1+e^4), e^4/(1+e^4)) at x = 1."""
+    model = nn.Linear(1, 2)
+    nn.init.zeros_(model.bias)
+    model.weight.data[:] = model.weight.data.new_tensor([[0.0], [4.0]])
+    return model
+
+
+def uniform_model() -> nn.Module:
+    """softmax (1/2, 1/2) everywhere."""
+    model = nn.Linear(1, 2)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    return model
+
+
+def at(x: float, n: int) -> ArrayDataset:
+    return ArrayDataset(x=np.full((n, 1), x, np.float32), y=np.zeros(n, np.int64), num_classes=2,
+                        name=f"x={x}")
+
+
+def test_a_fitted_shadow_attack_trains_the_shadow_once_and_aims_at_any_target() -> None:
+    # Prepare: the shadow is confident on its "in" half (x = 1) and uniform on its "out"
+    # half (x = 0): two separable feature points, (0.982, 0.018) in and (1/2, 1/2) out.
+    built: list[nn.Module] = []
+    trained: list[int] = []
+
+    def build() -> nn.Module:
+        built.append(confident_on_ones())
+        return built[-1]
+
+    # Execute
+    attack = ShadowAttack.fit(
+        shadow_train=at(1.0, 6), shadow_out=at(0.0, 6), build_shadow=build,
+        train_shadow=lambda model, data: trained.append(len(data)), seed=0,
+    )
+    memorising = attack.attack(confident_on_ones(), at(1.0, 4), at(0.0, 4))
+    blind = attack.attack(uniform_model(), at(1.0, 4), at(0.0, 4))
+    # Assert: one shadow, trained once on its 6 "in" examples. With balanced classes of
+    # two points the unpenalised intercept puts the boundary between them, so a target
+    # that is confident on its members calls exactly them members (precision = recall =
+    # AUC = 1); a target uniform everywhere shows the "out" point only: no member called
+    # (precision and recall 0 by convention), every score tied (AUC 1/2).
+    assert len(built) == 1 and trained == [6]
+    assert attack.num_classes == 2
+    assert (memorising.precision, memorising.recall, memorising.auc) == (1.0, 1.0, 1.0)
+    assert (blind.precision, blind.recall, blind.auc) == (0.0, 0.0, 0.5)
+
+
+def test_shadow_attack_is_fit_then_attack() -> None:
+    # Prepare
+    kwargs = dict(shadow_train=at(1.0, 6), shadow_out=at(0.0, 6),
+                  build_shadow=confident_on_ones, train_shadow=lambda model, data: None, seed=3)
+    # Execute
+    once = shadow_attack(confident_on_ones(), at(1.0, 3), at(0.0, 5), **kwargs)  # type: ignore[arg-type]
+    fitted = ShadowAttack.fit(**kwargs).attack(  # type: ignore[arg-type]
+        confident_on_ones(), at(1.0, 3), at(0.0, 5)
+    )
+    # Assert
+    assert once == fitted
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, -0.5, math.nan])
+def test_a_threshold_outside_the_open_unit_interval_is_refused_before_any_training(
+    threshold: float,
+) -> None:
+    def build() -> nn.Module:
+        raise AssertionError("nothing may be built for a refused threshold")
+
+    expected = r"threshold = .* is out of range; expected 0 < t < 1"
+    with pytest.raises(EvaluationError, match=expected):
+        ShadowAttack.fit(shadow_train=at(1.0, 2), shadow_out=at(0.0, 2), build_shadow=build,
+                         train_shadow=lambda model, data: None, seed=0, threshold=threshold)

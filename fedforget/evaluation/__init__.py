@@ -5,7 +5,8 @@
 * :mod:`~fedforget.evaluation.divergence`: parameter distance (L2, cosine) and prediction
   divergence (KL, JS);
 * :mod:`~fedforget.evaluation.impact`: the accuracy change of each remaining client;
-* :mod:`~fedforget.evaluation.suite`: everything at once, JSON-ready.
+* :mod:`~fedforget.evaluation.suite`: everything at once, JSON-ready; the run's shadow
+  attack; the accuracy trace of an unlearning run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedforget.evaluation.errors import EvaluationError
 from fedforget.evaluation.impact import ImpactReport, client_impact
 from fedforget.evaluation.membership import (
     AttackResult,
+    ShadowAttack,
     attack_features,
     confidence_threshold_auc,
     loss_threshold_auc,
@@ -31,14 +33,25 @@ from fedforget.evaluation.membership import (
     roc_auc,
     shadow_attack,
 )
-from fedforget.evaluation.suite import evaluate_unlearning
+from fedforget.evaluation.suite import (
+    SHADOW_EPOCHS,
+    accuracy,
+    accuracy_trace,
+    evaluate_unlearning,
+    run_shadow_attack,
+    shadow_halves,
+)
 
 __all__ = [
     "KL_EPSILON",
+    "SHADOW_EPOCHS",
     "AttackResult",
     "EvaluationError",
     "ImpactReport",
     "PredictionDivergence",
+    "ShadowAttack",
+    "accuracy",
+    "accuracy_trace",
     "attack_features",
     "client_impact",
     "confidence_threshold_auc",
@@ -52,5 +65,7 @@ __all__ = [
     "precision_recall",
     "prediction_divergence",
     "roc_auc",
+    "run_shadow_attack",
     "shadow_attack",
+    "shadow_halves",
 ]

@@ -165,6 +165,97 @@ def attack_features(model: nn.Module, data: ArrayDataset) -> np.ndarray:
     return -np.sort(-probs, axis=1)
 
 
+@dataclass(frozen=True)
+class ShadowAttack:
+    r"""A membership attack learnt on a shadow model (Shokri et al., 2017), ready to aim.
+
+    Fitting it (:meth:`fit`) is the expensive part: the shadow model is trained once and
+    the attack model :math:`a(v) = \sigma(w^\top v + b)` learnt on the shadow's
+    :func:`attack_features`. The fitted attack is then applied to any number of targets
+    with :meth:`attack` (the original, unlearned and retrained models all face the same
+    attacker).
+
+    Attributes
+    ----------
+    classifier : Any
+        The fitted scikit-learn ``LogisticRegression`` (membership probability in column 1).
+    num_classes : int
+        Classes the shadow model predicts (the width of the features).
+    threshold : float
+        An example is called a member when :math:`a(v) \ge` ``threshold``.
+    """
+
+    classifier: Any
+    num_classes: int
+    threshold: float = 0.5
+
+    @classmethod
+    def fit(
+        cls,
+        *,
+        shadow_train: ArrayDataset,
+        shadow_out: ArrayDataset,
+        build_shadow: Callable[[], nn.Module],
+        train_shadow: Callable[[nn.Module, ArrayDataset], Any],
+        seed: int,
+        threshold: float = 0.5,
+    ) -> ShadowAttack:
+        """Train the shadow and learn the attack.
+
+        1. Build a shadow model with ``build_shadow()`` and train it with
+           ``train_shadow(shadow, shadow_train)`` (the attacker mimics the target's
+           training on data it owns).
+        2. Label the shadow's :func:`attack_features` on ``shadow_train`` 1 (in) and on
+           ``shadow_out`` 0 (out), and fit a logistic-regression attack with balanced
+           class weights, seeded by ``seed``.
+
+        Raises
+        ------
+        EvaluationError
+            ``threshold`` is not in (0, 1), or a shadow data set is empty.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        if not 0.0 < threshold < 1.0:
+            raise EvaluationError(f"threshold = {threshold!r} is out of range; expected 0 < t < 1")
+        shadow = build_shadow()
+        train_shadow(shadow, shadow_train)
+        shadow_in = attack_features(shadow, shadow_train)
+        shadow_out_features = attack_features(shadow, shadow_out)
+        features = np.concatenate([shadow_in, shadow_out_features])
+        labels = np.concatenate(
+            [np.ones(len(shadow_in), dtype=np.int64), np.zeros(len(shadow_out_features), np.int64)]
+        )
+        classifier = LogisticRegression(class_weight="balanced", random_state=seed, max_iter=1000)
+        classifier.fit(features, labels)
+        return cls(classifier=classifier, num_classes=int(shadow_in.shape[1]), threshold=threshold)
+
+    def attack(
+        self, target_model: nn.Module, members: ArrayDataset, non_members: ArrayDataset
+    ) -> AttackResult:
+        """Apply the attack to ``target_model``'s features on ``members`` and ``non_members``.
+
+        Raises
+        ------
+        EvaluationError
+            A data set is empty, or the target predicts another number of classes than
+            the shadow.
+        """
+        target_in = attack_features(target_model, members)
+        target_out = attack_features(target_model, non_members)
+        if self.num_classes != target_in.shape[1]:
+            raise EvaluationError(
+                f"the shadow model predicts {self.num_classes} classes and the target "
+                f"{target_in.shape[1]}; expected the same"
+            )
+        prob_in = self.classifier.predict_proba(target_in)[:, 1]
+        prob_out = self.classifier.predict_proba(target_out)[:, 1]
+        guesses = np.concatenate([prob_in >= self.threshold, prob_out >= self.threshold])
+        truth = np.concatenate([np.ones(len(prob_in), bool), np.zeros(len(prob_out), bool)])
+        precision, recall = precision_recall(guesses, truth)
+        return AttackResult(precision=precision, recall=recall, auc=roc_auc(prob_in, prob_out))
+
+
 def shadow_attack(
     target_model: nn.Module,
     members: ArrayDataset,
@@ -178,6 +269,8 @@ def shadow_attack(
     threshold: float = 0.5,
 ) -> AttackResult:
     r"""Shadow-model membership inference (Shokri et al., 2017) against ``target_model``.
+
+    :meth:`ShadowAttack.fit` then :meth:`ShadowAttack.attack`:
 
     1. Build a shadow model with ``build_shadow()`` and train it with
        ``train_shadow(shadow, shadow_train)`` (the attacker mimics the target's training
@@ -201,30 +294,8 @@ def shadow_attack(
     EvaluationError
         A data set is empty, or the shadow and target models have different class counts.
     """
-    from sklearn.linear_model import LogisticRegression
-
-    if not 0.0 < threshold < 1.0:
-        raise EvaluationError(f"threshold = {threshold!r} is out of range; expected 0 < t < 1")
-    shadow = build_shadow()
-    train_shadow(shadow, shadow_train)
-    shadow_in = attack_features(shadow, shadow_train)
-    shadow_out_features = attack_features(shadow, shadow_out)
-    target_in = attack_features(target_model, members)
-    target_out = attack_features(target_model, non_members)
-    if shadow_in.shape[1] != target_in.shape[1]:
-        raise EvaluationError(
-            f"the shadow model predicts {shadow_in.shape[1]} classes and the target "
-            f"{target_in.shape[1]}; expected the same"
-        )
-    features = np.concatenate([shadow_in, shadow_out_features])
-    labels = np.concatenate(
-        [np.ones(len(shadow_in), dtype=np.int64), np.zeros(len(shadow_out_features), np.int64)]
+    fitted = ShadowAttack.fit(
+        shadow_train=shadow_train, shadow_out=shadow_out, build_shadow=build_shadow,
+        train_shadow=train_shadow, seed=seed, threshold=threshold,
     )
-    attack = LogisticRegression(class_weight="balanced", random_state=seed, max_iter=1000)
-    attack.fit(features, labels)
-    prob_in = attack.predict_proba(target_in)[:, 1]
-    prob_out = attack.predict_proba(target_out)[:, 1]
-    guesses = np.concatenate([prob_in >= threshold, prob_out >= threshold])
-    truth = np.concatenate([np.ones(len(prob_in), bool), np.zeros(len(prob_out), bool)])
-    precision, recall = precision_recall(guesses, truth)
-    return AttackResult(precision=precision, recall=recall, auc=roc_auc(prob_in, prob_out))
+    return fitted.attack(target_model, members, non_members)

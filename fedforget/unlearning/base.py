@@ -135,15 +135,39 @@ class UnlearningResult:
     history_dir: str | None = None  # a replayed history, for methods that write one
 
 
+Observer = Callable[[int, Mapping[str, np.ndarray]], None]
+"""Called as ``observe(server_round, model)`` with an intermediate global model."""
+
+
 @dataclass(frozen=True)
 class UnlearningRequest:
-    """What to forget and from which history."""
+    """What to forget and from which history.
+
+    ``observe``, when set, is handed each intermediate global model a method rebuilds
+    (through :meth:`report`), labelled with its round: the replayed or recovered round
+    :math:`t`; for a correction applied to :math:`\\theta_T` in one step, round :math:`T`;
+    for follow-up rounds after it, :math:`T + i`. Rounds reported are strictly increasing.
+    A method may go on using the arrays it hands over, so an observer that keeps a model
+    keeps a copy; it should do nothing slower than that, since it runs inside the method's
+    measured wall time. Methods that write a replayed history
+    (``UnlearningResult.history_dir``) report nothing: their rounds are in that history.
+    """
 
     store: HistoryStore
     forget: frozenset[str]
     federation: Federation
     workdir: str  # a fresh directory the method may write into
     current_model: TensorDict | None = None  # the model in service (after earlier unlearning)
+    observe: Observer | None = None
+
+    def report(self, server_round: int, model: Mapping[str, np.ndarray]) -> None:
+        """Hand ``model``, the global model after ``server_round``, to the observer, if any.
+
+        A method that must first build the model (a conversion, a copy) checks
+        ``observe is not None`` before building it, so that nothing is spent unobserved.
+        """
+        if self.observe is not None:
+            self.observe(server_round, model)
 
 
 # ------------------------------------------------------------------------ methods

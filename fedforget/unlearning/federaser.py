@@ -208,6 +208,8 @@ class FedEraser(Unlearner[FedEraserParams]):
                     for k in floating:
                         theta[k] += (p.num_examples / total) * update[k].astype(np.float64)
                 notes.append(f"round {t}: stored updates applied without calibration")
+                if request.observe is not None:
+                    request.report(t, _as_model(theta, start))
                 continue
 
             absent = [p.client_id for p in remaining if p.client_id not in roster]
@@ -240,6 +242,8 @@ class FedEraser(Unlearner[FedEraserParams]):
                     step[k] += (p.num_examples / total) * calibrate(stored[k], fresh)
             for k in floating:
                 theta[k] += step[k]
+            if request.observe is not None:
+                request.report(t, _as_model(theta, start))
 
         return UnlearningResult(
             model=_as_model(theta, start),

@@ -388,6 +388,8 @@ class FedRecover(Unlearner[FedRecoverParams]):
             for p in remaining:  # FedAvg by example counts, in client-id order
                 step += (p.num_examples / total) * updates[p.client_id]
             theta_hat = theta_hat + step
+            if request.observe is not None:
+                request.report(t, _unflatten(theta_hat, like))
         by_reason = {r: sum(1 for v in schedule.values() if v == r)
                      for r in (WARMUP, CORRECTION, FINAL)}
         notes.append(

@@ -180,6 +180,7 @@ class FedRecovery(Unlearner[FedRecoveryParams]):
         else:
             notes.append("noise off: deterministic residual subtraction only")
         model = {k: (theta[k].astype(v.dtype) if k in theta else v) for k, v in base.items()}
+        request.report(store.last_round, model)  # the corrected model takes θ_T's place
         return UnlearningResult(
             model=model, cost=request.federation.cost, rounds_affected=rounds, notes=notes
         )

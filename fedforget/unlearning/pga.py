@@ -277,6 +277,7 @@ class PGA(Unlearner[PGAParams]):
         if found > radius + rounding:
             notes.append(f"the client's model lay {found:.6g} from the reference, outside "
                          f"the ball; projected back to {radius:.6g}")
+        request.report(last, model)  # the ascent's model takes θ_T's place
         metrics = dict(reply.metrics)
         notes.append(f"ascent by {client!r}: {metrics.get('pga-steps', '?')} steps, "
                      f"loss {metrics.get('train-loss', '?')}, stopped early: "
@@ -296,6 +297,7 @@ class PGA(Unlearner[PGAParams]):
             total = sum(u.num_examples for u in replied)
             model = weighted_sum(((u.num_examples / total, u.local_model) for u in replied),
                                  model)
+            request.report(t, model)
         if self.params.post_rounds:
             notes.append(f"post-training rounds {last + 1}..{last + self.params.post_rounds}")
         return UnlearningResult(model=model, cost=federation.cost,

@@ -222,6 +222,7 @@ class Subtract(Unlearner[SubtractParams]):
                 notes=["the forgotten clients never contributed: nothing to subtract"],
             )
         model = apply_residuals(base, ((1.0, removal_residual(store, t, forget)) for t in rounds))
+        request.report(store.last_round, model)  # the subtraction takes θ_T's place
         notes = [
             f"subtracted the contributions of rounds {rounds} from the global model after "
             f"round {store.last_round}"
@@ -258,6 +259,7 @@ class Subtract(Unlearner[SubtractParams]):
                 for k in acc:
                     acc[k] += (reply.num_examples / total) * reply.local_model[k].astype(np.float64)
             model = {k: (acc[k].astype(v.dtype) if k in acc else v) for k, v in model.items()}
+            request.report(last + i, model)
         notes.append(
             f"repaired with {params.repair_rounds} round(s) of {epochs} epoch(s) "
             f"(rounds {last + 1}..{last + params.repair_rounds}) by {clients}"
