@@ -84,7 +84,7 @@ def _fmt(kind: str, mean: float, std: float, n: int) -> str:
         if kind == "x":
             return f"{v:.2f}×"
         if kind == "g":
-            return f"{v:g}"
+            return f"{v:.4g}"
         return format(v, "." + kind)
 
     return one(mean) if n == 1 or std == 0 else f"{one(mean)} ± {one(std, False).rstrip('×')}"
@@ -138,7 +138,7 @@ def write_report(out: str | Path, spec: ExperimentSpec,
         "",
         *( [spec.description.strip(), ""] if spec.description.strip() else [] ),
         f"- experiment file: `{spec.source}` (fingerprint `{spec.fingerprint[:12]}`)",
-        f"- command: `fedforget run {spec.source} --out {out}`",
+        f"- command: `fedforget run {_relative(spec.source)} --out {_relative(out)}`",
         f"- cells: {len(records)} of {len(spec.cells())} finished"
         + (f" ({len(noop)} no-op: the client never contributed)" if noop else ""),
         f"- seeds: {', '.join(map(str, spec.seeds))}; forgotten: {', '.join(spec.forget)}; "
@@ -197,6 +197,12 @@ def write_report(out: str | Path, spec: ExperimentSpec,
     return path
 
 
+def _relative(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def _impact_changes(record: Mapping[str, Any]) -> Mapping[str, float]:
     impact = (record.get("result") or {}).get("metrics", {}).get("client_impact") or {}
     changes = impact.get("changes") or {}
@@ -204,18 +210,24 @@ def _impact_changes(record: Mapping[str, Any]) -> Mapping[str, float]:
 
 
 def _worst_clients(records: Sequence[Mapping[str, Any]], spec: ExperimentSpec) -> list[str]:
+    grid_keys = list(spec.grid)
+    points = list(dict.fromkeys(_point_key(r["grid"], grid_keys) for r in records))
     lines = []
-    for method in spec.methods:
-        per_client: dict[str, list[float]] = {}
-        for r in records:
-            if r["label"] == method.label:
-                for cid, change in _impact_changes(r).items():
-                    per_client.setdefault(cid, []).append(change)
-        if not per_client:
-            continue
-        means = sorted(((sum(v) / len(v), cid) for cid, v in per_client.items()))[:3]
-        lines.append(f"- {method.label}: " + ", ".join(f"{cid} {100 * m:+.2f}"
-                                                        for m, cid in means))
+    for key in points:
+        point = [r for r in records if _point_key(r["grid"], grid_keys) == key]
+        if grid_keys:
+            lines.append(f"- {_point_title(key, grid_keys)}:")
+        for method in spec.methods:
+            per_client: dict[str, list[float]] = {}
+            for r in point:
+                if r["label"] == method.label:
+                    for cid, change in _impact_changes(r).items():
+                        per_client.setdefault(cid, []).append(change)
+            if not per_client:
+                continue
+            means = sorted((sum(v) / len(v), cid) for cid, v in per_client.items())[:3]
+            lines.append(f"{'  ' if grid_keys else ''}- {method.label}: "
+                         + ", ".join(f"{cid} {100 * m:+.2f}" for m, cid in means))
     return lines
 
 
