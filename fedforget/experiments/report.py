@@ -87,7 +87,13 @@ def _fmt(kind: str, mean: float, std: float, n: int) -> str:
             return f"{v:.4g}"
         return format(v, "." + kind)
 
-    return one(mean) if n == 1 or std == 0 else f"{one(mean)} ± {one(std, False).rstrip('×')}"
+    def unsigned_zero(text: str) -> str:  # "-0.0000" (a rounding of -1e-12) reads as 0
+        digits = text.rstrip("×")
+        return text[1:] if text.startswith("-") and float(digits) == 0 else text
+
+    if n == 1 or std == 0:
+        return unsigned_zero(one(mean))
+    return f"{unsigned_zero(one(mean))} ± {one(std, False).rstrip('×')}"
 
 
 def _point_key(row: Mapping[str, Any], grid_keys: Sequence[str]) -> tuple[Any, ...]:
