@@ -6,6 +6,7 @@ An experiment is a TOML file (see ``simulations/quickstart.toml``)::
     name = "quickstart"              # names the results
     seeds = [0, 1, 2]                # one training run per seed and grid point
     forget = ["client-003"]          # who withdraws, in this order, after the last round
+                                     # (when: a [grid] over num-rounds withdraws earlier)
     engine = "inprocess"             # or "simulation" (Flower's Ray engine)
     metrics = []                     # extra registered metrics (fedforget.evaluation.metrics)
     imports = []                     # modules imported first (plug-ins that register things)
