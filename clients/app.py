@@ -17,9 +17,10 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedforget.config import RunConfig
@@ -31,9 +32,8 @@ from fedforget.task import (
     from_array_record,
     load_client_data,
     load_tensors,
-    model_tensors,
+    model_array_record,
     new_model,
-    to_array_record,
 )
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning import ascent
@@ -64,17 +64,26 @@ def run_config_of(context: Context) -> RunConfig:
     return _config(tuple(sorted(context.run_config.items())))
 
 
-def local_data(context: Context) -> tuple[ArrayDataset, ArrayDataset]:
+def local_data(
+    context: Context, cfg: RunConfig | None = None
+) -> tuple[ArrayDataset, ArrayDataset]:
     """This client's (train, held-out) data.
 
     With the experiment option ``backdoor-clients``, a listed client plants a backdoor:
     a seeded ``backdoor-fraction`` of its training examples carry the trigger and the label
     ``backdoor-target``.
     """
-    cfg = run_config_of(context)
-    partition = int(context.node_config.get("partition-id", 0))
+    return _local_data(
+        cfg if cfg is not None else run_config_of(context),
+        int(context.node_config.get("partition-id", 0)),
+        client_id_of(context),
+    )
+
+
+@lru_cache(maxsize=256)
+def _local_data(cfg: RunConfig, partition: int, cid: str) -> tuple[ArrayDataset, ArrayDataset]:
+    # The data layer caches the arrays; this skips its argument checks on every message.
     train_data, holdout = load_client_data(cfg, partition)
-    cid = client_id_of(context)
     if cid in cfg.backdoor_client_ids():
         train_data = _poisoned(train_data, cfg, cid)
     return train_data, holdout
@@ -93,8 +102,18 @@ def _scratch_model(cfg: RunConfig) -> torch.nn.Module:
     return new_model(cfg)
 
 
+def _record(msg: Message, key: str, kind: type[_R]) -> _R | None:
+    """The record ``key`` of the message if it is a ``kind`` (without building the
+    ``RecordDict.array_records`` & co. views, which copy the dict on every use)."""
+    record = msg.content.get(key)
+    return record if isinstance(record, kind) else None
+
+
+_R = TypeVar("_R", ArrayRecord, ConfigRecord)
+
+
 def _received_model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
-    arrays = msg.content.array_records.get("arrays")
+    arrays = _record(msg, "arrays", ArrayRecord)
     if arrays is None:
         raise ClientReplyError("the message carries no ArrayRecord 'arrays'")
     return load_tensors(_scratch_model(cfg), from_array_record(arrays))
@@ -107,16 +126,17 @@ def _setting(conf: ConfigRecord, key: str, kind: type[int] | type[float]) -> int
     return kind(value)
 
 
-def state_dir(context: Context) -> Path:
+def state_dir(context: Context, cfg: RunConfig | None = None) -> Path:
     """This client's own state directory (node config ``state-dir``; in simulation a
-    per-client folder of the run directory)."""
+    per-client folder of the run directory). ``cfg``: the run config, if already parsed."""
     explicit = context.node_config.get("state-dir")
     if explicit:
         return Path(str(explicit))
-    return client_state_dir(run_config_of(context).out_dir, client_id_of(context))
+    cfg = cfg if cfg is not None else run_config_of(context)
+    return client_state_dir(cfg.out_dir, client_id_of(context))
 
 
-def _keep_tree_head(context: Context, conf: ConfigRecord) -> None:
+def _keep_tree_head(context: Context, conf: ConfigRecord, cfg: RunConfig) -> None:
     """Keep the latest signed tree head the server showed (``head.json``), so that a later
     erasure receipt can be checked to extend the history this client saw.
 
@@ -128,7 +148,7 @@ def _keep_tree_head(context: Context, conf: ConfigRecord) -> None:
     if not isinstance(head, str) or not head:
         return
     size = int(json.loads(head).get("size", 0))
-    path = state_dir(context) / "head.json"
+    path = state_dir(context, cfg) / "head.json"
     saved = _saved_heads.get(path)
     if saved is None and path.exists():  # first time in this process
         saved = _saved_heads[path] = (
@@ -199,8 +219,8 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local data with the server's settings."""
     torch.set_num_threads(1)
     cfg = run_config_of(context)
-    conf = msg.content.config_records.get("config", ConfigRecord())
-    train_data, _ = local_data(context)
+    conf = _record(msg, "config", ConfigRecord) or ConfigRecord()
+    train_data, _ = local_data(context, cfg)
     model = _received_model(msg, cfg)
     task = conf.get("task", "train")
     if task == ascent.TASK:
@@ -209,7 +229,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ConfigError(
             f"train config task = {task!r}; this client knows 'train' and {ascent.TASK!r}"
         )
-    _keep_tree_head(context, conf)
+    _keep_tree_head(context, conf, cfg)
     started = time.perf_counter()
     result = train_local(
         model,
@@ -222,7 +242,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            "arrays": to_array_record(model_tensors(model)),
+            "arrays": model_array_record(model),
             "metrics": MetricRecord(
                 {
                     "num-examples": result.num_examples,
@@ -256,7 +276,7 @@ def _projected_gradient_ascent(
         {**result.metrics(), "train-seconds": time.perf_counter() - started}
     )
     content = RecordDict(
-        {"arrays": to_array_record(model_tensors(model)), "metrics": metrics,
+        {"arrays": model_array_record(model), "metrics": metrics,
          "client": _identity(context)}
     )
     return Message(content=content, reply_to=msg)

@@ -58,21 +58,30 @@ def check_train_reply(
     if reply.has_error():
         reason = (reply.error.reason or "").strip().splitlines()
         raise ClientReplyError(f"client error: {reason[-1] if reason else reply.error.code}")
-    content = reply.content
-    identity = content.config_records.get(CLIENT_RECORD)
+    # One pass over the records (RecordDict.array_records & co. build a new dict per use).
+    identity: ConfigRecord | None = None
+    arrays: list[ArrayRecord] = []
+    metric_records: list[MetricRecord] = []
+    for key, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            arrays.append(record)
+        elif isinstance(record, MetricRecord):
+            metric_records.append(record)
+        elif key == CLIENT_RECORD and isinstance(record, ConfigRecord):
+            identity = record
     reported = identity.get("client-id") if identity is not None else None
     if reported != client_id:
         raise ClientReplyError(f"reported client id {reported!r}, expected {client_id!r}")
-    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+    if len(arrays) != 1 or len(metric_records) != 1:
         raise ClientReplyError(
             f"expected one ArrayRecord and one MetricRecord, got "
-            f"{len(content.array_records)} and {len(content.metric_records)}"
+            f"{len(arrays)} and {len(metric_records)}"
         )
-    metrics_record = next(iter(content.metric_records.values()))
+    metrics_record = metric_records[0]
     n = metrics_record.get("num-examples")
     if isinstance(n, bool) or not isinstance(n, int | float) or n <= 0 or n != int(n):
         raise ClientReplyError(f"num-examples = {n!r}, expected a positive integer")
-    local = from_array_record(next(iter(content.array_records.values())))
+    local = from_array_record(arrays[0])
     if list(local) != list(global_model):
         missing = sorted(set(global_model) - set(local))
         extra = sorted(set(local) - set(global_model))
@@ -87,7 +96,7 @@ def check_train_reply(
             raise ClientReplyError(
                 f"tensor {key!r} has dtype {value.dtype}, expected {expected.dtype}"
             )
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
             bad = int((~np.isfinite(value)).sum())
             raise ClientReplyError(f"tensor {key!r} has {bad} NaN/Inf values")
     metrics = {
