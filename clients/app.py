@@ -148,7 +148,7 @@ def _keep_tree_head(context: Context, conf: ConfigRecord, cfg: RunConfig) -> Non
     if not isinstance(head, str) or not head:
         return
     size = int(json.loads(head).get("size", 0))
-    path = state_dir(context, cfg) / "head.json"
+    path = _head_path(context.node_config.get("state-dir"), cfg.out_dir, client_id_of(context))
     saved = _saved_heads.get(path)
     if saved is None and path.exists():  # first time in this process
         saved = _saved_heads[path] = (
@@ -159,6 +159,15 @@ def _keep_tree_head(context: Context, conf: ConfigRecord, cfg: RunConfig) -> Non
     data = head.encode()
     _save_head(path, data, saved_length=None if saved is None else saved[1])
     _saved_heads[path] = (size, len(data))
+
+
+@lru_cache(maxsize=1024)
+def _head_path(explicit_state_dir: object, out_dir: str, client_id: str) -> Path:
+    """``state_dir(context) / "head.json"``, built once per client."""
+    base = Path(str(explicit_state_dir)) if explicit_state_dir else client_state_dir(
+        out_dir, client_id
+    )
+    return base / "head.json"
 
 
 # A head is a few hundred bytes; a write of at most one page at offset 0 is never torn by
