@@ -570,7 +570,10 @@ class HistoryStore:
         return rows
 
     def _check_next_round(self, round: int, global_before: str) -> None:
-        last = self.last_round
+        row = self._db.execute(
+            "SELECT round, global_after FROM rounds ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        last = 0 if row is None else int(row[0])
         if round != last + 1:
             raise HistoryError(
                 f"cannot commit round {round!r} to {self._directory}: the last committed "
@@ -585,9 +588,7 @@ class HistoryStore:
                 )
             source = "the initial model"
         else:
-            (expected,) = self._db.execute(
-                "SELECT global_after FROM rounds WHERE round = ?", (last,)
-            ).fetchone()
+            expected = row[1]
             source = f"global_after of round {last}"
         if global_before != expected:
             raise HistoryError(
