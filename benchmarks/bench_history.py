@@ -69,6 +69,7 @@ from fedforget.history import HistoryStore, ParticipantUpdate
 from fedforget.task import model_tensors, new_model
 
 GOAL = 1.05
+STORE_FORMAT = getattr(sys.modules["fedforget.history.store"], "FORMAT_VERSION", 1)
 FSYNC_KEY = "history-fsync"
 BASELINE = "no recording"
 
@@ -256,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"blobs per round: 1 global model (~{sizes['model']} B) + 1 update per client "
-        f"(~{sizes['update']} B); each blob is a file: fsync on = 1 file fsync per blob + 1 "
-        "fsync per blob directory touched + SQLite's WAL fsync"
+        f"(~{sizes['update']} B), "
+        + ("each blob a file: fsync on = 1 file fsync per blob + 1 fsync per blob directory "
+           "touched + SQLite's WAL fsync" if STORE_FORMAT < 2 else
+           "all in one pack file per round: fsync on = 1 pack fsync + 1 fsync of its "
+           "directory + SQLite's WAL fsync")
     )
     print(
         f"this disk: write {sizes['model']} B + fsync {file_fsync * 1e3:.2f} ms, directory "
