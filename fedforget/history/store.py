@@ -69,6 +69,7 @@ __all__ = [
     "BlobLocation",
     "HistoryStore",
     "ParticipantUpdate",
+    "PreparedRound",
     "blob_location",
 ]
 
@@ -263,6 +264,33 @@ class ParticipantUpdate:
     seed: int
     update: Mapping[str, np.ndarray]
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRound:
+    """A round validated, encoded and hashed by :meth:`HistoryStore.prepare_round`, ready
+    for :meth:`HistoryStore.write_round`; nothing of it is stored yet.
+
+    Attributes
+    ----------
+    record
+        The round's record (digests, participants, config, time), canonical bytes computed.
+    model_data
+        The encoded global model θ_{t+1} (fp32).
+    updates
+        The participants whose updates are stored (all of them in a retained round, else
+        none), in the order given.
+    encoded
+        Client id -> encoded update, for those kept encoded (see ``_KEEP_ENCODED_BYTES``).
+    codec
+        The codec the updates were encoded with.
+    """
+
+    record: RoundRecord
+    model_data: bytes
+    updates: tuple[ParticipantUpdate, ...]
+    encoded: Mapping[str, bytes]
+    codec: str
 
 
 class HistoryStore:
@@ -759,6 +787,8 @@ class HistoryStore:
     ) -> RoundRecord:
         """Record round ``round`` atomically and return its record.
 
+        The same as :meth:`write_round` of :meth:`prepare_round`.
+
         Parameters
         ----------
         round
@@ -791,6 +821,38 @@ class HistoryStore:
             index is then unchanged.
         """
         self._check_next_round(round, global_before)
+        return self.write_round(
+            self.prepare_round(
+                round=round, global_before=global_before, global_after=global_after,
+                participants=participants, config=config, refused=refused,
+                committed_at=committed_at,
+            )
+        )
+
+    def prepare_round(
+        self,
+        *,
+        round: int,
+        global_before: str,
+        global_after: Mapping[str, np.ndarray],
+        participants: Sequence[ParticipantUpdate],
+        config: Mapping[str, Any],
+        refused: Sequence[RefusedReply] = (),
+        committed_at: str | None = None,
+    ) -> PreparedRound:
+        """The first half of :meth:`commit_round`: validate, encode and hash the round and
+        build its record, without touching the store (arguments as there).
+
+        Pure computation, so that a caller with a writer thread can do it on its own thread
+        and leave only the I/O of :meth:`write_round` to the writer. The round's place in
+        the sequence is checked by :meth:`write_round`.
+
+        Raises
+        ------
+        HistoryError
+            On participants that cannot be recorded (duplicate ids, keys or shapes unlike
+            the model's) or a record field that is not valid.
+        """
         if not isinstance(global_after, Mapping) or not global_after:
             raise HistoryError(f"round {round}: global_after must be a non-empty tensor dict")
         participants = list(participants)
@@ -798,9 +860,9 @@ class HistoryStore:
         retained = self.is_retained(round)
         when = utc_now() if committed_at is None else committed_at
 
-        # Pass 1: digests and the full record, so every field is validated before any blob
-        # is written. Encoded updates of a retained round are kept for pass 2 while they fit
-        # in _KEEP_ENCODED_BYTES; beyond that they are encoded again (cheap next to I/O).
+        # Digests and the full record, so every field is validated before any blob is
+        # written. Encoded updates of a retained round are kept for write_round while they
+        # fit in _KEEP_ENCODED_BYTES; beyond that they are encoded again (cheap next to I/O).
         model_data = encode(global_after, "fp32")
         model_digest = sha256_digest(model_data)
         encoded: dict[str, bytes] = {}
@@ -832,20 +894,47 @@ class HistoryStore:
             config=config,
             committed_at=when,
         )
+        record.canonical_bytes()  # computed (and kept) here, not on the writer
+        return PreparedRound(
+            record=record,
+            model_data=model_data,
+            updates=tuple(participants) if retained else (),
+            encoded=encoded,
+            codec=self._codec,
+        )
+
+    def write_round(self, prepared: PreparedRound) -> RoundRecord:
+        """The second half of :meth:`commit_round`: write a prepared round atomically.
+
+        Raises
+        ------
+        HistoryError
+            On a round out of sequence or a global_before that does not chain (the store is
+            then unchanged), or a prepared round of another codec.
+        """
+        record = prepared.record
+        round, global_before = record.round, record.global_before
+        if prepared.codec != self._codec:
+            raise HistoryError(
+                f"round {round} was prepared for codec {prepared.codec!r}; this store "
+                f"records {self._codec!r}"
+            )
+        self._check_next_round(round, global_before)
+        model_digest = record.global_after
         record_bytes = record.canonical_bytes()
 
-        # Pass 2: the blobs not stored yet, in one pack, durable before the index rows that
+        # The blobs not stored yet, in one pack, durable before the index rows that
         # reference them.
-        expected = {r.client_id: r.update_digest for r in records}
-        candidates = [model_digest, *expected.values()] if retained else [model_digest]
+        expected = {r.client_id: r.update_digest for r in record.participants}
+        candidates = [model_digest, *expected.values()] if prepared.updates else [model_digest]
         stored = self._stored_digests(candidates)
+        encoded = dict(prepared.encoded)
 
         def new_blobs() -> Iterator[tuple[str, bytes]]:
             # The retained updates in the order given, then the global model.
-            for p in participants if retained else ():
+            for p in prepared.updates:
                 digest = expected[p.client_id]
                 if digest in stored:
-                    encoded.pop(p.client_id, None)
                     continue
                 data = encoded.pop(p.client_id, None)
                 if data is None:
@@ -858,7 +947,7 @@ class HistoryStore:
                 stored.add(digest)
                 yield digest, data
             if model_digest not in stored:
-                yield model_digest, model_data
+                yield model_digest, prepared.model_data
 
         blob_rows = self._write_pack(round, new_blobs())
 
@@ -878,7 +967,7 @@ class HistoryStore:
                     model_digest,
                     record_bytes,
                     sha256_digest(record_bytes),
-                    when,
+                    record.committed_at,
                 ),
             )
             db.executemany(
