@@ -238,8 +238,10 @@ def no_tree_heads() -> Iterator[None]:
 
 @contextlib.contextmanager
 def no_store_writes() -> Iterator[SkippedCommits]:
-    """BENCHMARK-LOCAL PATCH: ``HistoryStore.commit_round`` does nothing, and (with
-    :func:`no_tree_heads`) no tree head is signed over the rounds that were not committed.
+    """BENCHMARK-LOCAL PATCH: ``HistoryStore.commit_round`` does nothing, nor do its two
+    halves ``prepare_round`` and ``write_round`` (store format 2, which ``HistoryRecording``
+    calls when it commits on a writer thread), and (with :func:`no_tree_heads`) no tree head
+    is signed over the rounds that were not committed.
 
     Inside the block no round is encoded, hashed, written or fsynced; everything else of the
     engine runs as usual (the initial model is still stored; the wrapper still validates
@@ -252,7 +254,9 @@ def no_store_writes() -> Iterator[SkippedCommits]:
     from fedforget.history.store import HistoryStore
 
     kept = SkippedCommits()
-    original = HistoryStore.commit_round
+    names = [n for n in ("commit_round", "prepare_round", "write_round")
+             if n in HistoryStore.__dict__]
+    originals = {name: HistoryStore.__dict__[name] for name in names}
 
     def skip_commit(
         self: HistoryStore,
@@ -284,12 +288,19 @@ def no_store_writes() -> Iterator[SkippedCommits]:
             committed_at=committed_at or utc_now(),
         )
 
+    def skip_write(self: HistoryStore, prepared: RoundRecord) -> RoundRecord:
+        return prepared  # skip_commit's record, handed over by prepare_round
+
     HistoryStore.commit_round = skip_commit  # type: ignore[method-assign]
+    if "prepare_round" in originals:
+        HistoryStore.prepare_round = skip_commit  # type: ignore[method-assign,assignment]
+        HistoryStore.write_round = skip_write  # type: ignore[method-assign,assignment]
     try:
         with no_tree_heads():
             yield kept
     finally:
-        HistoryStore.commit_round = original  # type: ignore[method-assign]
+        for name, original in originals.items():
+            setattr(HistoryStore, name, original)
 
 
 @contextlib.contextmanager

@@ -28,18 +28,17 @@ from _common import demo_config, describe, environment, project, scratch_dir
 
 from fedforget.engine import run_training
 from fedforget.history import HistoryStore
-from fedforget.history.store import blob_path
 from fedforget.tensors import CODECS, bytes_per_parameter, num_parameters
 
 
 def stored_updates(directory: Path) -> dict[tuple[int, str], tuple[dict[str, np.ndarray], int]]:
-    """(round, client) -> (decoded update, blob file size) for every retained update."""
+    """(round, client) -> (decoded update, blob size) for every retained update."""
     out: dict[tuple[int, str], tuple[dict[str, np.ndarray], int]] = {}
     with HistoryStore.open(directory) as store:
         for record in store.rounds():
             for p in record.participants:
                 if p.retained:
-                    size = blob_path(directory, p.update_digest).stat().st_size
+                    size = store.blob_location(p.update_digest).nbytes
                     out[(record.round, p.client_id)] = (
                         store.client_update(record.round, p.client_id),
                         size,

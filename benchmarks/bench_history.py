@@ -69,6 +69,7 @@ from fedforget.history import HistoryStore, ParticipantUpdate
 from fedforget.task import model_tensors, new_model
 
 GOAL = 1.05
+STORE_FORMAT = getattr(sys.modules["fedforget.history.store"], "FORMAT_VERSION", 1)
 FSYNC_KEY = "history-fsync"
 BASELINE = "no recording"
 
@@ -205,11 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         sizes: dict[str, int] = {}
         for _ in range(max(2, repetitions // 3)):
             for name, run in (("store, fsync off", fsync_off), ("store, fsync on", fsync_on)):
-                targets = [(HistoryStore, "commit_round", "commit"), (recording, "flush", "flush"),
-                           (os, "fsync", "fsync")]
+                # Since store format 2 the wrapper calls prepare_round (training thread) and
+                # write_round (writer thread) instead of commit_round (writer thread).
+                targets = [(HistoryStore, "commit_round", "commit"),
+                           (HistoryStore, "write_round", "write"),
+                           (HistoryStore, "prepare_round", "prepare"),
+                           (recording, "flush", "flush"), (os, "fsync", "fsync")]
                 with timed_calls(targets) as t:
                     run()
-                writer.setdefault(name, []).append((t["commit"], t["flush"], t["fsync calls"]))
+                writer.setdefault(name, []).append(
+                    (t["commit"] + t["write"], t["flush"], t["fsync calls"], t["prepare"])
+                )
         with HistoryStore.open(scratch / f"run-{next(counter) - 1}") as store:
             summary = store.summary()
             updates = sum(len(r) for r in summary["clients"].values())
@@ -242,22 +249,27 @@ def main(argv: list[str] | None = None) -> int:
     print(timings.cpu.table(per=rounds, unit="ms", baseline=BASELINE))
     print()
     print("writer thread, per round (median over instrumented runs): wall time inside")
-    print("commit_round; wait in flush() at the end of the run / rounds; os.fsync calls of the")
-    print("whole run, by any code, / rounds (SQLite's own fsyncs not counted)")
+    print("write_round (commit_round on older code); wait in flush() at the end of the run /")
+    print("rounds; os.fsync calls of the whole run, by any code, / rounds (SQLite's own fsyncs")
+    print("not counted); training thread: wall time inside prepare_round (format 2)")
     for name, values in writer.items():
         commit = statistics.median(v[0] for v in values) / rounds * 1e3
         flush = statistics.median(v[1] for v in values) / rounds * 1e3
         fsyncs = statistics.median(v[2] for v in values) / rounds
-        print(f"  {name:<16} commit_round {commit:6.1f} ms; flush wait {flush:5.1f} ms; "
-              f"{fsyncs:4.1f} os.fsync")
+        prepare = statistics.median(v[3] for v in values) / rounds * 1e3
+        print(f"  {name:<16} write {commit:6.1f} ms; flush wait {flush:5.1f} ms; "
+              f"{fsyncs:4.1f} os.fsync; prepare_round {prepare:5.1f} ms")
     print(
         "commit_round alone (same sizes, nothing else running; median of 20 commits): "
         f"fsync off {alone[False] * 1e3:.1f} ms, fsync on {alone[True] * 1e3:.1f} ms"
     )
     print(
         f"blobs per round: 1 global model (~{sizes['model']} B) + 1 update per client "
-        f"(~{sizes['update']} B); each blob is a file: fsync on = 1 file fsync per blob + 1 "
-        "fsync per blob directory touched + SQLite's WAL fsync"
+        f"(~{sizes['update']} B), "
+        + ("each blob a file: fsync on = 1 file fsync per blob + 1 fsync per blob directory "
+           "touched + SQLite's WAL fsync" if STORE_FORMAT < 2 else
+           "all in one pack file per round: fsync on = 1 pack fsync + 1 fsync of its "
+           "directory + SQLite's WAL fsync")
     )
     print(
         f"this disk: write {sizes['model']} B + fsync {file_fsync * 1e3:.2f} ms, directory "

@@ -30,6 +30,7 @@ NaN and infinities are encoded like any other value; refusing them is the caller
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -160,28 +161,41 @@ def encode(tensors: TensorDict, codec: str = "fp32") -> bytes:
     _check_codec(codec)
     if not isinstance(tensors, Mapping):
         raise TensorError(f"expected a mapping of name -> array, got {type(tensors).__name__}")
-    entries: list[dict[str, Any]] = []
-    parts: list[bytes] = []
-    offset = 0
+    layout: list[tuple[str, str, tuple[int, ...]]] = []
+    parts: list[Any] = [b""]
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise TensorError(f"tensor name {name!r} is a {type(name).__name__}; expected str")
         array = np.asarray(value)
         dtype, stored = _stored_array(name, array, codec)
-        payload = stored.tobytes(order="C")
+        layout.append((name, dtype, array.shape))
+        # A C-contiguous array is joined through its buffer, without a tobytes() copy.
+        parts.append(stored.data if stored.flags.c_contiguous and stored.ndim else
+                     stored.tobytes(order="C"))
+    parts[0] = _encoded_prefix(codec, tuple(layout))
+    return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _encoded_prefix(codec: str, layout: tuple[tuple[str, str, tuple[int, ...]], ...]) -> bytes:
+    """Magic, header length and header of an encoding: they depend only on the codec and
+    on the names, stored dtypes and shapes of the tensors, so they are built once."""
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    for name, dtype, shape in layout:
+        nbytes = math.prod(shape) * _itemsize(dtype)
         entries.append(
             {
                 "dtype": dtype,
                 "name": name,
-                "nbytes": len(payload),
+                "nbytes": nbytes,
                 "offset": offset,
-                "shape": [int(d) for d in array.shape],
+                "shape": [int(d) for d in shape],
             }
         )
-        parts.append(payload)
-        offset += len(payload)
+        offset += nbytes
     header = _canonical_json({"codec": codec, "tensors": entries})
-    return b"".join([MAGIC, _HEADER_LENGTH.pack(len(header)), header, *parts])
+    return MAGIC + _HEADER_LENGTH.pack(len(header)) + header
 
 
 def _itemsize(dtype: str) -> int:

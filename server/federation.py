@@ -25,7 +25,7 @@ from fedforget.errors import ClientReplyError, HistoryError
 from fedforget.history import HistoryStore
 from fedforget.progress import RoundProgress
 from fedforget.sampling import ClientSampler, client_train_seed
-from fedforget.task import TensorDict, to_array_record
+from fedforget.task import TensorDict, from_array_record, to_array_record
 from fedforget.unlearning.base import ClientUpdate, Cost
 from strategies.history import HistoryRecording, check_train_reply
 
@@ -258,4 +258,4 @@ class GridFederation:
 
 
 def _tensors(arrays: ArrayRecord) -> TensorDict:
-    return {k: arrays[k].numpy() for k in arrays}
+    return from_array_record(arrays)

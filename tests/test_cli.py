@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from fedforget.cli import main
 from fedforget.history import HistoryStore
-from fedforget.history.store import blob_path
+from fedforget.history.store import BlobLocation, blob_location
 
 
 @pytest.fixture
@@ -22,10 +22,10 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(trained_run, tmp_path / "run"))
 
 
-def _update_blob(run: Path, t: int, client: str) -> Path:
+def _update_blob(run: Path, t: int, client: str) -> BlobLocation:
     with HistoryStore.open(run) as store:
         digest = store.round(t).participant(client).update_digest
-    return blob_path(run, digest)
+    return blob_location(run, digest)
 
 
 def test_verify_accepts_an_intact_run(
@@ -40,21 +40,21 @@ def test_verify_names_the_round_client_and_file_of_a_flipped_byte(
     run_copy: Path, position: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     blob = _update_blob(run_copy, 2, "client-001")
-    data = bytearray(blob.read_bytes())
-    data[position] ^= 0x01
-    blob.write_bytes(bytes(data))
+    data = bytearray(blob.path.read_bytes())
+    data[blob.offset + position % blob.nbytes] ^= 0x01  # a byte of the blob, in its pack
+    blob.path.write_bytes(bytes(data))
     assert main(["history", "verify", str(run_copy)]) == 1
     err = capsys.readouterr().err
-    assert "round 2" in err and "client-001" in err and blob.name in err
+    assert "round 2" in err and "client-001" in err and blob.path.name in err
     assert "altered" in err
 
 
 def test_verify_names_a_deleted_blob(run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blob = _update_blob(run_copy, 3, "client-002")
-    blob.unlink()
+    blob.path.unlink()
     assert main(["history", "verify", str(run_copy)]) == 1
     err = capsys.readouterr().err
-    assert "round 3" in err and "client-002" in err and blob.name in err
+    assert "round 3" in err and "client-002" in err and blob.path.name in err
     assert "missing" in err
 
 
@@ -62,11 +62,11 @@ def test_verify_names_a_truncated_global_model(
     run_copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with HistoryStore.open(run_copy) as store:
-        blob = blob_path(run_copy, store.model_digest(2))
-    blob.write_bytes(blob.read_bytes()[:-5])
+        blob = store.blob_location(store.model_digest(2))
+    blob.path.write_bytes(blob.path.read_bytes()[: blob.offset + blob.nbytes - 5])
     assert main(["history", "verify", str(run_copy)]) == 1
     err = capsys.readouterr().err
-    assert "round 2" in err and blob.name in err and "truncated" in err
+    assert "round 2" in err and blob.path.name in err and "truncated" in err
 
 
 def test_show_json_has_the_final_digest_rounds_and_clients(

@@ -104,9 +104,18 @@ def snapshot(directory: Path) -> tuple[dict[str, bytes], list[str]]:
     return files, dump
 
 
-def blob_file(directory: Path, digest: str) -> Path:
-    hexdigest = digest.removeprefix("sha256:")
-    return directory / "blobs" / hexdigest[:2] / hexdigest
+def locate(directory: Path, digest: str) -> store_module.BlobLocation:
+    """Where the index says blob ``digest`` is (its pack file, offset and length)."""
+    return store_module.blob_location(directory, digest)
+
+
+def blob_bytes(location: store_module.BlobLocation) -> bytes:
+    data = location.path.read_bytes()
+    return data[location.offset : location.offset + location.nbytes]
+
+
+def packs(directory: Path) -> list[Path]:
+    return sorted(p for p in (directory / "blobs").rglob("*") if p.is_file())
 
 
 def flip_byte(path: Path, offset: int = -1) -> None:
@@ -269,9 +278,10 @@ def test_summary_counts_blobs_by_hand(tmp_path: Path) -> None:
         commit(store, 1)
         commit(store, 2)
         summary = store.summary()
-    # θ0, θ1, θ2 and 2 updates in each of 2 rounds: 7 distinct blobs, sizes as on disk.
-    on_disk = [p for p in (tmp_path / "run" / "blobs").rglob("*") if p.is_file()]
-    assert len(on_disk) == 7
+    # θ0, θ1, θ2 and 2 updates in each of 2 rounds: 7 distinct blobs in 3 packs (round 0:
+    # θ0; rounds 1 and 2: two updates and the model each), sizes as on disk.
+    on_disk = packs(tmp_path / "run")
+    assert len(on_disk) == 3
     assert summary["num_blobs"] == 7
     assert summary["bytes_stored"] == sum(p.stat().st_size for p in on_disk)
     assert summary["model_bytes"] == sum(len(encode(model(t))) for t in range(3))
@@ -339,11 +349,25 @@ def test_open_refuses_what_is_not_a_store(tmp_path: Path) -> None:
 def test_open_refuses_an_unknown_format_version(tmp_path: Path) -> None:
     new_store(tmp_path / "run").close()
     conn = sqlite3.connect(tmp_path / "run" / "history.sqlite")
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'format_version'")
+    conn.execute("UPDATE meta SET value = '3' WHERE key = 'format_version'")
     conn.commit()
     conn.close()
     with pytest.raises(
-        HistoryError, match=r"has format version '2'; this fedforget reads version 1"
+        HistoryError, match=r"has format version '3'; this fedforget reads version 2 only$"
+    ):
+        HistoryStore.open(tmp_path / "run")
+
+
+def test_open_refuses_a_version_1_store_saying_why(tmp_path: Path) -> None:
+    new_store(tmp_path / "run").close()
+    conn = sqlite3.connect(tmp_path / "run" / "history.sqlite")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(
+        HistoryError,
+        match=r"has format version '1'; this fedforget reads version 2 only \(version 1 "
+        r"stores, one file per blob, were written before packs; train the run again\)",
     ):
         HistoryStore.open(tmp_path / "run")
 
@@ -490,12 +514,17 @@ def test_a_failure_after_the_blobs_leaves_the_last_round_and_can_be_retried(
         commit(store, 2)
     monkeypatch.undo()
     assert store.last_round == 1
-    assert verify_store(tmp_path / "run").ok  # orphan blobs are harmless
-    orphan = blob_file(tmp_path / "run", digest_of(encode(update(2, 1))))
-    flip_byte(orphan)  # a damaged orphan is rewritten, the others are reused
+    assert verify_store(tmp_path / "run").ok  # the orphan pack is harmless
+    before = packs(tmp_path / "run")
+    orphan = before[-1] if before[-1].name.startswith("000002-") else before[0]
+    assert orphan.name.startswith("000002-")  # round 2's pack, written, never referenced
+    assert orphan.read_bytes() == encode(update(2, 0)) + encode(update(2, 1)) + encode(model(2))
+    flip_byte(orphan)  # a damaged orphan is never read: the round goes to a new pack
     record = commit(store, 2)
-    assert orphan.read_bytes() == encode(update(2, 1))
     assert record.global_after == digest_of(encode(model(2)))
+    location = store.blob_location(record.participant("client-001").update_digest)
+    assert location.path not in before
+    assert blob_bytes(location) == encode(update(2, 1))
     store.close()
     assert verify_store(tmp_path / "run").ok
 
@@ -521,9 +550,15 @@ def test_retention_interval_two_keeps_rounds_one_three_five(tmp_path: Path) -> N
         r"2 keeps rounds 1, 3, 5, \.\.\.",
     ):
         store.client_update(4, "client-001")
-    # 6 models + 2 updates in each of rounds 1, 3, 5.
-    files = [p for p in (tmp_path / "run" / "blobs").rglob("*") if p.is_file()]
-    assert len(files) == 12
+    # 6 models + 2 updates in each of rounds 1, 3, 5: 12 blobs in 6 packs (one per commit),
+    # and nothing else on disk.
+    files = packs(tmp_path / "run")
+    assert len(files) == 6
+    assert store.summary()["num_blobs"] == 12
+    assert sum(f.stat().st_size for f in files) == (
+        sum(len(encode(model(t))) for t in range(6))
+        + sum(len(encode(update(t, k))) for t in (1, 3, 5) for k in (0, 1))
+    )
     assert store.summary()["retained_rounds"] == [1, 3, 5]
     store.close()
 
@@ -579,7 +614,7 @@ def test_codec_sets_the_update_blob_size(tmp_path: Path, codec: str, per_param: 
             participants=[participant(1, 0, update=delta)],
             config={},
         )
-        size = blob_file(store.directory, record.participants[0].update_digest).stat().st_size
+        size = store.blob_location(record.participants[0].update_digest).nbytes
         assert per_param * 10_000 < size < per_param * 10_000 + 200
         got = store.client_update(1, "client-000")["w"]
         relative = {"fp32": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8}[codec]
@@ -594,12 +629,15 @@ def test_codec_sets_the_update_blob_size(tmp_path: Path, codec: str, per_param: 
 def test_reading_a_flipped_byte_update_raises_naming_file_round_and_client(tmp_path: Path) -> None:
     store = new_store(tmp_path / "run")
     record = commit(store, 1)
-    path = blob_file(tmp_path / "run", record.participant("client-001").update_digest)
-    flip_byte(path)
+    location = locate(tmp_path / "run", record.participant("client-001").update_digest)
+    flip_byte(location.path, location.offset + location.nbytes - 1)  # its last byte
     with pytest.raises(IntegrityError) as info:
         store.client_update(1, "client-001")
     message = str(info.value)
-    assert message.startswith(f"round 1, client 'client-001': blob {path} is altered: ")
+    assert message.startswith(
+        f"round 1, client 'client-001': blob bytes {location.offset}.."
+        f"{location.offset + location.nbytes} of {location.path} is altered: "
+    )
     assert message.endswith(f"expected {record.participant('client-001').update_digest}")
     np.testing.assert_array_equal(store.client_update(1, "client-000")["w"], 1.0)  # unaffected
     store.close()
@@ -608,16 +646,22 @@ def test_reading_a_flipped_byte_update_raises_naming_file_round_and_client(tmp_p
 def test_reading_a_damaged_global_model_raises(tmp_path: Path) -> None:
     store = new_store(tmp_path / "run")
     record = commit(store, 1)
-    path = blob_file(tmp_path / "run", record.global_after)
-    path.write_bytes(path.read_bytes()[:-3])
+    location = locate(tmp_path / "run", record.global_after)
+    n = len(encode(model(1)))
+    assert location.path.stat().st_size == location.offset + n  # the model ends its pack
+    os.truncate(location.path, location.offset + n - 3)
     with pytest.raises(
         IntegrityError,
-        match=rf"round 1, global model: blob {path} is truncated or overwritten: "
-        rf"{len(encode(model(1))) - 3} bytes, expected {len(encode(model(1)))}",
+        match=rf"round 1, global model: blob bytes {location.offset}..{location.offset + n} "
+        rf"of {location.path} is truncated: {n - 3} of {n} bytes present$",
     ):
         store.global_model(1)
-    os.remove(blob_file(tmp_path / "run", store.initial_model_digest or ""))
-    with pytest.raises(IntegrityError, match=r"initial model \(round 0\): blob .* is missing"):
+    os.remove(locate(tmp_path / "run", store.initial_model_digest or "").path)
+    with pytest.raises(
+        IntegrityError,
+        match=r"initial model \(round 0\): blob bytes 0\.\.\d+ of .*\.pack is missing: the "
+        r"file does not exist \(expected sha256:",
+    ):
         store.global_model(0)
     store.close()
 
@@ -642,7 +686,89 @@ def test_reading_an_altered_record_raises(tmp_path: Path) -> None:
 def test_blob_header_starts_with_the_magic(tmp_path: Path) -> None:
     with new_store(tmp_path / "run") as store:
         theta0 = store.initial_model_digest or ""
-    assert blob_file(tmp_path / "run", theta0).read_bytes().startswith(MAGIC)
+    location = locate(tmp_path / "run", theta0)
+    assert (location.offset, location.nbytes) == (0, location.path.stat().st_size)
+    assert location.path.read_bytes().startswith(MAGIC)
+
+
+def test_a_round_is_one_pack_of_its_new_blobs_in_order(tmp_path: Path) -> None:
+    # Round 1: client 1 replies first; round 2: client 0 sends round 1's update again
+    # (already stored: not written twice).
+    with new_store(tmp_path / "run") as store:
+        record = store.commit_round(
+            round=1, global_before=digest_of(encode(model(0))), global_after=model(1),
+            participants=[participant(1, 1), participant(1, 0)], config={},
+        )
+        store.commit_round(
+            round=2, global_before=record.global_after, global_after=model(2),
+            participants=[participant(2, 0, update=update(1, 0)), participant(2, 1)],
+            config={},
+        )
+        # client-000, client-001, the model, of each round
+        locations = {
+            t: [store.blob_location(p.update_digest) for p in store.round(t).participants]
+            + [store.blob_location(store.model_digest(t))]
+            for t in (1, 2)
+        }
+    # Round 1's pack: the updates in the order given, then the model, back to back.
+    one = locations[1]
+    assert len({loc.path for loc in one}) == 1
+    assert one[0].path.read_bytes() == (
+        encode(update(1, 1)) + encode(update(1, 0)) + encode(model(1))
+    )
+    n = len(encode(update(1, 1)))
+    assert [(loc.offset, loc.nbytes) for loc in one] == [
+        (n, n), (0, n), (2 * n, len(encode(model(1))))
+    ]
+    # Round 2's pack holds only what was new: client 1's update and the model.
+    two = locations[2]
+    assert two[0] == one[0]
+    assert two[1].path == two[2].path != one[0].path
+    assert two[1].path.read_bytes() == encode(update(2, 1)) + encode(model(2))
+    assert len(packs(tmp_path / "run")) == 3
+
+
+def test_a_commit_fsyncs_one_pack_and_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = new_store(tmp_path / "run")
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc") else "?")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", counting_fsync)
+    commit(store, 1, clients=(0, 1, 2, 3))
+    monkeypatch.undo()
+    store.close()
+    if os.path.exists("/proc"):
+        (pack,) = [p for p in packs(tmp_path / "run") if p.name.startswith("000001-")]
+        assert synced == [str(pack), str(tmp_path / "run" / "blobs")]
+    else:  # pragma: no cover - not Linux
+        assert len(synced) == 2
+
+
+def test_fork_keeps_rounds_up_to_a_round_and_shares_their_packs(tmp_path: Path) -> None:
+    store = new_store(tmp_path / "run")
+    for t in (1, 2, 3):
+        commit(store, t)
+    fork = store.fork(tmp_path / "fork", upto_round=2)
+    with fork:
+        assert fork.last_round == 2
+        assert [r.round for r in fork.rounds()] == [1, 2]
+        assert fork.summary()["num_blobs"] == 7  # θ0..θ2, 2 updates in rounds 1 and 2
+        np.testing.assert_array_equal(fork.global_model(2)["w"], model(2)["w"])
+        np.testing.assert_array_equal(fork.client_update(2, "client-001")["w"], 2.125)
+        for p in packs(tmp_path / "fork"):  # hard links to the original packs
+            assert os.path.samefile(p, tmp_path / "run" / "blobs" / p.name)
+        commit(fork, 3, clients=(0,))  # a different round 3 goes to the fork only
+        assert fork.round(3).client_ids == ("client-000",)
+    assert store.round(3).client_ids == ("client-000", "client-001")
+    store.close()
+    assert verify_store(tmp_path / "run").ok
+    assert verify_store(tmp_path / "fork").ok
 
 
 # ---------------------------------------------------------------- crash safety
@@ -724,7 +850,7 @@ def test_sigkill_mid_run_leaves_the_last_committed_round(
         assert last >= seen
         assert report.rounds_checked == last
         np.testing.assert_array_equal(store.global_model(last)["w"], _expected_model(last)["w"])
-        # The run can go on from there (orphan blobs of the killed round are reused).
+        # The run can go on from there (an orphan pack of the killed round is ignored).
         store.commit_round(
             round=last + 1,
             global_before=store.round(last).global_after,

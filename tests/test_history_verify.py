@@ -12,6 +12,7 @@ import pytest
 
 from fedforget.errors import HistoryError, IntegrityError
 from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord, verify_store
+from fedforget.history.store import BlobLocation, blob_location
 from fedforget.tensors import encode
 
 # ---------------------------------------------------------------- helpers
@@ -51,9 +52,10 @@ def build(directory: Path, rounds: int = 3, retain_interval: int = 1) -> list[Ro
     return records
 
 
-def blob_file(directory: Path, digest: str) -> Path:
-    hexdigest = digest.removeprefix("sha256:")
-    return directory / "blobs" / hexdigest[:2] / hexdigest
+def locate(directory: Path, digest: str) -> BlobLocation:
+    """Where the index says blob ``digest`` is: a pack file of round t holds the retained
+    updates of round t in client order, then the global model."""
+    return blob_location(directory, digest)
 
 
 def execute(directory: Path, sql: str, *args: object) -> None:
@@ -92,12 +94,11 @@ def test_an_empty_store_verifies(tmp_path: Path) -> None:
 
 
 def test_orphan_and_temporary_files_are_harmless(tmp_path: Path) -> None:
+    # Packs of commits that never happened (a whole one and a half-written one).
     build(tmp_path / "run", rounds=1)
-    orphan = encode(model(9))
-    path = blob_file(tmp_path / "run", digest_of(orphan))
-    path.parent.mkdir(exist_ok=True)
-    path.write_bytes(orphan)
-    (path.parent / ".tmp-deadbeef-1-00").write_bytes(b"half a blob")
+    blobs = tmp_path / "run" / "blobs"
+    (blobs / "000002-deadbeef0000.pack").write_bytes(encode(model(9)))
+    (blobs / "000002-deadbeef0001.pack").write_bytes(encode(model(9))[:20])
     assert verify_store(tmp_path / "run").ok
 
 
@@ -107,63 +108,122 @@ def test_orphan_and_temporary_files_are_harmless(tmp_path: Path) -> None:
 def test_reports_a_flipped_byte_naming_round_client_and_file(tmp_path: Path) -> None:
     records = build(tmp_path / "run")
     digest = records[1].participant("client-001").update_digest
-    path = blob_file(tmp_path / "run", digest)
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x80
-    path.write_bytes(bytes(data))
+    loc = locate(tmp_path / "run", digest)
+    data = bytearray(loc.path.read_bytes())
+    data[loc.offset + loc.nbytes - 1] ^= 0x80  # the blob's last byte, inside its pack
+    loc.path.write_bytes(bytes(data))
+    altered = bytes(data[loc.offset : loc.offset + loc.nbytes])
 
     report = verify_store(tmp_path / "run")
 
     assert not report.ok
     assert report.problems == [
-        f"round 2, client 'client-001': update blob {path} is altered: its SHA-256 is "
-        f"{digest_of(bytes(data))}, expected {digest}"
+        f"round 2, client 'client-001': update blob bytes {loc.offset}.."
+        f"{loc.offset + loc.nbytes} of {loc.path} is altered: its SHA-256 is "
+        f"{digest_of(altered)}, expected {digest}"
     ]
     assert report.blobs_checked == 10
 
 
 def test_reports_a_truncated_blob(tmp_path: Path) -> None:
+    # Round 1's pack holds client-000's update, client-001's, then the model: cut the
+    # model's last 10 bytes, then cut into client-001's update in round 2's pack.
     records = build(tmp_path / "run")
-    digest = records[0].participant("client-000").update_digest
-    path = blob_file(tmp_path / "run", digest)
-    size = path.stat().st_size
-    os.truncate(path, size - 10)
+    model1 = locate(tmp_path / "run", records[0].global_after)
+    os.truncate(model1.path, model1.offset + model1.nbytes - 10)
+    model2 = locate(tmp_path / "run", records[1].global_after)
+    update2 = locate(tmp_path / "run", records[1].participant("client-001").update_digest)
+    assert update2.path == model2.path and update2.offset + update2.nbytes == model2.offset
+    os.truncate(update2.path, update2.offset + 7)
 
     report = verify_store(tmp_path / "run")
 
     assert report.problems == [
-        f"round 1, client 'client-000': update blob {path} is truncated or overwritten: "
-        f"{size - 10} bytes, expected {size}"
+        f"round 1, global model: blob bytes {model1.offset}..{model1.offset + model1.nbytes} "
+        f"of {model1.path} is truncated: {model1.nbytes - 10} of {model1.nbytes} bytes present",
+        f"round 2, global model: blob bytes {model2.offset}..{model2.offset + model2.nbytes} "
+        f"of {model2.path} is truncated: 0 of {model2.nbytes} bytes present",
+        f"round 2, client 'client-001': update blob bytes {update2.offset}.."
+        f"{update2.offset + update2.nbytes} of {update2.path} is truncated: 7 of "
+        f"{update2.nbytes} bytes present",
     ]
 
 
-def test_reports_a_deleted_blob(tmp_path: Path) -> None:
+def test_reports_a_deleted_pack_naming_each_blob(tmp_path: Path) -> None:
     records = build(tmp_path / "run")
-    digest = records[2].participant("client-000").update_digest
-    path = blob_file(tmp_path / "run", digest)
-    path.unlink()
+    model3 = locate(tmp_path / "run", records[2].global_after)
+    update0, update1 = (
+        locate(tmp_path / "run", records[2].participant(c).update_digest)
+        for c in ("client-000", "client-001")
+    )
+    model3.path.unlink()  # round 3's pack: its two updates and its model
 
     report = verify_store(tmp_path / "run")
 
+    def missing(loc: BlobLocation) -> str:
+        return (
+            f"blob bytes {loc.offset}..{loc.offset + loc.nbytes} of {model3.path} is missing: "
+            f"the file does not exist (expected {loc.digest})"
+        )
+
     assert report.problems == [
-        f"round 3, client 'client-000': update blob {path} is missing (expected {digest})"
+        f"round 3, global model: {missing(model3)}",
+        f"round 3, client 'client-000': update {missing(update0)}",
+        f"round 3, client 'client-001': update {missing(update1)}",
     ]
-    assert report.blobs_checked == 9
+    assert report.blobs_checked == 7
 
 
 def test_reports_damaged_global_and_initial_models(tmp_path: Path) -> None:
     records = build(tmp_path / "run")
     initial = records[0].global_before
-    blob_file(tmp_path / "run", initial).unlink()
-    after2 = blob_file(tmp_path / "run", records[1].global_after)
-    after2.write_bytes(after2.read_bytes() + b"\x00")
+    locate(tmp_path / "run", initial).path.unlink()
+    after2 = locate(tmp_path / "run", records[1].global_after)
+    data = bytearray(after2.path.read_bytes())
+    data[after2.offset] ^= 0x01  # the first byte of the model, in the middle of the pack
+    after2.path.write_bytes(bytes(data))
 
     problems = verify_store(tmp_path / "run").problems
 
-    assert problems[0].startswith("initial model (round 0): blob ")
-    assert problems[0].endswith(f"is missing (expected {initial})")
-    assert problems[1].startswith(f"round 2, global model: blob {after2} is truncated")
+    assert problems[0].startswith("initial model (round 0): blob bytes 0..")
+    assert problems[0].endswith(f"is missing: the file does not exist (expected {initial})")
+    assert problems[1].startswith(
+        f"round 2, global model: blob bytes {after2.offset}..{after2.offset + after2.nbytes} "
+        f"of {after2.path} is altered: its SHA-256 is sha256:"
+    )
     assert len(problems) == 2
+
+
+def test_reports_bytes_appended_to_a_pack(tmp_path: Path) -> None:
+    records = build(tmp_path / "run")
+    after2 = locate(tmp_path / "run", records[1].global_after)
+    size = after2.path.stat().st_size
+    assert size == after2.offset + after2.nbytes
+    with after2.path.open("ab") as f:
+        f.write(b"\x00\x00")
+
+    assert verify_store(tmp_path / "run").problems == [
+        f"pack {after2.path}: 2 bytes after its last blob (the index lists {size} bytes of "
+        "blobs in it)"
+    ]
+
+
+def test_reports_an_index_row_pointing_to_another_blob(tmp_path: Path) -> None:
+    # The index says client-000's round-1 update is where client-001's is: bytes that are
+    # whole and of the right length, but not the blob named.
+    records = build(tmp_path / "run")
+    digest0 = records[0].participant("client-000").update_digest
+    other = locate(tmp_path / "run", records[0].participant("client-001").update_digest)
+    execute(tmp_path / "run", "UPDATE blobs SET offset = ? WHERE digest = ?",
+            other.offset, digest0)
+
+    problems = verify_store(tmp_path / "run").problems
+
+    assert problems == [
+        f"round 1, client 'client-000': update blob bytes {other.offset}.."
+        f"{other.offset + other.nbytes} of {other.path} is altered: its SHA-256 is "
+        f"{other.digest}, expected {digest0}"
+    ]
 
 
 def test_a_shared_blob_is_reported_for_each_use(tmp_path: Path) -> None:
@@ -178,7 +238,10 @@ def test_a_shared_blob_is_reported_for_each_use(tmp_path: Path) -> None:
             participants=[ParticipantUpdate(f"client-{k}", 1, 0.5, 0, same) for k in (0, 1)],
             config={},
         )
-    blob_file(tmp_path / "run", record.participants[0].update_digest).unlink()
+    shared = locate(tmp_path / "run", record.participants[0].update_digest)
+    data = bytearray(shared.path.read_bytes())
+    data[shared.offset + 20] ^= 0x01
+    shared.path.write_bytes(bytes(data))
     problems = verify_store(tmp_path / "run").problems
     assert [p.split(":")[0] for p in problems] == [
         "round 1, client 'client-0'",
@@ -236,7 +299,7 @@ def test_reports_an_unknown_format_version_without_raising(tmp_path: Path) -> No
     execute(tmp_path / "run", "UPDATE meta SET value = '7' WHERE key = 'format_version'")
     report = verify_store(tmp_path / "run")
     assert report.problems == [
-        f"index {tmp_path / 'run' / 'history.sqlite'}: format version is '7', expected 1"
+        f"index {tmp_path / 'run' / 'history.sqlite'}: format version is '7', expected 2"
     ]
 
 
@@ -258,9 +321,10 @@ def test_raises_only_when_the_directory_is_not_a_store(tmp_path: Path) -> None:
 
 def test_raise_for_problems_fails_closed(tmp_path: Path) -> None:
     records = build(tmp_path / "run", rounds=1)
-    blob_file(tmp_path / "run", records[0].global_after).unlink()
+    locate(tmp_path / "run", records[0].global_before).path.unlink()  # θ0's pack: θ0 alone
     report = verify_store(tmp_path / "run")
     with pytest.raises(
-        IntegrityError, match=r"failed verification with 1 problem\(s\):\n  round 1"
+        IntegrityError,
+        match=r"failed verification with 1 problem\(s\):\n  initial model \(round 0\): blob ",
     ):
         report.raise_for_problems()

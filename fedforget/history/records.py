@@ -183,7 +183,12 @@ class ParticipantRecord(_Record):
             _require_client_id(k, f"{who} metric name"): _require_float(v, f"{who} metric {k!r}")
             for k, v in self.metrics.items()
         }
-        _set(self, "metrics", _frozen_json_mapping(metrics, f"{who} metrics"))
+        if all(k.isascii() for k in metrics):
+            # ASCII names and finite floats come back from canonical JSON unchanged: the
+            # round trip of _frozen_json_mapping would give this very mapping.
+            _set(self, "metrics", MappingProxyType(dict(sorted(metrics.items()))))
+        else:
+            _set(self, "metrics", _frozen_json_mapping(metrics, f"{who} metrics"))
         _set(self, "seed", _require_int(self.seed, f"{who} seed"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,8 +269,19 @@ class RoundRecord(_Record):
     refused: tuple[RefusedReply, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
     committed_at: str = field(default_factory=utc_now)
+    # canonical_bytes(), computed once: the store writes them and the server's tree head
+    # hashes them, for every round (the record is immutable).
+    _canonical: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     __hash__ = _Record.__hash__
+
+    def canonical_bytes(self) -> bytes:
+        """The record as canonical JSON (sorted keys, compact, UTF-8), computed once."""
+        cached = self._canonical
+        if cached is None:
+            cached = canonical_json(self.to_dict())
+            _set(self, "_canonical", cached)
+        return cached
 
     def __post_init__(self) -> None:
         t = _require_int(self.round, "round number", 1)

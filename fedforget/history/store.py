@@ -1,10 +1,18 @@
 """The embedded history store: an SQLite index plus content-addressed tensor blobs.
 
-Layout of a run directory::
+Layout of a run directory (format version 2)::
 
-    <directory>/history.sqlite           index (WAL journal, synchronous=FULL)
-    <directory>/blobs/<hh>/<hex>         one encoded tensor dict per file, named by the
-                                         SHA-256 of its bytes (hh = first two hex digits)
+    <directory>/history.sqlite               index (WAL journal, synchronous=FULL)
+    <directory>/blobs/<round>-<token>.pack   the new blobs of one commit, concatenated
+
+A *blob* is one encoded tensor dict (:func:`fedforget.tensors.encode`), named by the SHA-256
+of its bytes (content addressing: a blob already stored is never written again). The blobs
+first stored by one commit (round ``t``'s retained updates, then its global model; the
+initial model for round 0) are appended to one *pack* file, so that a round costs one file, one
+fsync of it and one of its directory, whatever the number of clients. The index maps each
+digest to its pack, offset and length. A pack is written once, never modified, and holds
+nothing but whole blobs (each starts with the encoding's magic and header, so a pack can be
+split without its index).
 
 For round t the store keeps the :class:`~fedforget.history.records.RoundRecord` (its canonical
 bytes and their SHA-256, the future Merkle leaf), the aggregated global model
@@ -17,11 +25,11 @@ https://arxiv.org/abs/2012.13891), the retained rounds are
 
 Update digests are recorded every round, retained or not.
 
-Atomicity: blobs are written to a temporary file in their final directory, fsync'ed, and
-renamed into place (``os.replace``) before the round's index rows are inserted in one SQLite
-transaction. A crash at any instant leaves the store at the last committed round; blobs of an
-uncommitted round are unreferenced orphans, harmless, and reused when the round is committed
-again. Every blob read is checked against its digest.
+Atomicity: a round's pack is written under a new unique name and fsync'ed (with its
+directory) before the round's index rows are inserted in one SQLite transaction. A crash at
+any instant leaves the store at the last committed round; the pack of an uncommitted round is
+an unreferenced orphan, harmless, and the round is written to a new pack when committed
+again. Every blob read is checked against its length and digest.
 """
 
 from __future__ import annotations
@@ -57,19 +65,24 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "INDEX_FILENAME",
+    "PACK_SUFFIX",
+    "BlobLocation",
     "HistoryStore",
     "ParticipantUpdate",
-    "blob_path",
+    "PreparedRound",
+    "blob_location",
 ]
 
 FORMAT_NAME = "fedforget-history"
 """Value of ``meta.format`` in every history index."""
 
-FORMAT_VERSION = 1
-"""Version of the index schema and blob layout written and read by this module."""
+FORMAT_VERSION = 2
+"""Version of the index schema and blob layout written and read by this module (1: one file
+per blob, ``blobs/<hh>/<hex>``; 2: one pack file per commit)."""
 
 INDEX_FILENAME = "history.sqlite"
 BLOB_DIRNAME = "blobs"
+PACK_SUFFIX = ".pack"
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -77,8 +90,10 @@ CREATE TABLE meta (
     value TEXT NOT NULL
 );
 CREATE TABLE blobs (
-    digest TEXT PRIMARY KEY,        -- 'sha256:<hex>' of the file's bytes
-    nbytes INTEGER NOT NULL
+    digest TEXT PRIMARY KEY,        -- 'sha256:<hex>' of the blob's bytes
+    pack   TEXT NOT NULL,           -- name of the pack file in blobs/ that holds it
+    offset INTEGER NOT NULL,        -- where the blob starts in the pack
+    nbytes INTEGER NOT NULL         -- its length
 );
 CREATE TABLE models (
     round  INTEGER PRIMARY KEY,     -- 0 is the initial model, t >= 1 the global model after round t
@@ -105,13 +120,63 @@ CREATE INDEX participants_by_client ON participants (client_id, round);
 """
 
 _KEEP_ENCODED_BYTES = 256 << 20
-_CHUNK = 1 << 20
+_WRITE_BUFFER = 1 << 20
+_SQL_VARIABLES = 500  # digests per "IN (...)" query, well under SQLite's limit
 
 
-def blob_path(directory: str | os.PathLike[str], digest: str) -> Path:
-    """Path of the blob named by ``digest`` (``"sha256:<hex>"``) in a run directory."""
-    hexdigest = digest.removeprefix("sha256:")
-    return Path(directory) / BLOB_DIRNAME / hexdigest[:2] / hexdigest
+@dataclass(frozen=True, slots=True)
+class BlobLocation:
+    """Where a blob is stored: bytes ``offset .. offset + nbytes`` of the file ``path``."""
+
+    digest: str
+    path: Path
+    offset: int
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"bytes {self.offset}..{self.offset + self.nbytes} of {self.path}"
+
+
+def blob_location(directory: str | os.PathLike[str], digest: str) -> BlobLocation:
+    """Where the blob named by ``digest`` (``"sha256:<hex>"``) is stored in a run directory.
+
+    Raises
+    ------
+    HistoryError
+        If the directory is not a store or its index lists no such blob.
+    """
+    with HistoryStore.open(directory) as store:
+        return store.blob_location(digest)
+
+
+def _pack_name(round: int) -> str:
+    """A new pack file name for the blobs first stored by the commit of ``round``."""
+    return f"{round:06d}-{secrets.token_hex(6)}{PACK_SUFFIX}"
+
+
+def _read_range(location: BlobLocation, where: str) -> bytes:
+    """The bytes of the blob at ``location``, checked for length and SHA-256."""
+    try:
+        with open(location.path, "rb") as f:
+            f.seek(location.offset)
+            data = f.read(location.nbytes)
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"{where}: blob {location} is missing: the file does not exist "
+            f"(expected {location.digest})"
+        ) from None
+    if len(data) != location.nbytes:
+        raise IntegrityError(
+            f"{where}: blob {location} is truncated: {len(data)} of {location.nbytes} bytes "
+            "present"
+        )
+    found = "sha256:" + hashlib.sha256(data).hexdigest()
+    if found != location.digest:
+        raise IntegrityError(
+            f"{where}: blob {location} is altered: its SHA-256 is {found}, expected "
+            f"{location.digest}"
+        )
+    return data
 
 
 def _fsync_directory(path: str | os.PathLike[str]) -> None:
@@ -122,15 +187,6 @@ def _fsync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _file_digest(path: str | os.PathLike[str]) -> str:
-    """``"sha256:<hex>"`` of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
 
 
 def _connect(index: Path, *, create: bool, fsync: bool = True) -> sqlite3.Connection:
@@ -164,7 +220,9 @@ def _read_meta(conn: sqlite3.Connection, directory: Path) -> dict[str, str]:
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise HistoryError(
             f"{index} has format version {meta.get('format_version')!r}; this fedforget "
-            f"reads version {FORMAT_VERSION}"
+            f"reads version {FORMAT_VERSION} only"
+            + (" (version 1 stores, one file per blob, were written before packs; "
+               "train the run again)" if meta.get("format_version") == "1" else "")
         )
     missing = [k for k in ("codec", "retain_interval", "run_config", "created_at") if k not in meta]
     if missing:
@@ -206,6 +264,33 @@ class ParticipantUpdate:
     seed: int
     update: Mapping[str, np.ndarray]
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRound:
+    """A round validated, encoded and hashed by :meth:`HistoryStore.prepare_round`, ready
+    for :meth:`HistoryStore.write_round`; nothing of it is stored yet.
+
+    Attributes
+    ----------
+    record
+        The round's record (digests, participants, config, time), canonical bytes computed.
+    model_data
+        The encoded global model θ_{t+1} (fp32).
+    updates
+        The participants whose updates are stored (all of them in a retained round, else
+        none), in the order given.
+    encoded
+        Client id -> encoded update, for those kept encoded (see ``_KEEP_ENCODED_BYTES``).
+    codec
+        The codec the updates were encoded with.
+    """
+
+    record: RoundRecord
+    model_data: bytes
+    updates: tuple[ParticipantUpdate, ...]
+    encoded: Mapping[str, bytes]
+    codec: str
 
 
 class HistoryStore:
@@ -462,39 +547,61 @@ class HistoryStore:
                 db.execute("ROLLBACK")
             raise
 
-    def _write_blob(self, data: bytes, digest: str, dirty: set[str]) -> None:
-        """Write ``data`` as the blob ``digest`` atomically; remember directories to fsync."""
-        hexdigest = digest.removeprefix("sha256:")
-        parent = os.path.join(self._blob_root, hexdigest[:2])
-        path = os.path.join(parent, hexdigest)
+    def _stored_digests(self, digests: Sequence[str]) -> set[str]:
+        """Those of ``digests`` that the index already lists."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(digests))
+        for i in range(0, len(unique), _SQL_VARIABLES):
+            chunk = unique[i : i + _SQL_VARIABLES]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                d for (d,) in self._db.execute(
+                    f"SELECT digest FROM blobs WHERE digest IN ({marks})", chunk
+                )
+            )
+        return found
+
+    def _write_pack(
+        self, round: int, blobs: Iterator[tuple[str, bytes]]
+    ) -> list[tuple[str, str, int, int]]:
+        """Append the blobs not stored yet to a new pack file, durable on return.
+
+        ``blobs`` yields ``(digest, data)``; digests the index lists, and repeats, are
+        skipped. Returns the index rows ``(digest, pack, offset, nbytes)`` of the blobs
+        written (none, and no file, when every blob is already stored).
+        """
+        rows: list[tuple[str, str, int, int]] = []
+        name = _pack_name(round)
+        path = os.path.join(self._blob_root, name)
+        f = None
         try:
-            if os.stat(path).st_size == len(data) and _file_digest(path) == digest:
-                return  # content-addressed: the same bytes are already there
-        except FileNotFoundError:
-            if not os.path.isdir(parent):
-                os.makedirs(parent, exist_ok=True)
-                dirty.add(self._blob_root)
-        tmp = os.path.join(parent, f".tmp-{hexdigest[:16]}-{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            for digest, data in blobs:
+                if f is None:
+                    f = open(path, "xb", buffering=_WRITE_BUFFER)  # noqa: SIM115
+                offset = f.tell()
+                f.write(data)
+                rows.append((digest, name, offset, len(data)))
+            if f is not None:
+                f.flush()
                 if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+                    os.fsync(f.fileno())
+                f.close()
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             raise
-        dirty.add(parent)
+        if rows and self._fsync:
+            _fsync_directory(self._blob_root)
+        return rows
 
     def _check_next_round(self, round: int, global_before: str) -> None:
-        last = self.last_round
+        row = self._db.execute(
+            "SELECT round, global_after FROM rounds ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        last = 0 if row is None else int(row[0])
         if round != last + 1:
             raise HistoryError(
                 f"cannot commit round {round!r} to {self._directory}: the last committed "
@@ -509,9 +616,7 @@ class HistoryStore:
                 )
             source = "the initial model"
         else:
-            (expected,) = self._db.execute(
-                "SELECT global_after FROM rounds WHERE round = ?", (last,)
-            ).fetchone()
+            expected = row[1]
             source = f"global_after of round {last}"
         if global_before != expected:
             raise HistoryError(
@@ -539,8 +644,9 @@ class HistoryStore:
         """A new store in ``directory`` holding this store's rounds ``1..upto_round``.
 
         The fork has the same run config, codec and retention; its index rows are copied
-        and its blobs hard-linked (copied across file systems), so it costs little. Exact
-        unlearning replays later rounds into a fork: the original history stays as it was.
+        and the packs holding its blobs hard-linked (copied across file systems; packs are
+        never modified), so it costs little. Exact unlearning replays later rounds into a
+        fork: the original history stays as it was.
         """
         if not 0 <= upto_round <= self.last_round:
             raise HistoryError(
@@ -572,25 +678,30 @@ class HistoryStore:
                 (upto_round,),
             ).fetchall()
             wanted = {d for _, d in models} | {p[4] for p in participants if p[5]}
-            blobs = [
-                row
-                for row in src.execute("SELECT digest, nbytes FROM blobs").fetchall()
-                if row[0] in wanted
-            ]
-            for digest, _ in blobs:
-                source = blob_path(self._directory, digest)
-                target = blob_path(fork.directory, digest)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.exists():
-                    try:
-                        os.link(source, target)
-                    except OSError:
-                        shutil.copyfile(source, target)
+            all_blobs = src.execute("SELECT digest, pack, offset, nbytes FROM blobs").fetchall()
+            packs = sorted({pack for digest, pack, _, _ in all_blobs if digest in wanted})
+            # Every blob of a linked pack is listed, so that each pack of the fork is covered
+            # by its index from end to end, as in any store.
+            linked = set(packs)
+            blobs = [row for row in all_blobs if row[1] in linked]
+            for pack in packs:
+                source = os.path.join(self._blob_root, pack)
+                target = os.path.join(fork._blob_root, pack)
+                try:
+                    os.link(source, target)
+                except FileExistsError:
+                    pass
+                except OSError:
+                    shutil.copyfile(source, target)
+            if packs and self._fsync:
+                _fsync_directory(fork._blob_root)
             roster = src.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
             with fork._transaction() as db:
                 if roster is not None:
                     db.execute("INSERT INTO meta (key, value) VALUES ('roster', ?)", roster)
-                db.executemany("INSERT INTO blobs (digest, nbytes) VALUES (?, ?)", blobs)
+                db.executemany(
+                    "INSERT INTO blobs (digest, pack, offset, nbytes) VALUES (?, ?, ?, ?)", blobs
+                )
                 db.executemany("INSERT INTO models (round, digest) VALUES (?, ?)", models)
                 db.executemany(
                     "INSERT INTO rounds (round, global_before, global_after, record, "
@@ -623,16 +734,13 @@ class HistoryStore:
             )
         data = encode(tensors, "fp32")
         digest = sha256_digest(data)
-        dirty: set[str] = set()
-        self._write_blob(data, digest, dirty)
-        if self._fsync:
-            for d in dirty:
-                _fsync_directory(d)
+        rows = [] if self._stored_digests([digest]) else self._write_pack(0, iter([(digest, data)]))
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM models WHERE round = 0").fetchone() is not None:
                 raise HistoryError(f"{self._directory} already holds an initial model")
-            db.execute(
-                "INSERT OR IGNORE INTO blobs (digest, nbytes) VALUES (?, ?)", (digest, len(data))
+            db.executemany(
+                "INSERT OR IGNORE INTO blobs (digest, pack, offset, nbytes) VALUES (?, ?, ?, ?)",
+                rows,
             )
             db.execute("INSERT INTO models (round, digest) VALUES (0, ?)", (digest,))
         return digest
@@ -679,6 +787,8 @@ class HistoryStore:
     ) -> RoundRecord:
         """Record round ``round`` atomically and return its record.
 
+        The same as :meth:`write_round` of :meth:`prepare_round`.
+
         Parameters
         ----------
         round
@@ -711,6 +821,38 @@ class HistoryStore:
             index is then unchanged.
         """
         self._check_next_round(round, global_before)
+        return self.write_round(
+            self.prepare_round(
+                round=round, global_before=global_before, global_after=global_after,
+                participants=participants, config=config, refused=refused,
+                committed_at=committed_at,
+            )
+        )
+
+    def prepare_round(
+        self,
+        *,
+        round: int,
+        global_before: str,
+        global_after: Mapping[str, np.ndarray],
+        participants: Sequence[ParticipantUpdate],
+        config: Mapping[str, Any],
+        refused: Sequence[RefusedReply] = (),
+        committed_at: str | None = None,
+    ) -> PreparedRound:
+        """The first half of :meth:`commit_round`: validate, encode and hash the round and
+        build its record, without touching the store (arguments as there).
+
+        Pure computation, so that a caller with a writer thread can do it on its own thread
+        and leave only the I/O of :meth:`write_round` to the writer. The round's place in
+        the sequence is checked by :meth:`write_round`.
+
+        Raises
+        ------
+        HistoryError
+            On participants that cannot be recorded (duplicate ids, keys or shapes unlike
+            the model's) or a record field that is not valid.
+        """
         if not isinstance(global_after, Mapping) or not global_after:
             raise HistoryError(f"round {round}: global_after must be a non-empty tensor dict")
         participants = list(participants)
@@ -718,19 +860,17 @@ class HistoryStore:
         retained = self.is_retained(round)
         when = utc_now() if committed_at is None else committed_at
 
-        # Pass 1: digests and the full record, so every field is validated before any blob
-        # is written. Encoded updates of a retained round are kept for pass 2 while they fit
-        # in _KEEP_ENCODED_BYTES; beyond that they are encoded again (cheap next to I/O).
+        # Digests and the full record, so every field is validated before any blob is
+        # written. Encoded updates of a retained round are kept for write_round while they
+        # fit in _KEEP_ENCODED_BYTES; beyond that they are encoded again (cheap next to I/O).
         model_data = encode(global_after, "fp32")
         model_digest = sha256_digest(model_data)
-        sizes: dict[str, int] = {}
         encoded: dict[str, bytes] = {}
         kept = 0
         records: list[ParticipantRecord] = []
         for p in participants:
             data = encode(p.update, self._codec)
             digest = sha256_digest(data)
-            sizes[p.client_id] = len(data)
             if retained and kept + len(data) <= _KEEP_ENCODED_BYTES:
                 encoded[p.client_id] = data
                 kept += len(data)
@@ -754,36 +894,69 @@ class HistoryStore:
             config=config,
             committed_at=when,
         )
+        record.canonical_bytes()  # computed (and kept) here, not on the writer
+        return PreparedRound(
+            record=record,
+            model_data=model_data,
+            updates=tuple(participants) if retained else (),
+            encoded=encoded,
+            codec=self._codec,
+        )
+
+    def write_round(self, prepared: PreparedRound) -> RoundRecord:
+        """The second half of :meth:`commit_round`: write a prepared round atomically.
+
+        Raises
+        ------
+        HistoryError
+            On a round out of sequence or a global_before that does not chain (the store is
+            then unchanged), or a prepared round of another codec.
+        """
+        record = prepared.record
+        round, global_before = record.round, record.global_before
+        if prepared.codec != self._codec:
+            raise HistoryError(
+                f"round {round} was prepared for codec {prepared.codec!r}; this store "
+                f"records {self._codec!r}"
+            )
+        self._check_next_round(round, global_before)
+        model_digest = record.global_after
         record_bytes = record.canonical_bytes()
 
-        # Pass 2: blobs, durable before the index rows that reference them.
-        dirty: set[str] = set()
-        self._write_blob(model_data, model_digest, dirty)
-        new_blobs: list[tuple[str, int]] = [(model_digest, len(model_data))]
-        del model_data
-        if retained:
-            expected = {r.client_id: r.update_digest for r in records}
-            for p in participants:
-                if p.client_id in encoded:
-                    data = encoded.pop(p.client_id)
-                    digest = expected[p.client_id]
-                else:
+        # The blobs not stored yet, in one pack, durable before the index rows that
+        # reference them.
+        expected = {r.client_id: r.update_digest for r in record.participants}
+        candidates = [model_digest, *expected.values()] if prepared.updates else [model_digest]
+        stored = self._stored_digests(candidates)
+        encoded = dict(prepared.encoded)
+
+        def new_blobs() -> Iterator[tuple[str, bytes]]:
+            # The retained updates in the order given, then the global model.
+            for p in prepared.updates:
+                digest = expected[p.client_id]
+                if digest in stored:
+                    continue
+                data = encoded.pop(p.client_id, None)
+                if data is None:
                     data = encode(p.update, self._codec)
-                    digest = sha256_digest(data)
-                if digest != expected[p.client_id]:
-                    raise HistoryError(
-                        f"round {round}, client {p.client_id!r}: the update changed while "
-                        f"being committed ({expected[p.client_id]} then {digest})"
-                    )
-                self._write_blob(data, digest, dirty)
-                new_blobs.append((digest, sizes[p.client_id]))
-        if self._fsync:
-            for d in sorted(dirty, key=len, reverse=True):  # leaves before their parent
-                _fsync_directory(d)
+                    if sha256_digest(data) != digest:
+                        raise HistoryError(
+                            f"round {round}, client {p.client_id!r}: the update changed "
+                            f"while being committed ({digest} then {sha256_digest(data)})"
+                        )
+                stored.add(digest)
+                yield digest, data
+            if model_digest not in stored:
+                yield model_digest, prepared.model_data
+
+        blob_rows = self._write_pack(round, new_blobs())
 
         with self._transaction() as db:
             self._check_next_round(round, global_before)  # against a concurrent writer
-            db.executemany("INSERT OR IGNORE INTO blobs (digest, nbytes) VALUES (?, ?)", new_blobs)
+            db.executemany(
+                "INSERT OR IGNORE INTO blobs (digest, pack, offset, nbytes) VALUES (?, ?, ?, ?)",
+                blob_rows,
+            )
             db.execute("INSERT INTO models (round, digest) VALUES (?, ?)", (round, model_digest))
             db.execute(
                 "INSERT INTO rounds (round, global_before, global_after, record, record_digest, "
@@ -794,7 +967,7 @@ class HistoryStore:
                     model_digest,
                     record_bytes,
                     sha256_digest(record_bytes),
-                    when,
+                    record.committed_at,
                 ),
             )
             db.executemany(
@@ -809,25 +982,23 @@ class HistoryStore:
 
     # ------------------------------------------------------------------ reads
 
-    def _read_blob(self, digest: str, nbytes: int, where: str) -> bytes:
-        """Read blob ``digest`` and check its size and SHA-256; ``where`` names its use."""
-        path = blob_path(self._directory, digest)
-        try:
-            with path.open("rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise IntegrityError(f"{where}: blob {path} is missing (expected {digest})") from None
-        if len(data) != nbytes:
-            raise IntegrityError(
-                f"{where}: blob {path} is truncated or overwritten: {len(data)} bytes, "
-                f"expected {nbytes}"
-            )
-        found = "sha256:" + hashlib.sha256(data).hexdigest()
-        if found != digest:
-            raise IntegrityError(
-                f"{where}: blob {path} is altered: its SHA-256 is {found}, expected {digest}"
-            )
-        return data
+    def _location(self, digest: str, pack: str, offset: int, nbytes: int) -> BlobLocation:
+        return BlobLocation(digest, Path(self._blob_root) / pack, int(offset), int(nbytes))
+
+    def blob_location(self, digest: str) -> BlobLocation:
+        """Where the blob ``digest`` is stored (its pack file, offset and length).
+
+        Raises
+        ------
+        HistoryError
+            If the index lists no such blob.
+        """
+        row = self._db.execute(
+            "SELECT pack, offset, nbytes FROM blobs WHERE digest = ?", (digest,)
+        ).fetchone()
+        if row is None:
+            raise HistoryError(f"{self._directory} stores no blob {digest}")
+        return self._location(digest, *row)
 
     def _record_from_row(self, t: int, record: object, record_digest: str) -> RoundRecord:
         if not isinstance(record, bytes):
@@ -886,8 +1057,8 @@ class HistoryStore:
             If its blob is missing, truncated or altered (the message names the file).
         """
         row = self._db.execute(
-            "SELECT m.digest, b.nbytes FROM models m JOIN blobs b ON b.digest = m.digest "
-            "WHERE m.round = ?",
+            "SELECT m.digest, b.pack, b.offset, b.nbytes FROM models m "
+            "JOIN blobs b ON b.digest = m.digest WHERE m.round = ?",
             (t,),
         ).fetchone()
         if row is None:
@@ -896,7 +1067,7 @@ class HistoryStore:
                 f"{self._directory} holds {what}: committed rounds are 1..{self.last_round}"
             )
         where = "initial model (round 0)" if t == 0 else f"round {t}, global model"
-        return decode(self._read_blob(row[0], row[1], where))
+        return decode(_read_range(self._location(*row), where))
 
     def client_update(self, t: int, client_id: str) -> dict[str, np.ndarray]:
         """The stored update Δ_{t,k} of ``client_id`` in round ``t``, digest-checked.
@@ -912,7 +1083,7 @@ class HistoryStore:
             If the blob is missing, truncated or altered (the message names the file).
         """
         row = self._db.execute(
-            "SELECT p.update_digest, p.retained, b.nbytes FROM participants p "
+            "SELECT p.update_digest, p.retained, b.pack, b.offset, b.nbytes FROM participants p "
             "LEFT JOIN blobs b ON b.digest = p.update_digest "
             "WHERE p.round = ? AND p.client_id = ?",
             (t, client_id),
@@ -924,18 +1095,19 @@ class HistoryStore:
                     f"1..{self.last_round}"
                 )
             raise HistoryError(f"client {client_id!r} did not participate in round {t}")
-        digest, retained, nbytes = row
+        digest, retained, pack, offset, nbytes = row
         if not retained:
             raise HistoryError(
                 f"the update of client {client_id!r} in round {t} was not retained: "
                 f"retain_interval {self._retain_interval} keeps rounds 1, "
                 f"{1 + self._retain_interval}, {1 + 2 * self._retain_interval}, ..."
             )
-        if nbytes is None:
+        if pack is None:
             raise IntegrityError(
                 f"round {t}, client {client_id!r}: the index lists no blob for {digest}"
             )
-        return decode(self._read_blob(digest, nbytes, f"round {t}, client {client_id!r}"))
+        where = f"round {t}, client {client_id!r}"
+        return decode(_read_range(self._location(digest, pack, offset, nbytes), where))
 
     def clients(self) -> dict[str, list[int]]:
         """Client id -> the rounds it participated in (ascending), ids sorted."""

@@ -13,7 +13,9 @@ Checks
    ``global_before`` of round t equals ``global_after`` of round t - 1 (round 1: the initial
    model's digest).
 4. Every referenced blob (initial model, each round's global model, each retained update)
-   exists, has the recorded size, and its SHA-256, computed in chunks, matches its name.
+   is listed in the index, its pack file exists and holds the blob's whole byte range, and
+   the SHA-256 of those bytes, computed in chunks, matches its name.
+5. Every pack file the index lists ends where its last listed blob ends (nothing appended).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from typing import Any
 from fedforget.errors import HistoryError, IntegrityError
 from fedforget.history.records import RoundRecord
 from fedforget.history.store import (
+    BLOB_DIRNAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_FILENAME,
-    blob_path,
+    BlobLocation,
 )
 from fedforget.tensors import CODECS, sha256_digest
 
@@ -79,11 +82,13 @@ class VerifyReport:
             )
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
+def _hash_range(location: BlobLocation) -> tuple[int, str]:
+    """(bytes present, ``"sha256:<hex>"`` of them) of a blob's range, read in chunks."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
+    with location.path.open("rb") as f:
+        f.seek(location.offset)
+        while size < location.nbytes and (chunk := f.read(min(_CHUNK, location.nbytes - size))):
             digest.update(chunk)
             size += len(chunk)
     return size, "sha256:" + digest.hexdigest()
@@ -93,33 +98,54 @@ class _BlobChecker:
     """Hashes each distinct blob once and reports it for every reference."""
 
     def __init__(self, directory: Path, report: VerifyReport) -> None:
-        self._directory = directory
+        self._blob_root = directory / BLOB_DIRNAME
         self._report = report
         self._results: dict[str, str | None] = {}
 
-    def check(self, digest: str, nbytes: int | None, where: str, what: str) -> None:
+    def check(
+        self, digest: str, row: tuple[Any, Any, Any] | None, where: str, what: str
+    ) -> None:
+        """Check blob ``digest`` whose index row is ``(pack, offset, nbytes)`` (None or
+        NULLs when the index lists none), and report a problem under ``where``."""
         if digest not in self._results:
-            self._results[digest] = self._check_file(digest, nbytes)
+            self._results[digest] = self._check_blob(digest, row)
         problem = self._results[digest]
         if problem is not None:
             self._report.problems.append(f"{where}: {what} {problem}")
 
-    def _check_file(self, digest: str, nbytes: int | None) -> str | None:
-        path = blob_path(self._directory, digest)
-        if nbytes is None:
-            return f"{path} is not listed in the blob table (expected {digest})"
+    def _check_blob(self, digest: str, row: tuple[Any, Any, Any] | None) -> str | None:
+        if row is None or row[0] is None:
+            return f"{digest} is not listed in the blob table of the index"
+        pack, offset, nbytes = row
+        location = BlobLocation(digest, self._blob_root / str(pack), int(offset), int(nbytes))
         try:
-            size, found = _hash_file(path)
+            size, found = _hash_range(location)
         except FileNotFoundError:
-            return f"{path} is missing (expected {digest})"
+            return f"{location} is missing: the file does not exist (expected {digest})"
         except OSError as exc:
-            return f"{path} cannot be read: {exc}"
+            return f"{location} cannot be read: {exc}"
         self._report.blobs_checked += 1
-        if size != nbytes:
-            return f"{path} is truncated or overwritten: {size} bytes, expected {nbytes}"
+        if size != location.nbytes:
+            return f"{location} is truncated: {size} of {location.nbytes} bytes present"
         if found != digest:
-            return f"{path} is altered: its SHA-256 is {found}, expected {digest}"
+            return f"{location} is altered: its SHA-256 is {found}, expected {digest}"
         return None
+
+    def check_pack_sizes(self, conn: sqlite3.Connection) -> None:
+        """Report pack files longer than the blobs the index lists in them."""
+        for pack, end in _rows(
+            conn, "SELECT pack, MAX(offset + nbytes) FROM blobs GROUP BY pack ORDER BY pack"
+        ):
+            path = self._blob_root / str(pack)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue  # reported with its blobs
+            if size > end:
+                self._report.problems.append(
+                    f"pack {path}: {size - end} bytes after its last blob (the index lists "
+                    f"{end} bytes of blobs in it)"
+                )
 
 
 def _open_index(index: Path) -> sqlite3.Connection:
@@ -177,22 +203,24 @@ def _check_rounds(
     blobs: _BlobChecker,
     report: VerifyReport,
 ) -> None:
-    nbytes_of = "(SELECT nbytes FROM blobs b WHERE b.digest = {})"
     initial = conn.execute(
-        f"SELECT digest, {nbytes_of.format('m.digest')} FROM models m WHERE round = 0"
+        "SELECT m.digest, b.pack, b.offset, b.nbytes FROM models m "
+        "LEFT JOIN blobs b ON b.digest = m.digest WHERE m.round = 0"
     ).fetchone()
     if initial is not None:
-        blobs.check(initial[0], initial[1], "initial model (round 0)", "blob")
+        blobs.check(initial[0], initial[1:], "initial model (round 0)", "blob")
     previous_after: str | None = None if initial is None else str(initial[0])
 
     expected_round = 1
     for row in _rows(
         conn,
         "SELECT r.round, r.global_before, r.global_after, r.record, r.record_digest, "
-        f"m.digest, {nbytes_of.format('m.digest')} "
-        "FROM rounds r LEFT JOIN models m ON m.round = r.round ORDER BY r.round",
+        "m.digest, b.pack, b.offset, b.nbytes FROM rounds r "
+        "LEFT JOIN models m ON m.round = r.round LEFT JOIN blobs b ON b.digest = m.digest "
+        "ORDER BY r.round",
     ):
-        t, before, after, record_bytes, record_digest, model_digest, model_nbytes = row
+        t, before, after, record_bytes, record_digest, model_digest = row[:6]
+        model_blob = row[6:]
         t = int(t)
         report.rounds_checked += 1
         if t != expected_round:
@@ -241,7 +269,7 @@ def _check_rounds(
                 report.problems.append(
                     f"{where}: global model {model_digest} differs from global_after {after}"
                 )
-            blobs.check(str(model_digest), model_nbytes, f"{where}, global model", "blob")
+            blobs.check(str(model_digest), model_blob, f"{where}, global model", "blob")
 
         _check_participants(conn, index, t, record, retain_interval, blobs, report)
 
@@ -256,7 +284,8 @@ def _check_participants(
     report: VerifyReport,
 ) -> None:
     rows = conn.execute(
-        "SELECT p.client_id, p.update_digest, p.retained, b.nbytes FROM participants p "
+        "SELECT p.client_id, p.update_digest, p.retained, b.pack, b.offset, b.nbytes "
+        "FROM participants p "
         "LEFT JOIN blobs b ON b.digest = p.update_digest WHERE p.round = ? "
         "ORDER BY p.client_id",
         (t,),
@@ -264,12 +293,12 @@ def _check_participants(
     retained_round = (t - 1) % retain_interval == 0
     if record is not None:
         listed = [(p.client_id, p.update_digest, p.retained) for p in record.participants]
-        indexed = [(str(c), str(d), bool(r)) for c, d, r, _ in rows]
+        indexed = [(str(c), str(d), bool(r)) for c, d, r, *_ in rows]
         if listed != indexed:
             report.problems.append(
                 f"round {t}: participants in index {index} disagree with the round record"
             )
-    for client_id, digest, retained, nbytes in rows:
+    for client_id, digest, retained, *blob in rows:
         where = f"round {t}, client {client_id!r}"
         if bool(retained) != retained_round:
             report.problems.append(
@@ -277,7 +306,7 @@ def _check_participants(
                 f"{retain_interval} gives retained={retained_round}"
             )
         if retained:
-            blobs.check(str(digest), nbytes, where, "update blob")
+            blobs.check(str(digest), tuple(blob), where, "update blob")
 
 
 def verify_store(directory: str | os.PathLike[str]) -> VerifyReport:
@@ -316,7 +345,9 @@ def verify_store(directory: str | os.PathLike[str]) -> VerifyReport:
         retain_interval = _check_meta(conn, index, report)
         if retain_interval is None:
             return report
-        _check_rounds(conn, index, retain_interval, _BlobChecker(path, report), report)
+        blobs = _BlobChecker(path, report)
+        _check_rounds(conn, index, retain_interval, blobs, report)
+        blobs.check_pack_sizes(conn)
     except sqlite3.Error as exc:
         report.problems.append(f"index {index} is damaged: {exc}")
     finally:
