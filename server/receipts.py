@@ -21,6 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedforget.config import RunConfig
+from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore, RoundRecord
 from fedforget.receipts.keys import generate_keys, load_private_key
 from fedforget.receipts.merkle import MerkleAccumulator
@@ -150,9 +151,7 @@ def issue_receipt(
         key,
     )
     path = write_receipt(receipts / f"{receipt_id}.json", envelope)
-    tmp = latest.with_suffix(".tmp")
-    tmp.write_text(path.name)
-    os.replace(tmp, latest)
+    write_atomic(latest, path.name)
     salt_dir = client_state_dir(out, client_id)
     salt_dir.mkdir(parents=True, exist_ok=True)
     salt_path = salt_dir / f"{receipt_id}.salt"

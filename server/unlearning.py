@@ -40,6 +40,7 @@ from fedforget.comparison import speedups
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
 from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
+from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
 from fedforget.task import TensorDict, load_client_data, load_test_set, new_model
@@ -346,11 +347,9 @@ def _serve(grid: Grid, cfg: RunConfig, store: HistoryStore, ledger: WithdrawalLe
         info["receipt"]["head_path"] = str(head_path) if head_path is not None else None
         (partial / RESULT_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         _commit_dir(partial, final)
-        pointer = out / UNLEARNED / "current.json"
-        tmp = pointer.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"request_id": request.request_id, "method": method.name,
-                                   "model_path": info["model_path"], "model_digest": digest}))
-        os.replace(tmp, pointer)
+        write_atomic(out / UNLEARNED / "current.json",
+                     json.dumps({"request_id": request.request_id, "method": method.name,
+                                 "model_path": info["model_path"], "model_digest": digest}))
     except BaseException as exc:
         shutil.rmtree(partial, ignore_errors=True)
         ledger.move(request.request_id, "failed", method=method.name,

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedforget.experiments.runner import flatten_cell
 from fedforget.experiments.spec import ExperimentSpec
+from fedforget.fileio import write_atomic
 
 __all__ = ["mean_std", "summarise", "write_report"]
 
@@ -173,10 +174,10 @@ def write_report(out: str | Path, spec: ExperimentSpec,
     if extra:
         lines += ["## Extra metrics", "", "| point | method | " + " | ".join(extra) + " |",
                   "|---|---|" + "---:|" * len(extra)]
-        for key in dict.fromkeys(_point_key(flatten_cell(r), grid_keys) for r in done):
+        for key in dict.fromkeys(_point_key(r["grid"], grid_keys) for r in done):
             for method in spec.methods:
                 mrows = [r for r in done if r["label"] == method.label
-                         and _point_key(flatten_cell(r), grid_keys) == key]
+                         and _point_key(r["grid"], grid_keys) == key]
                 if not mrows:
                     continue
                 cells = [_fmt("4f", *mean_std([float(r["extra_metrics"][k]) for r in mrows
@@ -196,11 +197,7 @@ def write_report(out: str | Path, spec: ExperimentSpec,
             lines += [f"### {title}", "", f"![{title}]({path.relative_to(out)})", ""]
     else:
         lines += ["(No plots: matplotlib is not installed.)", ""]
-    path = out / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(out / REPORT, "\n".join(lines))
 
 
 def _relative(path: str | Path) -> str:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -46,6 +46,7 @@ from fedforget.engine import run_training
 from fedforget.engine.apps import FlowerProject, find_project
 from fedforget.errors import FedForgetError
 from fedforget.experiments.spec import Cell, ExperimentSpec, RunPoint
+from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
 
@@ -93,16 +94,20 @@ def run_experiment(
     _write_json(out / "experiment.json", spec.to_dict() | {"fingerprint": spec.fingerprint})
     cells = spec.cells()
     shown = _Progress(total=len(cells), stream=stream or sys.stderr, enabled=progress)
-    todo = [c for c in cells if _finished(out, c, spec) is None]
+    done = {c.cell_id: r for c in cells if (r := _finished(out, c, spec)) is not None}
+    todo = [c for c in cells if c.cell_id not in done]
     shown.say(f"experiment {spec.name}: {len(cells)} cells ({len(spec.points())} trained "
-              f"runs x {len(spec.methods)} methods); {len(cells) - len(todo)} already "
+              f"runs x {len(spec.methods)} methods); {len(done)} already "
               f"finished, {len(todo)} to run -> {out}")
     t_start = time.perf_counter()
     by_point: dict[str, list[Cell]] = {}
     for cell in todo:
         by_point.setdefault(cell.point.run_id, []).append(cell)
     index = {c.cell_id: i + 1 for i, c in enumerate(cells)}
-    finished = len(cells) - len(todo)
+
+    def in_order() -> list[dict[str, Any]]:
+        return [done[c.cell_id] for c in cells if c.cell_id in done]
+
     for point_cells in by_point.values():
         point = point_cells[0].point
         run_dir = out / RUNS / run_dir_name(point)
@@ -113,16 +118,15 @@ def run_experiment(
                       f"{cell.method.method} unlearning {', '.join(spec.forget)} ...")
             record = _run_cell(spec, cell, run_dir, project, progress)
             _write_json(out / CELLS / f"{cell.cell_id}.json", record)
-            finished += 1
-            write_results_csv(out, spec)
-            elapsed = time.perf_counter() - t_start
-            left = len(cells) - finished
-            eta = elapsed / max(1, finished - (len(cells) - len(todo))) * left
+            done[cell.cell_id] = record
+            write_results_csv(out, in_order())
+            ran = len(done) - (len(cells) - len(todo))
+            eta = (time.perf_counter() - t_start) / ran * (len(cells) - len(done))
             shown.say(f"[cell {index[cell.cell_id]}/{len(cells)}] {cell.cell_id}: "
                       f"{_summary_line(record)} ({time.perf_counter() - t0:.1f} s; "
-                      f"{finished}/{len(cells)} done, eta {eta:.0f} s)")
-    records = read_cells(out, spec)
-    write_results_csv(out, spec)
+                      f"{len(done)}/{len(cells)} done, eta {eta:.0f} s)")
+    records = in_order()
+    write_results_csv(out, records)
     if report:
         from fedforget.experiments.report import write_report
 
@@ -308,11 +312,7 @@ def _summary_line(record: Mapping[str, Any]) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write atomically: a temporary file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
 
 
 # --------------------------------------------------------------------- results table
@@ -359,19 +359,15 @@ def _put(row: dict[str, Any], key: str, value: Any) -> None:
         row[key] = value
 
 
-def write_results_csv(out: str | Path, spec: ExperimentSpec) -> Path:
-    """Write ``results.csv`` (one row per finished cell) atomically; return its path."""
-    out = Path(out)
-    rows = [flatten_cell(r) for r in read_cells(out, spec)]
+def write_results_csv(out: str | Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``results.csv`` (one row per record, in order) atomically; return its path."""
+    rows = [flatten_cell(r) for r in records]
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    path = out / RESULTS_CSV
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    os.replace(tmp, path)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return write_atomic(Path(out) / RESULTS_CSV, text.getvalue())

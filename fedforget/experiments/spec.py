@@ -31,6 +31,7 @@ Everything is checked here, before any work: unknown keys and bad values raise
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import itertools
@@ -199,7 +200,9 @@ def parse_experiment(doc: Mapping[str, Any], *, source: str = "<experiment>") ->
                               f"registered: {', '.join(sorted(METRICS)) or '(none)'}")
 
     base = dict(_table(doc, "run", where))
-    for key in sorted(set(base) & _RESERVED):
+    reserved = sorted(set(base) & _RESERVED)
+    if reserved:
+        key = reserved[0]
         raise ConfigError(f"{where}: [run] {key} is set by the runner per cell; "
                           + ("use [experiment] seeds" if key == "seed" else "remove it"))
     grid_doc = _table(doc, "grid", where)
@@ -239,8 +242,9 @@ def parse_experiment(doc: Mapping[str, Any], *, source: str = "<experiment>") ->
         forget=tuple(forget), engine=engine, base=base, grid=grid, methods=methods,
         metrics=tuple(metrics), imports=tuple(imports), source=source,
     )
-    fingerprint = hashlib.sha256(canonical_dumps(spec.to_dict())).hexdigest()
-    return ExperimentSpec(**{**spec.__dict__, "fingerprint": fingerprint})
+    return dataclasses.replace(
+        spec, fingerprint=hashlib.sha256(canonical_dumps(spec.to_dict())).hexdigest()
+    )
 
 
 def _methods(table: Mapping[str, Any], where: str) -> tuple[MethodSpec, ...]:
