@@ -32,7 +32,7 @@ def test_unknown_key_names_the_key_and_the_allowed_keys() -> None:
     ("key", "value", "message"),
     [
         ("model", "resnet",
-         r"model = 'resnet' is not allowed; expected one of 'logreg', 'mlp', 'cnn'"),
+         r"model = 'resnet' is not allowed; expected one of 'cnn', 'logreg', 'mlp'"),
         ("codec", "int8", r"codec = 'int8' is not allowed"),
         ("num-rounds", 0, r"num-rounds = 0 is out of range; expected >= 1"),
         ("learning-rate", 0.0, r"learning-rate = 0.0 is out of range; expected > 0"),

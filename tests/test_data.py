@@ -144,8 +144,7 @@ def test_unknown_dataset_lists_names() -> None:
     with pytest.raises(ConfigError) as err:
         load_dataset("cifar10", seed=0)
     assert str(err.value) == (
-        "dataset = 'cifar10' is not known; expected one of 'digits', 'fashion-mnist', "
-        "'synthetic'"
+        "unknown data set 'cifar10'; expected one of 'digits', 'fashion-mnist', 'synthetic'"
     )
     assert set(DATASETS) == {"digits", "fashion-mnist", "synthetic"}
 

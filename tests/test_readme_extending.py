@@ -18,7 +18,7 @@ from fedforget.data.datasets import DATASETS
 from fedforget.experiments import parse_experiment, run_experiment
 from fedforget.experiments.metrics import METRICS
 from fedforget.tensors import decode
-from fedforget.unlearning.base import REGISTRY
+from fedforget.unlearning import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,15 +39,15 @@ def registered() -> Iterator[dict[str, object]]:
         yield module.__dict__
     finally:
         del sys.modules[module.__name__]
-        REGISTRY.pop("shrink", None)
-        DATASETS.pop("blobs", None)
-        METRICS.pop("test-loss-gap", None)
+        METHODS.remove("shrink")
+        DATASETS.remove("blobs")
+        METRICS.remove("test-loss-gap")
 
 
 def test_the_readme_has_an_example_for_a_method_a_data_set_and_a_metric() -> None:
     blocks = extending_examples()
     assert len(blocks) == 3
-    assert "@register\n" in blocks[0] and "DATASETS[" in blocks[1]
+    assert "@register\n" in blocks[0] and "DATASETS.register(" in blocks[1]
     assert "@register_metric" in blocks[2]
 
 

@@ -14,7 +14,7 @@ from history_builders import build_store as _build_store
 
 from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore
-from fedforget.unlearning import REGISTRY, get_method
+from fedforget.unlearning import METHODS, get_method
 from fedforget.unlearning.base import (
     ClientUpdate,
     Cost,
@@ -112,7 +112,7 @@ FRESH_2: Fresh = {
 
 
 def test_registered_under_its_name() -> None:
-    assert REGISTRY["federaser"] is FedEraser
+    assert METHODS["federaser"] is FedEraser
 
 
 def test_update_rule_against_hand_worked_values(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from fedforget.sampling import client_train_seed
 from fedforget.task import load_client_data, load_tensors, model_tensors, new_model
 from fedforget.training import train_local
 from fedforget.unlearning.base import (
-    REGISTRY,
+    METHODS,
     ClientUpdate,
     Cost,
     RetentionError,
@@ -331,7 +331,7 @@ def test_parameters_are_validated_by_name() -> None:
         FedRecoverParams.from_mapping({"warmup-rounds": 0})
     params = FedRecoverParams.from_mapping({"correction-period": 0, "final-rounds": 1})
     assert params.to_dict()["correction-period"] == 0
-    assert REGISTRY["fedrecover"] is FedRecover
+    assert METHODS["fedrecover"] is FedRecover
 
 
 # --------------------------------------------------------------- with real training

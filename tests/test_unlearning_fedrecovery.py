@@ -15,7 +15,7 @@ from history_builders import build_store as _build_store
 
 from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore
-from fedforget.unlearning import REGISTRY, get_method
+from fedforget.unlearning import METHODS, get_method
 from fedforget.unlearning.base import Cost, RetentionError, UnlearningRequest, UnlearningResult
 from fedforget.unlearning.fedrecovery import FedRecovery, gaussian_sigma, residual_norm
 from fedforget.unlearning.subtract import removal_residual
@@ -98,7 +98,7 @@ def assert_tensors(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.n
 
 
 def test_registered_under_its_name() -> None:
-    assert REGISTRY["fedrecovery"] is FedRecovery
+    assert METHODS["fedrecovery"] is FedRecovery
 
 
 def test_residuals_by_hand(store: HistoryStore) -> None:

@@ -36,7 +36,7 @@ from fedforget.unlearning.ascent import (
     projected_gradient_ascent,
 )
 from fedforget.unlearning.base import (
-    REGISTRY,
+    METHODS,
     ClientUpdate,
     Cost,
     RetentionError,
@@ -421,7 +421,7 @@ def test_parameters_are_validated_by_name() -> None:
         PGAParams.from_mapping({"ascent-learning-rate": 0})
     params = PGAParams.from_mapping({"post-rounds": 0, "radius": 2})
     assert isinstance(params, PGAParams) and params.post_rounds == 0 and params.radius == 2.0
-    assert REGISTRY["pga"] is PGA and not PGA.multi_client
+    assert METHODS["pga"] is PGA and not PGA.multi_client
 
 
 # --------------------------------------------------------------- with real training

@@ -14,7 +14,7 @@ from history_builders import build_store as _build_store
 
 from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore
-from fedforget.unlearning import REGISTRY, get_method
+from fedforget.unlearning import METHODS, get_method
 from fedforget.unlearning.base import (
     ClientUpdate,
     Cost,
@@ -114,7 +114,7 @@ def assert_tensors(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.n
 
 
 def test_registered_under_its_name() -> None:
-    assert REGISTRY["subtract"] is Subtract
+    assert METHODS["subtract"] is Subtract
 
 
 def test_the_store_is_what_the_comment_says(store: HistoryStore) -> None:

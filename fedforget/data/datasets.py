@@ -1,6 +1,7 @@
 """The registry of data sets by name, and the cached :func:`load_dataset`.
 
-A new data set is one module with a loader and one line in :data:`DATASETS`. A loader takes
+A new data set is one module with a loader and one ``DATASETS.register`` line (see
+:mod:`fedforget.registry`). A loader takes
 keyword-only ``seed``, ``data_path``, ``test_fraction`` and its own options, and returns
 ``(train pool, global test set)``.
 """
@@ -17,16 +18,16 @@ from fedforget.data.digits import load_digits
 from fedforget.data.fashion_mnist import load_fashion_mnist
 from fedforget.data.synthetic import load_synthetic
 from fedforget.errors import ConfigError
+from fedforget.registry import Registry
 
 DatasetLoader = Callable[..., tuple[ArrayDataset, ArrayDataset]]
 """``loader(*, seed, data_path, test_fraction, **options) -> (train pool, global test set)``."""
 
 
-DATASETS: dict[str, DatasetLoader] = {
-    "digits": load_digits,
-    "fashion-mnist": load_fashion_mnist,
-    "synthetic": load_synthetic,
-}
+DATASETS: Registry[DatasetLoader] = Registry("data set")
+DATASETS.register("digits", load_digits)
+DATASETS.register("fashion-mnist", load_fashion_mnist)
+DATASETS.register("synthetic", load_synthetic)
 
 _COMMON = frozenset({"seed", "data_path", "test_fraction"})
 
@@ -102,8 +103,4 @@ def _load_cached(
 
 
 def _loader(name: str) -> DatasetLoader:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        allowed = ", ".join(repr(n) for n in DATASETS)
-        raise ConfigError(f"dataset = {name!r} is not known; expected one of {allowed}") from None
+    return DATASETS.get(name)

@@ -28,7 +28,7 @@ from torch import nn
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
-from fedforget.errors import ConfigError
+from fedforget.registry import Registry
 from fedforget.task import load_tensors
 from fedforget.training import evaluate
 
@@ -66,30 +66,19 @@ class MetricContext:
 
 
 MetricFn = Callable[[MetricContext], "float | Mapping[str, float]"]
-METRICS: dict[str, MetricFn] = {}
+METRICS: Registry[MetricFn] = Registry("metric")
 
 
 def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
-    """Decorator: register ``fn`` as the metric ``name``."""
-
-    def wrap(fn: MetricFn) -> MetricFn:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} is registered twice")
-        METRICS[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: register ``fn`` as the metric ``name`` (``METRICS.register(name)``)."""
+    return METRICS.register(name)
 
 
 def compute_metrics(names: tuple[str, ...] | list[str], ctx: MetricContext) -> dict[str, float]:
     """The named metrics, flattened to ``name`` / ``name_key`` columns."""
     out: dict[str, float] = {}
     for name in names:
-        try:
-            fn = METRICS[name]
-        except KeyError:
-            raise ConfigError(f"unknown metric {name!r}; registered: "
-                              f"{', '.join(sorted(METRICS))}") from None
+        fn = METRICS.get(name)
         with torch.no_grad():
             value = fn(ctx)
         column = name.replace("-", "_")

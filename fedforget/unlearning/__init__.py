@@ -15,10 +15,7 @@ pga          projected gradient ascent (Halimi et al., 2022)       no     the le
 
 from __future__ import annotations
 
-import importlib
-
 from fedforget.unlearning.base import (
-    REGISTRY,
     ClientUpdate,
     Cost,
     Federation,
@@ -31,24 +28,11 @@ from fedforget.unlearning.base import (
     get_method,
     register,
 )
-
-METHOD_MODULES = (
-    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga"
-)
-
-
-def load_methods() -> None:
-    """Import every shipped method module (each registers itself)."""
-    for name in METHOD_MODULES:
-        try:
-            importlib.import_module(f"fedforget.unlearning.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"fedforget.unlearning.{name}":
-                raise
-
+from fedforget.unlearning.registry import METHOD_MODULES, METHODS
 
 __all__ = [
-    "REGISTRY",
+    "METHODS",
+    "METHOD_MODULES",
     "ClientUpdate",
     "Cost",
     "Federation",
@@ -59,6 +43,5 @@ __all__ = [
     "UnlearningRequest",
     "UnlearningResult",
     "get_method",
-    "load_methods",
     "register",
 ]

@@ -42,6 +42,7 @@ from torch import nn
 from fedforget.data.array_dataset import ArrayDataset
 from fedforget.errors import ConfigError, DataError
 from fedforget.training import evaluate
+from fedforget.unlearning.client_tasks import CLIENT_TASKS
 
 TASK = "pga"
 """Value of the train config key ``task`` that selects this procedure."""
@@ -285,3 +286,16 @@ def _check(ok: bool, key: str, value: object, expected: str) -> None:
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+@CLIENT_TASKS.register(TASK)
+def pga_task(model: nn.Module, train_data: ArrayDataset, holdout: ArrayDataset,
+             config: Mapping[str, Any]) -> Mapping[str, float | int]:
+    """The client task ``pga``: ascent from the received model, which is also the centre
+    of the ball; the held-out split is the paper's validation data for the early stop."""
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = projected_gradient_ascent(
+        model, train_data, reference=reference, **ascent_kwargs(config),
+        validation=holdout if len(holdout) else None,
+    )
+    return result.metrics()

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedforget.errors import ConfigError, FedForgetError
 from fedforget.history import HistoryStore
+from fedforget.unlearning.registry import METHODS
 
 TensorDict = dict[str, np.ndarray]
 
@@ -275,27 +276,15 @@ class Unlearner(ABC, Generic[P]):
         """Compute the unlearned model."""
 
 
-REGISTRY: dict[str, type[Unlearner[Any]]] = {}
-
-
 def register(cls: type[Unlearner[Any]]) -> type[Unlearner[Any]]:
-    """Class decorator adding a method to :data:`REGISTRY` under ``cls.name``."""
-    if cls.name in REGISTRY:
-        raise ValueError(f"unlearning method {cls.name!r} is registered twice")
-    REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator adding a method to :data:`~fedforget.unlearning.registry.METHODS`
+    under ``cls.name``."""
+    return METHODS.register(cls.name, cls)
 
 
 def get_method(name: str, params: Mapping[str, Any] | None = None) -> Unlearner[Any]:
     """The registered method ``name`` with its parameters set from ``params``."""
-    from fedforget.unlearning import load_methods
-
-    load_methods()
-    if name not in REGISTRY:
-        raise ConfigError(
-            f"unknown unlearning method {name!r}; expected one of {', '.join(sorted(REGISTRY))}"
-        )
-    cls = REGISTRY[name]
+    cls = METHODS.get(name)
     return cls(cls.Params.from_mapping(params or {}))
 
 
