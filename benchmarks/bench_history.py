@@ -63,10 +63,11 @@ from _common import (
     timed_calls,
 )
 
+from fedforget.arrays import model_tensors
 from fedforget.config import RunConfig, parse_assignments
 from fedforget.engine import run_training
 from fedforget.history import HistoryStore, ParticipantUpdate
-from fedforget.task import model_tensors, new_model
+from fedforget.task import new_model
 
 GOAL = 1.05
 STORE_FORMAT = getattr(sys.modules["fedforget.history.store"], "FORMAT_VERSION", 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedforget.errors import FedForgetError
+from fedforget.errors import ConfigError, FedForgetError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -35,9 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the embedded default (digits, 10 clients)")
     _add_engine_args(demo)
 
-    train = sub.add_parser("train", help="train the run described by a config file")
-    train.add_argument("config", help="flat TOML of run-config keys, e.g. simulations/*.toml")
+    train = sub.add_parser("train", help="train (or resume) a run of fedforget's app or yours")
+    train.add_argument("config", nargs="?", default=None,
+                       help="flat TOML of run-config keys, e.g. simulations/*.toml (for your "
+                            "own app: optional, over its pyproject defaults)")
     _add_engine_args(train)
+    train.add_argument("--clients", type=int, default=None, metavar="N",
+                       help="number of clients (SuperNodes) for an app other than fedforget's "
+                            "(default: its pyproject's local-simulation num-supernodes)")
 
     withdraw = sub.add_parser("withdraw", help="record that a client withdraws")
     withdraw.add_argument("dir", help="run directory")
@@ -56,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--app", default=None, help="Flower app project directory")
     unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
                          help="in-process Grid (default) or Flower's simulation engine")
+    unlearn.add_argument("--reference", choices=("compute", "cached", "none"),
+                         default="compute",
+                         help="compute (default, cached per forget set), reuse a cached, or "
+                              "skip the retrained reference")
+    unlearn.add_argument("--keys", default=None, metavar="DIR",
+                         help="the server's signing keys (default: DIR/keys)")
 
     run = sub.add_parser(
         "run", help="run an experiment file: grids of methods x seeds x settings, a report"
@@ -110,29 +122,44 @@ def main(argv: list[str] | None = None) -> int:
 
 # ------------------------------------------------------------------------ train
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fedforget.config import load_config, parse_assignments
-    from fedforget.engine import run_training
+    from fedforget.config import RunConfig, load_config, parse_assignments, read_toml
+    from fedforget.engine import run_app, run_training
     from fedforget.engine.apps import find_project
+    from fedforget.settings import RunSettings
 
     project = find_project(args.app)
-    config_path = (
-        project.root / "simulations" / "demo.toml" if args.command == "demo" else args.config
-    )
+    out = Path(args.out).resolve()
     overrides: dict[str, Any] = parse_assignments(args.set)
-    overrides["out-dir"] = str(Path(args.out).resolve())
-    if args.quiet:
-        overrides["progress"] = False
-    cfg = load_config(config_path, **overrides)
-    print(
-        f"fedforget {args.command}: {cfg.dataset}, {cfg.num_clients} clients, "
-        f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {cfg.out_dir}",
-        file=sys.stderr,
-    )
+    own_app = project.app_keys() == frozenset(RunConfig.keys())
     t0 = time.perf_counter()
-    run_training(cfg, engine=args.engine, project=project)
+    if own_app:
+        config_path = (project.root / "simulations" / "demo.toml" if args.command == "demo"
+                       or args.config is None else args.config)
+        cfg = load_config(config_path, **overrides)
+        print(f"fedforget {args.command}: {cfg.dataset}, {cfg.num_clients} clients, "
+              f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {out}",
+              file=sys.stderr)
+        run_training(cfg, out=out, engine=args.engine, project=project,
+                     progress=not args.quiet)
+    else:
+        if args.command == "demo":
+            raise ConfigError(f"`fedforget demo` runs fedforget's own app; {project.root} "
+                              "holds another (use `fedforget train --app ...`)")
+        from fedforget.settings import app_run_config
+
+        values = app_run_config(project.run_config_defaults())
+        if args.config is not None:
+            values.update(read_toml(args.config))
+        values.update(overrides)
+        clients = args.clients or _num_supernodes(project.root)
+        print(f"fedforget train: app {project.root.name}, {clients} clients, engine "
+              f"{args.engine} -> {out}", file=sys.stderr)
+        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine)
+        run_app(project, run_config={**values, **settings.to_run_config()}, num_nodes=clients,
+                engine=args.engine, progress=not args.quiet)
     elapsed = time.perf_counter() - t0
-    summary = _summary(cfg.out_dir)
-    acc = _final_accuracy(Path(cfg.out_dir))
+    summary = _summary(out)
+    acc = _final_accuracy(out)
     print(f"rounds:              {summary['rounds']}")
     print(f"clients:             {len(summary['clients'])}")
     if acc is not None:
@@ -141,10 +168,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"history:             {summary['bytes_stored']} bytes ({summary['codec']}, "
           f"updates kept every {summary['retain_interval']} rounds)")
     print(f"wall time:           {elapsed:.1f} s")
-    print(f"run directory:       {cfg.out_dir}")
+    print(f"run directory:       {out}")
     if args.command == "demo":
-        _demo_unlearning(cfg, project, quiet=args.quiet)
+        _demo_unlearning(cfg, out, project, quiet=args.quiet)
     return 0
+
+
+def _num_supernodes(root: Path) -> int:
+    """``num-supernodes`` of the app's default local-simulation federation, if it says."""
+    from fedforget.config import read_toml
+
+    flwr = read_toml(root / "pyproject.toml").get("tool", {}).get("flwr", {})
+    federations = flwr.get("federations", {})
+    default = federations.get("default")
+    options = federations.get(default, {}).get("options", {}) if default else {}
+    n = options.get("num-supernodes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"how many clients? give --clients N ({root}/pyproject.toml names no "
+                          "num-supernodes for its default federation)")
+    return n
 
 
 # FedEraser with the paper's defaults: Δt = 2 (every other stored round), r = 0.5.
@@ -156,16 +198,15 @@ DEMO_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def _demo_unlearning(cfg: Any, project: Any, *, quiet: bool) -> None:
+def _demo_unlearning(cfg: Any, out: Path, project: Any, *, quiet: bool) -> None:
     """The demo's second half: the backdoor client withdraws and four methods unlearn it."""
-    from fedforget.engine.unlearning import run_unlearning
+    from fedforget.engine import run_unlearning
     from fedforget.withdrawal import WithdrawalLedger
 
     leaving = sorted(cfg.backdoor_client_ids())
     if not leaving:
         return
     client = leaving[0]
-    out = Path(cfg.out_dir)
     with WithdrawalLedger(out) as ledger:
         done = ledger.for_client(client)
     print(f"\n{client} planted a backdoor (trigger -> label {cfg.backdoor_target}) and now "
@@ -173,82 +214,91 @@ def _demo_unlearning(cfg: Any, project: Any, *, quiet: bool) -> None:
     results = []
     for method, params in DEMO_METHODS:
         print(f"unlearning {client} with {method} ...", file=sys.stderr)
-        info = run_unlearning(
+        outcome = run_unlearning(
             out, client=client, method=method, params=params,
-            reason="demo: the backdoor client leaves",
-            project=project, progress=not quiet,
+            reason="demo: the backdoor client leaves", project=project, progress=not quiet,
         )
-        if info is not None:
-            results.append(info)
+        if outcome is not None:
+            results.append(outcome)
     print()
     print(format_table(results))
     print()
     print("Each unlearning issued a signed erasure receipt; verifying them as a user would:")
-    for info in results:
-        if not _verify_receipt_as_a_user(info, client):
+    for outcome in results:
+        if not _verify_receipt_as_a_user(out, outcome):
             from fedforget.unlearning import UnlearningError
 
-            raise UnlearningError(f"the receipt of {info['method']} did not verify")
+            raise UnlearningError(f"the receipt of {outcome.method} did not verify")
 
 
-def _verify_receipt_as_a_user(info: dict[str, Any], client: str) -> bool:
+def _verify_receipt_as_a_user(out: Path, outcome: Any) -> bool:
     """Run ``fedforget receipt verify`` in a subprocess on one result's receipt."""
     import shlex
     import subprocess
 
-    receipt = info["receipt"]
+    receipt = outcome.receipt
     exe = Path(sys.executable).parent / "fedforget"
     prefix = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedforget.cli"]
-    args = ["receipt", "verify", receipt["receipt_path"], "--key", receipt["public_key_path"],
-            "--model", info["model_path"]]
-    if receipt.get("head_path"):
-        args += ["--head", receipt["head_path"]]
-    salt = Path(receipt["salt_path"]).read_text().strip()
-    args += ["--salt", salt, "--client", client]
+    args = ["receipt", "verify", str(out / receipt.receipt_path), "--key",
+            receipt.public_key_path, "--model", str(out / outcome.model_path)]
+    if receipt.head_path:
+        args += ["--head", receipt.head_path]
+    salt = Path(receipt.salt_path).read_text().strip()
+    args += ["--salt", salt, "--client", outcome.client_id]
     print("$ fedforget " + " ".join(shlex.quote(a) for a in args))
     done = subprocess.run(prefix + args, capture_output=True, text=True, check=False)
     print((done.stdout + done.stderr).strip())
     return done.returncode == 0
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
+def _figure(metrics: dict[str, Any], name: str, model: str) -> float | None:
+    values = metrics.get(name)
+    return values.get(model) if isinstance(values, dict) else None
+
+
+def format_table(results: list[Any]) -> str:
     """One line per method: accuracy, forgotten accuracy, backdoor, distance, cost."""
     if not results:
         return "(no results)"
     header = (f"{'model':<11}{'exact':>6}{'test acc':>10}{'forgot acc':>11}{'backdoor':>10}"
               f"{'L2 to retrain':>15}{'client-ep':>11}{'speed-up ep':>12}{'wall s':>8}")
-    first = results[0]["metrics"]
-    backdoor = first.get("backdoor_success") or {}
+    first = results[0].metrics
     lines = [header, "-" * len(header)]
     lines.append(
-        f"{'original':<11}{'':>6}{_pct(first['test_accuracy']['original']):>10}"
-        f"{_pct((first['forgotten_accuracy'] or {}).get('original')):>11}"
-        f"{_pct(backdoor.get('original')):>10}"
-        f"{first['l2_to_retrained']['original']:>15.4f}{'':>11}{'':>12}{'':>8}"
+        f"{'original':<11}{'':>6}{_pct(_figure(first, 'test_accuracy', 'original')):>10}"
+        f"{_pct(_figure(first, 'forgotten_accuracy', 'original')):>11}"
+        f"{_pct(_figure(first, 'backdoor_success', 'original')):>10}"
+        f"{_num(_figure(first, 'l2_to_retrained', 'original')):>15}{'':>11}{'':>12}{'':>8}"
     )
-    for info in results:
-        m = info["metrics"]
-        bd = m.get("backdoor_success") or {}
-        speed = m["speedup_client_epochs"]
+    for outcome in results:
+        m = outcome.metrics
+        speed = m.get("speedup_client_epochs")
         lines.append(
-            f"{info['method']:<11}{'yes' if info['exact'] else 'no':>6}"
-            f"{_pct(m['test_accuracy']['unlearned']):>10}"
-            f"{_pct((m['forgotten_accuracy'] or {}).get('unlearned')):>11}"
-            f"{_pct(bd.get('unlearned')):>10}"
-            f"{m['l2_to_retrained']['unlearned']:>15.4f}"
-            f"{info['cost']['client_epochs']:>11g}"
+            f"{outcome.method:<11}{'yes' if outcome.exact else 'no':>6}"
+            f"{_pct(_figure(m, 'test_accuracy', 'unlearned')):>10}"
+            f"{_pct(_figure(m, 'forgotten_accuracy', 'unlearned')):>11}"
+            f"{_pct(_figure(m, 'backdoor_success', 'unlearned')):>10}"
+            f"{_num(_figure(m, 'l2_to_retrained', 'unlearned')):>15}"
+            f"{outcome.cost.client_epochs:>11g}"
             f"{'inf' if speed is None else f'{speed:.2f}x':>12}"
-            f"{info['cost']['server_seconds']:>8.2f}"
+            f"{outcome.cost.server_seconds:>8.2f}"
         )
     return "\n".join(lines)
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _final_accuracy(out: Path) -> float | None:
-    path = out / "metrics.jsonl"
+    from fedforget.rundir import RunDirectory
+
+    path = RunDirectory(out).metrics
     if not path.exists():
         return None
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return float(lines[-1]["test-accuracy"]) if lines else None
+    value = lines[-1].get("accuracy") if lines else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 # -------------------------------------------------------------------------- run
@@ -288,22 +338,31 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- unlearn
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from fedforget.config import parse_assignments
-    from fedforget.engine.apps import find_project
-    from fedforget.engine.unlearning import run_unlearning
+    from fedforget.engine import run_unlearning
 
-    info = run_unlearning(
-        args.dir, client=args.client, method=args.method, params=parse_assignments(args.set),
-        reason=args.reason, engine=args.engine, project=find_project(args.app),
-        progress=not (args.quiet or args.json),
-    )
-    if info is None:
+    # With --json, stdout carries the JSON object only: what the app prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        outcome = run_unlearning(
+            args.dir, client=args.client, method=args.method,
+            params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
+            app_dir=args.app, progress=not (args.quiet or args.json),
+            reference=args.reference, keys_dir=args.keys,
+        )
+    if outcome is None:
         print(f"no-op: {args.client} has no stored contribution in {args.dir}; "
               "the model is unchanged and nothing was written")
         return 0
+    run = Path(args.dir).resolve()
     if args.json:
+        info = outcome.to_dict()
+        info["model_path"] = str(run / outcome.model_path)
+        info["result_path"] = str(run / Path(outcome.model_path).parent / "result.json")
+        if outcome.receipt is not None:
+            info["receipt_path"] = str(run / outcome.receipt.receipt_path)
+            info["public_key_path"] = outcome.receipt.public_key_path
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
-        print(format_comparison(info))
+        print(format_comparison(outcome, run))
     return 0
 
 
@@ -311,18 +370,19 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:6.2f}%"
 
 
-def format_comparison(info: dict[str, Any]) -> str:
+def format_comparison(outcome: Any, run: Path) -> str:
     """A readable summary of one unlearning result."""
-    m = info["metrics"]
-    cost = info["cost"]
-    ref = info["reference"]
+    m = outcome.metrics
+    cost = outcome.cost
+    ref = outcome.reference
     lines = [
-        f"method {info['method']} (v{info['method_version']}, "
-        f"{'exact' if info['exact'] else 'approximate'}) forgot {', '.join(info['forgotten'])}",
+        f"method {outcome.method} (v{outcome.method_version}, "
+        f"{'exact' if outcome.exact else 'approximate'}) forgot {', '.join(outcome.forgotten)}"
+        f" on engine {outcome.engine}",
         f"{'':24}{'original':>10}{'unlearned':>11}{'retrained':>11}",
     ]
-    rows = [("test accuracy", m["test_accuracy"]),
-            ("forgotten-data accuracy", m["forgotten_accuracy"])]
+    rows = [("test accuracy", m.get("test_accuracy")),
+            ("forgotten-data accuracy", m.get("forgotten_accuracy"))]
     if m.get("backdoor_success"):
         rows.append(("backdoor success", m["backdoor_success"]))
     for label, values in rows:
@@ -344,9 +404,13 @@ def format_comparison(info: dict[str, Any]) -> str:
             lines.append(f"{label:24}{fraction(values.get('original')):>10}"
                          f"{fraction(values.get('unlearned')):>11}"
                          f"{fraction(values.get('retrained')):>11}")
-    lines.append(f"L2 distance to retrained: original {m['l2_to_retrained']['original']:.4f}, "
-                 f"unlearned {m['l2_to_retrained']['unlearned']:.4f}"
-                 + ("  (bit-identical)" if ref["bit_identical"] else ""))
+    l2 = m.get("l2_to_retrained")
+    if l2:
+        lines.append(f"L2 distance to retrained: original {l2['original']:.4f}, "
+                     f"unlearned {l2['unlearned']:.4f}"
+                     + ("  (bit-identical)" if ref.bit_identical else ""))
+    else:
+        lines.append(f"no retrained reference ({ref.status}): no comparison with retraining")
     if m.get("kl_to_retrained") and m.get("js_to_retrained"):
         kl, js = m["kl_to_retrained"], m["js_to_retrained"]
         lines.append(f"prediction divergence to retrained (nats): KL original "
@@ -357,19 +421,22 @@ def format_comparison(info: dict[str, Any]) -> str:
         worst = ", ".join(f"{w['client']} {100 * w['change']:+.2f}" for w in impact["worst"])
         lines.append(f"remaining clients' held-out accuracy change (points): mean "
                      f"{100 * impact['mean']:+.2f}, worst {worst}")
-    speed_wall = m["speedup_wall"]
-    speed_epochs = m["speedup_client_epochs"]
+    speed_wall = m.get("speedup_wall")
+    speed_epochs = m.get("speedup_client_epochs")
+    retrain = (f" (retrain: {ref.cost.client_epochs:g} client-epochs, "
+               f"{ref.cost.server_seconds:.2f} s)" if ref.cost is not None else "")
     lines.append(
-        f"cost: {cost['client_epochs']:g} client-epochs, {cost['rounds']} rounds, "
-        f"{cost['server_seconds']:.2f} s (retrain: {ref['cost']['client_epochs']:g} "
-        f"client-epochs, {ref['cost']['server_seconds']:.2f} s); speed-up "
-        f"{'∞' if speed_epochs is None else f'{speed_epochs:.2f}×'} in client-epochs, "
+        f"cost: {cost.client_epochs:g} client-epochs, {cost.rounds} rounds, "
+        f"{cost.server_seconds:.2f} s{retrain}; speed-up "
+        f"{'-' if speed_epochs is None else f'{speed_epochs:.2f}×'} in client-epochs, "
         f"{'-' if speed_wall is None else f'{speed_wall:.2f}×'} in wall time"
     )
-    for note in info.get("notes", []):
+    for note in outcome.notes:
         lines.append(f"note: {note}")
-    lines.append(f"model: {info['model_path']} ({info['model_digest']})")
-    lines.append(f"receipt: {info['receipt_path']} (public key {info['public_key_path']})")
+    lines.append(f"model: {run / outcome.model_path} ({outcome.model_digest})")
+    if outcome.receipt is not None:
+        lines.append(f"receipt: {run / outcome.receipt.receipt_path} "
+                     f"(public key {outcome.receipt.public_key_path})")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """Run configuration: one flat table of kebab-case keys, shared by every engine.
 
-The same keys are the Flower run config (``[tool.flwr.app.config]`` and
+The same keys are fedforget's own app's Flower run config (``[tool.flwr.app.config]`` and
 ``flwr run --run-config``), the experiment files under ``simulations/`` and the
-``RunConfig`` dataclass (snake_case attributes). Every key is validated here, at the
+``RunConfig`` dataclass (snake_case attributes). fedforget's operational keys (run
+directory, mode, ...) are not here: they are ``fedforget.*`` keys of any app's run config
+(:mod:`fedforget.settings`). Every key is validated here, at the
 boundary: an unknown key or a bad value raises :class:`~fedforget.errors.ConfigError`
 naming the key and what is allowed.
 """
@@ -23,11 +25,9 @@ STRATEGIES = ("fedavg", "fedprox")
 CODECS = ("fp32", "fp16", "bf16")
 
 # Keys that do not change the training itself: a run may be resumed with other values.
-OPERATIONAL_KEYS = frozenset(
-    {"out-dir", "progress", "mode", "request-id", "method", "method-params", "keys-dir",
-     "history-fsync"}
-)
-MODES = ("train", "unlearn")
+OPERATIONAL_KEYS = frozenset({"history-fsync"})
+# Keys a resumed run may change (extending a finished run with more rounds).
+EXTENDABLE_KEYS = ("num-rounds", "history-fsync")
 
 
 def _choice(allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -103,14 +103,6 @@ class RunConfig:
     backdoor_clients: str = ""  # comma-separated client ids, e.g. "client-003"
     backdoor_target: int = field(default=0, metadata=_range(0))
     backdoor_fraction: float = field(default=0.5, metadata=_range(0, 1, low_open=True))
-    # operational
-    out_dir: str = ""
-    progress: bool = True
-    mode: str = field(default="train", metadata=_choice(MODES))
-    request_id: str = ""
-    method: str = ""
-    method_params: str = ""  # a JSON object of the method's parameters
-    keys_dir: str = ""  # the server's signing keys (default: <out-dir>/keys, made on first use)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -157,6 +149,14 @@ class RunConfig:
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some attributes changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def recording_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`fedforget.strategies.unlearnable.Unlearnable`
+        that this run config sets (seed, clients per round, reply policy, retention,
+        codec, fsync)."""
+        return {"seed": self.seed, "clients_per_round": self.clients_per_round(),
+                "min_replies": self.min_replies, "retain_interval": self.retain_interval,
+                "codec": self.codec, "history_fsync": self.history_fsync}
 
     def backdoor_client_ids(self) -> frozenset[str]:
         """The clients that plant a backdoor (experiment option)."""

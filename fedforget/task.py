@@ -7,22 +7,15 @@ module is that single place.
 
 from __future__ import annotations
 
-import io
-import math
-from collections.abc import Mapping
-from functools import lru_cache
-from pathlib import Path
+import re
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, client_data, load_dataset
 from fedforget.models import build_model
 from fedforget.sampling import model_init_seed
-
-TensorDict = dict[str, np.ndarray]
 
 
 def dataset_options(cfg: RunConfig) -> dict[str, object]:
@@ -78,118 +71,23 @@ def new_model(cfg: RunConfig) -> torch.nn.Module:
     )
 
 
-def model_tensors(model: torch.nn.Module) -> TensorDict:
-    """A model's state as numpy arrays, in the model's order (copies)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+def build_strategy(cfg: RunConfig) -> Strategy:
+    """The run's aggregation strategy (FedAvg or FedProx; clients are sampled by fedforget)."""
+    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 1,
+              "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    return FedAvg(**common)
 
 
-def model_array_record(model: torch.nn.Module) -> ArrayRecord:
-    """A model's state as a Flower ArrayRecord, in the model's order.
-
-    The same record as ``to_array_record(model_tensors(model))``, with one copy of each
-    tensor (into the record's bytes) instead of three.
-    """
-    return to_array_record({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+def train_config(cfg: RunConfig) -> dict[str, int | float]:
+    """The local-training settings the server sends every round."""
+    return {"local-epochs": cfg.local_epochs, "learning-rate": cfg.learning_rate,
+            "batch-size": cfg.batch_size}
 
 
-def load_tensors(model: torch.nn.Module, tensors: Mapping[str, np.ndarray]) -> torch.nn.Module:
-    """Load numpy arrays into ``model`` (strict: same keys and shapes).
+def client_partition(client_id: str) -> int | None:
+    """The partition of fedforget's default client id ``client-%03d`` (None for another id)."""
+    match = re.fullmatch(r"client-(\d+)", client_id)
+    return int(match.group(1)) if match else None
 
-    Each array is copied into its parameter or buffer (``Tensor.copy_`` without gradient
-    tracking, as ``load_state_dict`` does); when the keys, shapes or dtypes differ from the
-    model's, or a tensor is not on the CPU, ``load_state_dict`` itself loads them (and
-    raises its usual error).
-    """
-    arrays = {k: np.asarray(v) for k, v in tensors.items()}
-    targets = model.state_dict(keep_vars=True)
-    if list(targets) == list(arrays) and all(
-        t.device.type == "cpu"
-        and tuple(t.shape) == a.shape
-        and _TORCH_DTYPES.get(a.dtype.str) == t.dtype
-        for t, a in zip(targets.values(), arrays.values(), strict=True)
-    ):
-        with torch.no_grad():
-            for target, array in zip(targets.values(), arrays.values(), strict=True):
-                target.copy_(torch.from_numpy(array if array.flags.writeable else array.copy()))
-        return model
-    model.load_state_dict(
-        {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in arrays.items()}
-    )
-    return model
-
-
-_TORCH_DTYPES = {
-    np.dtype(np.float32).str: torch.float32,
-    np.dtype(np.float64).str: torch.float64,
-    np.dtype(np.float16).str: torch.float16,
-    np.dtype(np.int64).str: torch.int64,
-    np.dtype(np.int32).str: torch.int32,
-    np.dtype(np.uint8).str: torch.uint8,
-    np.dtype(np.bool_).str: torch.bool,
-}
-
-
-@lru_cache(maxsize=4096)
-def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
-    """The ``.npy`` header ``np.save`` writes for a C-ordered array of ``dtype``, ``shape``."""
-    empty = np.zeros(shape, dtype=np.dtype(dtype))
-    buffer = io.BytesIO()
-    np.save(buffer, empty, allow_pickle=False)
-    data = buffer.getvalue()
-    return data[: len(data) - empty.nbytes]
-
-
-@lru_cache(maxsize=64)
-def _dtype_name(dtype: np.dtype) -> str:
-    return str(dtype)
-
-
-def _to_array(value: np.ndarray) -> Array:
-    """Flower ``Array`` of ``value``: the very bytes ``np.save`` would write, made without
-    ``np.save`` (a cached header plus the raw C-ordered data, copied once)."""
-    value = np.asarray(value)
-    if not value.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
-        value = np.copy(value, order="C")
-    if value.dtype.hasobject or value.dtype.byteorder == ">":
-        return Array(value)
-    header = _npy_header(value.dtype.str, value.shape)
-    payload = value.data if value.ndim else value.tobytes()
-    return Array(dtype=_dtype_name(value.dtype), shape=tuple(value.shape),
-                 stype="numpy.ndarray", data=b"".join((header, payload)))
-
-
-def _from_array(array: Array) -> np.ndarray:
-    """numpy copy of a Flower ``Array``; the payload is read directly when its header is
-    the one ``np.save`` writes for its dtype and shape, else through ``Array.numpy()``."""
-    dtype = np.dtype(array.dtype)
-    shape = tuple(int(d) for d in array.shape)
-    data = array.data
-    if array.stype == "numpy.ndarray" and not dtype.hasobject:
-        header = _npy_header(dtype.str, shape)
-        if data[: len(header)] == header:
-            count = math.prod(shape)
-            flat = np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
-            return flat.reshape(shape).copy()
-    return np.array(array.numpy())
-
-
-def to_array_record(tensors: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """numpy arrays -> Flower ArrayRecord (keeps the order)."""
-    record = ArrayRecord()  # filled item by item: ArrayRecord(dict) would copy every Array
-    for k, v in tensors.items():
-        record[k] = _to_array(v)
-    return record
-
-
-def from_array_record(record: ArrayRecord) -> TensorDict:
-    """Flower ArrayRecord -> numpy arrays (keeps the order)."""
-    return {k: _from_array(record[k]) for k in record}
-
-
-def client_state_dir(out_dir: str | Path, client_id: str) -> Path:
-    """Where a simulated client keeps its own state (its saved tree head, receipt salts).
-
-    On a real SuperNode the node config key ``state-dir`` names a directory of the
-    client's own machine instead.
-    """
-    return Path(out_dir) / "client-state" / client_id

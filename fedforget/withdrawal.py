@@ -12,6 +12,11 @@ run's index (``history.sqlite``, table ``withdrawals``) and moves through
 A request left in ``unlearning`` by a crash is found again on restart
 (:meth:`WithdrawalLedger.interrupted`) and re-run; nothing is lost. Withdrawing the same
 client twice returns the existing request. A withdrawn client is never sampled again.
+
+Which method serves a request is an *order* on it (:meth:`WithdrawalLedger.order`: method,
+parameters, time), given by ``fedforget unlearn`` (or, in a deployment, the server's
+policy) before the ServerApp runs in unlearning mode; the app's unlearning service serves
+the latest order (:meth:`WithdrawalLedger.latest_order`).
 """
 
 from __future__ import annotations
@@ -45,9 +50,13 @@ CREATE TABLE IF NOT EXISTS withdrawals (
     state       TEXT NOT NULL,
     updated_at  TEXT NOT NULL,
     method      TEXT,
-    detail      TEXT
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
 )
 """
+_COLUMNS = "request_id, client_id, received_at, reason, state, updated_at, method, detail, " \
+    "params, ordered_at"
 
 
 class WithdrawalError(FedForgetError):
@@ -66,6 +75,8 @@ class WithdrawalRequest:
     updated_at: str
     method: str | None = None
     detail: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    ordered_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
@@ -78,6 +89,8 @@ class WithdrawalRequest:
             "updated_at": self.updated_at,
             "method": self.method,
             "detail": self.detail,
+            "params": self.params,
+            "ordered_at": self.ordered_at,
         }
 
 
@@ -92,6 +105,10 @@ class WithdrawalLedger:
         self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(_SCHEMA)
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(withdrawals)")}
+        for column in ("params", "ordered_at"):  # ledgers written before orders existed
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE withdrawals ADD COLUMN {column} TEXT")
         self.directory = Path(directory)
 
     def close(self) -> None:
@@ -107,16 +124,15 @@ class WithdrawalLedger:
     # ----------------------------------------------------------------- queries
     def _row(self, where: str, value: str) -> WithdrawalRequest | None:
         row = self._conn.execute(
-            "SELECT request_id, client_id, received_at, reason, state, updated_at, method, "
-            f"detail FROM withdrawals WHERE {where} = ?",
-            (value,),
+            f"SELECT {_COLUMNS} FROM withdrawals WHERE {where} = ?", (value,)
         ).fetchone()
         if row is None:
             return None
-        detail = json.loads(row[7]) if row[7] else None
         return WithdrawalRequest(
             request_id=row[0], client_id=row[1], received_at=row[2], reason=row[3],
-            state=row[4], updated_at=row[5], method=row[6], detail=detail,
+            state=row[4], updated_at=row[5], method=row[6],
+            detail=json.loads(row[7]) if row[7] else None,
+            params=json.loads(row[8]) if row[8] else None, ordered_at=row[9],
         )
 
     def get(self, request_id: str) -> WithdrawalRequest:
@@ -143,6 +159,27 @@ class WithdrawalLedger:
     def interrupted(self) -> list[WithdrawalRequest]:
         """Requests a crash left in ``unlearning``: to be re-run."""
         return [r for r in self.all() if r.state == "unlearning"]
+
+    def latest_order(self) -> WithdrawalRequest:
+        """The request most recently ordered to be served (:meth:`order`)."""
+        row = self._conn.execute(
+            "SELECT request_id FROM withdrawals WHERE ordered_at IS NOT NULL "
+            "ORDER BY ordered_at DESC, rowid DESC LIMIT 1").fetchone()
+        if row is None:
+            raise WithdrawalError(
+                f"no withdrawal request in {self.directory} has been ordered to be served; "
+                "order one with `fedforget unlearn DIR --client ID --method NAME`"
+            )
+        return self.get(row[0])
+
+    def order(self, request_id: str, *, method: str, params: dict[str, Any]) -> WithdrawalRequest:
+        """Order request ``request_id`` to be served by ``method`` with ``params``."""
+        self.get(request_id)
+        self._conn.execute(
+            "UPDATE withdrawals SET method = ?, params = ?, ordered_at = ? WHERE request_id = ?",
+            (method, json.dumps(params, sort_keys=True), utc_now(), request_id),
+        )
+        return self.get(request_id)
 
     # ----------------------------------------------------------------- changes
     def request(

@@ -28,6 +28,7 @@ killed process leaves the store at its last complete round either way.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,16 +40,50 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from fedforget import protocol
+from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, RoundFailedError
 from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
 from fedforget.history.records import RefusedReply
 from fedforget.sampling import ClientSampler, client_train_seed
-from fedforget.task import TensorDict, from_array_record, to_array_record
 from fedforget.tensors import tensors_digest
 
 log = logging.getLogger("fedforget.strategies")
 
-CLIENT_RECORD = "client"  # ConfigRecord key carrying the stable client id in replies
+CLIENT_RECORD = protocol.CLIENT_RECORD  # ConfigRecord key carrying the stable client id
+
+
+def clients_per_round(strategy: Strategy, roster_size: int, given: int = 0) -> int:
+    """How many clients a round trains: ``given`` if set, else the wrapped strategy's own
+    count over the roster (Flower's FedAvg: ``max(min_train_nodes, int(fraction_train·N))``),
+    else all of them."""
+    if given:
+        return given
+    fraction = getattr(strategy, "fraction_train", None)
+    if isinstance(fraction, int | float) and not isinstance(fraction, bool):
+        minimum = int(getattr(strategy, "min_train_nodes", 1) or 1)
+        return max(1, min(roster_size, max(minimum, int(roster_size * float(fraction)))))
+    return max(1, roster_size)
+
+
+def train_every_shown_node(strategy: Strategy) -> Strategy:
+    """A copy of ``strategy`` that trains every node it is shown.
+
+    fedforget samples by stable id and shows the wrapped strategy only the selected nodes;
+    a strategy of Flower's FedAvg family would sample again among them (``fraction_train``)
+    and wait for ``min_available_nodes``. The copy (the caller's object is left as it was)
+    has ``fraction_train = 1``, ``min_train_nodes = min_available_nodes = 1`` and
+    ``min_evaluate_nodes = 1``; its ``fraction_evaluate`` is the caller's. A strategy
+    without these settings is used as it is (it must train every node it is shown).
+    """
+    if not hasattr(strategy, "fraction_train"):
+        return strategy
+    view = copy.copy(strategy)
+    view.fraction_train = 1.0  # type: ignore[attr-defined]
+    for name in ("min_train_nodes", "min_available_nodes", "min_evaluate_nodes"):
+        if hasattr(view, name):
+            setattr(view, name, 1)
+    return view
 
 
 def check_train_reply(
@@ -74,7 +109,7 @@ def check_train_reply(
             metric_records.append(record)
         elif key == CLIENT_RECORD and isinstance(record, ConfigRecord):
             identity = record
-    reported = identity.get("client-id") if identity is not None else None
+    reported = identity.get(protocol.CLIENT_ID) if identity is not None else None
     if reported != client_id:
         raise ClientReplyError(f"reported client id {reported!r}, expected {client_id!r}")
     if len(arrays) != 1 or len(metric_records) != 1:
@@ -167,8 +202,8 @@ class HistoryRecording(Strategy):
     Parameters
     ----------
     strategy : Strategy
-        The Flower strategy that aggregates (it must sample *all* nodes it is shown:
-        build it with ``fraction_train=1.0``).
+        The Flower strategy that aggregates (the caller's, e.g. FedAvg with its own
+        ``fraction_train``: see :func:`train_every_shown_node`).
     store : HistoryStore
         Where rounds are committed.
     clients : Mapping[str, int]
@@ -183,8 +218,9 @@ class HistoryRecording(Strategy):
         Fewest valid replies a round may be aggregated from.
     exclude : Iterable[str]
         Clients never to select (withdrawn).
-    evaluate_rounds : Iterable[int]
-        Rounds after which the clients evaluate on their held-out data.
+    evaluate_rounds : Iterable[int], optional
+        Rounds after which the clients evaluate on their held-out data; None: every round
+        in which the wrapped strategy configures an evaluation.
     background_commit : bool
         Commit rounds on a writer thread (call :meth:`flush` at the end).
     roster : Iterable[str], optional
@@ -209,13 +245,13 @@ class HistoryRecording(Strategy):
         round_offset: int = 0,
         min_replies: int = 1,
         exclude: Iterable[str] = (),
-        evaluate_rounds: Iterable[int] = (),
+        evaluate_rounds: Iterable[int] | None = (),
         background_commit: bool = True,
         roster: Iterable[str] | None = None,
         on_commit: Callable[[RoundRecord], None] | None = None,
         extra_config: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
-        self.strategy = strategy
+        self.strategy = train_every_shown_node(strategy)
         self.store = store
         self.clients = dict(clients)
         self.roster = tuple(sorted(roster if roster is not None else self.clients))
@@ -226,7 +262,7 @@ class HistoryRecording(Strategy):
         self.round_offset = round_offset
         self.min_replies = min_replies
         self.exclude = frozenset(exclude)
-        self.evaluate_rounds = frozenset(evaluate_rounds)
+        self.evaluate_rounds = None if evaluate_rounds is None else frozenset(evaluate_rounds)
         self._client_of_node = {node: cid for cid, node in self.clients.items()}
         self._pending: _PendingRound | None = None
         self._global_digest = store.model_digest(store.last_round)
@@ -299,8 +335,9 @@ class HistoryRecording(Strategy):
                 if isinstance(record, ConfigRecord):
                     record = ConfigRecord(dict(record))
                     record["server-round"] = t
-                    record["seed"] = seeds[cid]
-                    sent_config = {k: v for k, v in record.items() if k != "seed"}
+                    record[protocol.SEED] = seeds[cid]
+                    sent_config = {k: v for k, v in record.items()
+                                   if k not in protocol.UNRECORDED_CONFIG}
                     for extra_key, extra_value in extra.items():  # not recorded config
                         record[extra_key] = extra_value
                 content[key] = record
@@ -450,7 +487,7 @@ class HistoryRecording(Strategy):
     ) -> Iterable[Message]:
         """Federated evaluation on the clients' held-out data, in the chosen rounds only."""
         t = server_round + self.round_offset
-        if t not in self.evaluate_rounds:
+        if self.evaluate_rounds is not None and t not in self.evaluate_rounds:
             return []
         nodes = [node for cid, node in sorted(self.clients.items()) if cid not in self.exclude]
         view = _NodeSubsetGrid(grid, nodes)

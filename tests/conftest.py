@@ -11,6 +11,7 @@ import pytest
 from fedforget.config import RunConfig
 from fedforget.engine import run_training
 from fedforget.history import HistoryStore
+from fedforget.settings import RunSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The Flower app components (clients/, server/, strategies/) load from the project root.
@@ -29,21 +30,26 @@ SMALL = {
     "local-epochs": 1,
     "batch-size": 16,
     "learning-rate": 0.1,
-    "progress": False,
 }
 
 
-def small_config(out: Path, **overrides: Any) -> RunConfig:
-    """A 4-client, 3-round synthetic run writing to ``out``."""
+def small_config(**overrides: Any) -> RunConfig:
+    """A 4-client, 3-round synthetic run."""
     values = dict(SMALL)
     values.update(overrides)
-    values["out-dir"] = str(out)
     return RunConfig.from_mapping(values)
+
+
+def run_config_for(cfg: RunConfig, out: Path, **settings: Any) -> dict[str, Any]:
+    """The Flower run config of fedforget's app for ``cfg`` writing to ``out`` (quiet),
+    with further ``fedforget.*`` settings (e.g. ``mode="unlearn"``)."""
+    run = RunSettings(out_dir=str(out), progress=False, **settings)
+    return {**cfg.to_mapping(), **run.to_run_config()}
 
 
 def train_small(out: Path, **overrides: Any) -> dict[str, Any]:
     """Train a small run in-process; return its store summary."""
-    run_training(small_config(out, **overrides), engine="inprocess")
+    run_training(small_config(**overrides), out=out, engine="inprocess", progress=False)
     with HistoryStore.open(out) as store:
         return store.summary()
 

@@ -216,7 +216,7 @@ def test_shadow_halves_refuse_a_single_example() -> None:
 
 def test_the_runs_shadow_attack_is_deterministic_in_the_run_seed(tmp_path: Path) -> None:
     # Prepare: a small synthetic run's configuration and a target of its architecture
-    cfg = small_config(tmp_path / "run")
+    cfg = small_config()
     test = load_test_set(cfg)
     members, non_members = test.subset(np.arange(0, 20)), test.subset(np.arange(20, 40))
     # Execute: two attackers fitted independently, aimed at the same target

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_config, train_small
+from conftest import run_config_for, small_config, train_small
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -40,7 +40,7 @@ def test_each_round_is_the_example_weighted_average_of_the_stored_updates(
     trained_run: Path,
 ) -> None:
     # FedAvg: θ_{t+1} = Σ_k n_k/n · θ_{t,k} = θ_t + Σ_k n_k/n · Δ_{t,k}
-    cfg = small_config(trained_run)
+    cfg = small_config()
     sizes = {f"client-{i:03d}": len(load_client_data(cfg, i)[0]) for i in range(4)}
     with HistoryStore.open(trained_run) as store:
         for record in store.rounds():
@@ -102,13 +102,10 @@ def test_fedprox_runs_and_sends_its_proximal_term(tmp_path: Path) -> None:
 
 def _faulty_client_app() -> ClientApp:
     """The real ClientApp, except that three clients misbehave in every round."""
-    from clients.app import client_id_of, identify, train
+    from clients.app import train
+    from fedforget.flower import client_id_of, unlearning_mod
 
-    app = ClientApp()
-
-    @app.query("identify")
-    def _identify(msg: Message, context: Context) -> Message:
-        return identify(msg, context)
+    app = ClientApp(mods=[unlearning_mod])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -134,10 +131,11 @@ def _faulty_client_app() -> ClientApp:
 def test_bad_replies_are_refused_with_a_reason_and_the_round_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = small_config(tmp_path / "run")
+    cfg = small_config()
     server_app, _ = find_project().load()
     with caplog.at_level(logging.WARNING, logger="fedforget.strategies"):
-        run_inprocess(server_app, _faulty_client_app(), num_nodes=4, run_config=cfg.to_mapping())
+        run_inprocess(server_app, _faulty_client_app(), num_nodes=4,
+                      run_config=run_config_for(cfg, tmp_path / "run"))
     with HistoryStore.open(tmp_path / "run") as store:
         record = store.round(1)
         assert [p.client_id for p in record.participants] == ["client-000"]
@@ -150,11 +148,12 @@ def test_bad_replies_are_refused_with_a_reason_and_the_round_goes_on(
 
 
 def test_too_few_valid_replies_fail_the_round_and_store_nothing_of_it(tmp_path: Path) -> None:
-    cfg = small_config(tmp_path / "run", **{"min-replies": 2})
+    cfg = small_config(**{"min-replies": 2})
     server_app, _ = find_project().load()
     with pytest.raises(RoundFailedError, match=r"round 1: 1 valid replies of 4 selected, "
                                                r"min-replies = 2"):
-        run_inprocess(server_app, _faulty_client_app(), num_nodes=4, run_config=cfg.to_mapping())
+        run_inprocess(server_app, _faulty_client_app(), num_nodes=4,
+                      run_config=run_config_for(cfg, tmp_path / "run"))
     with HistoryStore.open(tmp_path / "run") as store:
         assert store.last_round == 0
     assert verify_store(tmp_path / "run").ok
@@ -166,7 +165,7 @@ def test_resuming_with_another_config_is_refused_and_changes_nothing(
     out = tmp_path / "run"
     before = train_small(out)
     with pytest.raises(HistoryError, match=r"model = 'mlp' \(now 'logreg'\)"):
-        run_training(small_config(out, model="logreg"), engine="inprocess")
+        run_training(small_config(model="logreg"), out=out, engine="inprocess", progress=False)
     with HistoryStore.open(out) as store:
         assert store.summary()["final_model_digest"] == before["final_model_digest"]
 
@@ -186,13 +185,14 @@ def test_the_wrappers_fedavg_shortcut_is_bit_identical_to_flowers_fedavg(
     # Flower's own aggregation instead of aggregating the arrays it already decoded.
     from flwr.serverapp.strategy import FedAvg
 
-    import server.federation
+    find_project().load()
+    import server.app
 
     class DelegatingFedAvg(FedAvg):
         def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
             return super().aggregate_train(server_round, replies)
 
-    monkeypatch.setattr(server.federation, "build_strategy", lambda cfg: DelegatingFedAvg(
+    monkeypatch.setattr(server.app, "build_strategy", lambda cfg: DelegatingFedAvg(
         fraction_train=1.0, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1))
     delegated = train_small(tmp_path / "delegated")
     with HistoryStore.open(trained_run) as store:

@@ -21,7 +21,8 @@ TOLERANCE = 1e-6
 def test_flwr_run_gives_the_in_process_model_within_tolerance(tmp_path: Path) -> None:
     # Prepare / Execute
     overrides = {"num-clients": 3, "num-rounds": 3}
-    run_training(small_config(tmp_path / "sim", **overrides), engine="simulation")
+    run_training(small_config(**overrides), out=tmp_path / "sim", engine="simulation",
+                 progress=False)
     train_small(tmp_path / "inproc", **overrides)
     # Assert
     assert verify_store(tmp_path / "sim").ok
@@ -37,7 +38,7 @@ def test_flwr_run_gives_the_in_process_model_within_tolerance(tmp_path: Path) ->
 @pytest.mark.flower
 @pytest.mark.slow
 def test_rollback_equals_retrain_bit_for_bit_under_flwr_run(tmp_path: Path) -> None:
-    from fedforget.engine.unlearning import run_unlearning
+    from fedforget.engine import run_unlearning
     from fedforget.tensors import decode, tensors_digest
 
     # Prepare: a history trained in-process; unlearning runs under Flower's simulation.
@@ -48,6 +49,7 @@ def test_rollback_equals_retrain_bit_for_bit_under_flwr_run(tmp_path: Path) -> N
                           progress=False)
     # Assert: the digests of the two model files, computed here.
     assert info is not None
-    rolled = tensors_digest(decode(Path(info["model_path"]).read_bytes()))
+    rolled = tensors_digest(decode((run / info.model_path).read_bytes()))
+    assert info.engine == "simulation"
     reference = next((run / "unlearned").glob("reference-*")) / "model.fft"
     assert rolled == tensors_digest(decode(reference.read_bytes()))

@@ -30,7 +30,6 @@ def _last_round(index: Path) -> int:
 
 def _write_config(path: Path) -> None:
     values = {**SMALL, "num-rounds": ROUNDS}
-    values.pop("progress")
     lines = [f"{k} = {v!r}\n" if not isinstance(v, str) else f'{k} = "{v}"\n'
              for k, v in values.items()]
     path.write_text("".join(lines))

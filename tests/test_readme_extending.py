@@ -85,8 +85,9 @@ def test_the_readme_examples_work_together_in_an_experiment(
         np.testing.assert_allclose(value, first[key] + 0.25 * (last[key] - first[key]),
                                    rtol=1e-6, atol=1e-7)
     # The metric, recomputed here from the two model files.
+    from fedforget.arrays import load_tensors
     from fedforget.config import RunConfig
-    from fedforget.task import load_tensors, load_test_set, new_model
+    from fedforget.task import load_test_set, new_model
     from fedforget.training import evaluate
 
     with HistoryStore.open(run_dir) as store:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedforget.task import from_array_record, to_array_record
+from fedforget.arrays import from_array_record, to_array_record
 
 CASES = [
     np.arange(12, dtype=np.float32).reshape(3, 4),

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 from conftest import train_small
 
+from fedforget.arrays import load_tensors
 from fedforget.cli import format_comparison, main
 from fedforget.config import RunConfig
 from fedforget.history import HistoryStore
-from fedforget.task import load_client_data, load_tensors, load_test_set, new_model
+from fedforget.results import UnlearningOutcome
+from fedforget.task import load_client_data, load_test_set, new_model
 from fedforget.tensors import decode, tensors_digest
 from fedforget.training import evaluate
 from fedforget.unlearning import get_method
@@ -298,7 +300,7 @@ def test_the_text_summary_shows_the_attacks_divergences_and_worst_clients(
     info = unlearn(run, "client-001", "federaser", capsys)
     m = info["metrics"]
     # Execute
-    text = format_comparison(info)
+    text = format_comparison(UnlearningOutcome.read(info["result_path"]), run)
     # Assert
     assert "MIA AUC, loss" in text and "MIA AUC, confidence" in text
     assert "shadow MIA precision" in text and "shadow MIA recall" in text

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedforget.arrays import load_tensors, model_tensors
 from fedforget.config import RunConfig
 from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore, ParticipantUpdate
 from fedforget.sampling import client_train_seed
-from fedforget.task import load_client_data, load_tensors, model_tensors, new_model
+from fedforget.task import load_client_data, new_model
 from fedforget.training import train_local
 from fedforget.unlearning.base import (
     METHODS,

@@ -84,7 +84,7 @@ def test_unlearn_json_reports_method_model_cost_and_metrics(
     for key in ("method", "model_path", "model_digest", "cost", "metrics"):
         assert key in result
     assert result["method"] == "retrain"
-    assert result["request"]["reason"] == "leaving"
+    assert result["reason"] == "leaving"
     assert set(result["metrics"]["backdoor_success"]) == {"original", "unlearned", "retrained"}
     assert set(result["metrics"]) == {
         "test_accuracy", "forgotten_accuracy", "backdoor_success", "mia_loss_auc",
@@ -164,7 +164,7 @@ def test_an_interrupted_request_is_re_run_to_done(
         request, _ = ledger.request("client-002", reason="", roster=frozenset({"client-002"}))
         ledger.move(request.request_id, "unlearning", method="rollback")  # then a crash
     result = _unlearn(run, "client-002", "rollback", "--quiet", capsys=capsys)
-    assert result["request"]["request_id"] == request.request_id
+    assert result["request_id"] == request.request_id
     with WithdrawalLedger(run) as ledger:
         assert ledger.get(request.request_id).state == "done"
 
@@ -179,7 +179,7 @@ def test_rounds_where_only_forgotten_clients_were_drawn_stay_empty_and_exact(
         client = store.round(1).participants[0].client_id
     result = _unlearn(run, client, "rollback", "--quiet", capsys=capsys)
     assert _model_digest(result["model_path"]) == _reference_digest(run, [client])
-    replayed = run / "unlearned" / result["request"]["request_id"] / "rollback" / "history"
+    replayed = run / "unlearned" / result["request_id"] / "rollback" / "history"
     with HistoryStore.open(replayed) as store:
         assert store.round(1).participants == ()
         assert store.model_digest(1) == store.model_digest(0)

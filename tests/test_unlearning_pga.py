@@ -13,19 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedforget.arrays import load_tensors, model_tensors
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, load_dataset
 from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore, ParticipantUpdate
 from fedforget.models import build_model
 from fedforget.sampling import client_train_seed, derive_seed
-from fedforget.task import (
-    load_client_data,
-    load_tensors,
-    load_test_set,
-    model_tensors,
-    new_model,
-)
+from fedforget.task import load_client_data, load_test_set, new_model
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning.ascent import (
     TASK,
@@ -209,7 +204,7 @@ def test_ascent_stops_early_below_the_minimal_accuracy(data: ArrayDataset) -> No
 
 def test_config_keys_round_trip_and_errors_name_the_key() -> None:
     # Prepare
-    config = {"local-epochs": 2, "batch-size": 8, "seed": 3, "learning-rate": 0.1,
+    config = {"local-epochs": 2, "batch-size": 8, "fedforget.seed": 3, "learning-rate": 0.1,
               **ascent_config(radius=1.5, learning_rate=0.02, clip_grad_norm=0.0,
                               min_accuracy=0.4)}
 
@@ -449,7 +444,7 @@ class LocalFederation:
             model = load_tensors(new_model(self.cfg), global_model)
             config = {"task": task, "local-epochs": local_epochs or self.cfg.local_epochs,
                       "learning-rate": self.cfg.learning_rate, "batch-size": self.cfg.batch_size,
-                      "seed": client_train_seed(self.cfg.seed, server_round, cid),
+                      "fedforget.seed": client_train_seed(self.cfg.seed, server_round, cid),
                       **(extra_config or {})}
             if task == TASK:
                 result = projected_gradient_ascent(
@@ -460,7 +455,8 @@ class LocalFederation:
             else:
                 trained = train_local(model, train, epochs=config["local-epochs"],
                                       learning_rate=config["learning-rate"],
-                                      batch_size=config["batch-size"], seed=config["seed"])
+                                      batch_size=config["batch-size"],
+                                      seed=config["fedforget.seed"])
                 metrics = {"num-examples": trained.num_examples, "train-loss": trained.loss}
             out[cid] = ClientUpdate(cid, model_tensors(model), len(train), metrics)
             self.cost.client_epochs += config["local-epochs"]

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,18 @@ class FlowerProject:
     clientapp_ref: str
     default_config: dict[str, Any]
 
+    def run_config_defaults(self) -> dict[str, Any]:
+        """The app's default run config, flat (``fedforget.out-dir``, not nested)."""
+        from flwr.common.config import flatten_dict
+
+        return dict(flatten_dict(self.default_config))
+
+    def app_keys(self) -> frozenset[str]:
+        """The app's own run-config keys (every default but ``fedforget.*``)."""
+        from fedforget.settings import app_run_config
+
+        return frozenset(app_run_config(self.run_config_defaults()))
+
     def load(self) -> tuple[ServerApp, ClientApp]:
         """Import and return the (ServerApp, ClientApp) objects."""
         root = str(self.root)
@@ -41,17 +54,21 @@ class FlowerProject:
         return server, client
 
 
+def _candidates(app_dir: str | Path | None) -> list[Path]:
+    if app_dir is not None:
+        return [Path(app_dir)]
+    candidates: list[Path] = []
+    if os.environ.get("FEDFORGET_APP_DIR"):
+        candidates.append(Path(os.environ["FEDFORGET_APP_DIR"]))
+    candidates.append(Path.cwd())
+    candidates.append(Path(__file__).resolve().parents[2])
+    return candidates
+
+
 def find_project(app_dir: str | Path | None = None) -> FlowerProject:
     """Locate the project: ``app_dir``, else ``$FEDFORGET_APP_DIR``, else the working
     directory, else the source tree this package was installed from (editable install)."""
-    candidates: list[Path] = []
-    if app_dir is not None:
-        candidates = [Path(app_dir)]
-    else:
-        if os.environ.get("FEDFORGET_APP_DIR"):
-            candidates.append(Path(os.environ["FEDFORGET_APP_DIR"]))
-        candidates.append(Path.cwd())
-        candidates.append(Path(__file__).resolve().parents[2])
+    candidates = _candidates(app_dir)
     for cand in candidates:
         project = _read_project(cand)
         if project is not None:
@@ -62,6 +79,36 @@ def find_project(app_dir: str | Path | None = None) -> FlowerProject:
         "pyproject.toml has [tool.flwr.app.components] (the fedforget repository root), "
         "given with --app DIR"
     )
+
+
+def find_run_app(run_keys: Iterable[str], app_dir: str | Path | None = None
+                 ) -> FlowerProject | None:
+    """The app that recorded a run whose stored run config has the keys ``run_keys``.
+
+    An app is recognised by its run-config keys (its ``[tool.flwr.app.config]`` defaults
+    minus ``fedforget.*``), which the history stores with every run. Looks where
+    :func:`find_project` looks; an ``app_dir`` given that holds another app is an error,
+    and None is returned when no candidate is the run's app.
+    """
+    wanted = frozenset(run_keys)
+    for cand in _candidates(app_dir):
+        project = _read_project(cand)
+        if project is None:
+            if app_dir is not None:
+                raise ConfigError(f"--app {str(app_dir)!r}: no pyproject.toml with "
+                                  "[tool.flwr.app.components] there")
+            continue
+        if project.app_keys() == wanted:
+            return project
+        if app_dir is not None:
+            extra = sorted(project.app_keys() - wanted)
+            missing = sorted(wanted - project.app_keys())
+            raise ConfigError(
+                f"the app in {str(app_dir)!r} is not the app that recorded this run: its "
+                f"run-config keys differ (the app has {extra or 'no'} more, lacks "
+                f"{missing or 'none'})"
+            )
+    return None
 
 
 def _read_project(root: Path) -> FlowerProject | None:

@@ -21,7 +21,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedforget.config import RunConfig
 from fedforget.engine.apps import FlowerProject, find_project
 from fedforget.errors import FedForgetError
 
@@ -185,19 +184,22 @@ def _alive(pid: int) -> bool:
 
 
 def run_simulation(
-    cfg: RunConfig,
+    run_config: Mapping[str, Any],
     *,
+    num_nodes: int,
     project: FlowerProject | None = None,
     num_cpus_per_client: int = 1,
     timeout: float = 1800.0,
+    progress: bool = True,
 ) -> None:
-    """Run ``cfg`` with ``flwr run`` on Flower's simulation engine; raise if it fails."""
+    """Run ``project``'s app with ``run_config`` on Flower's simulation engine with
+    ``num_nodes`` SuperNodes (``flwr run``); raise if it fails."""
     project = project or find_project()
     with tempfile.TemporaryDirectory(prefix="fedforget-flwr-") as tmp:
         home = Path(tmp)
-        config_file = write_run_config(cfg.to_mapping(), home / "run_config.toml")
+        config_file = write_run_config(run_config, home / "run_config.toml")
         federation = (
-            f"num-supernodes={cfg.num_clients} client-resources-num-cpus={num_cpus_per_client:g} "
+            f"num-supernodes={num_nodes} client-resources-num-cpus={num_cpus_per_client:g} "
             "client-resources-num-gpus=0"
         )
         with local_superlink(home) as connection:
@@ -213,7 +215,7 @@ def run_simulation(
             except subprocess.TimeoutExpired as exc:
                 raise SimulationError(f"flwr run did not finish within {timeout:.0f} s") from exc
         output = result.stdout or ""
-        if cfg.progress:
+        if progress:
             sys.stderr.write(output)
         if result.returncode != 0:
             raise SimulationError(f"flwr run exited with {result.returncode}:\n{output[-4000:]}")

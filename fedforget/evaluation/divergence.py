@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedforget.arrays import load_tensors
 from fedforget.data import ArrayDataset
 from fedforget.evaluation.errors import EvaluationError
-from fedforget.task import load_tensors
 from fedforget.training import predict_proba
 
 TensorDict = Mapping[str, np.ndarray]

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from fedforget.arrays import load_tensors
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, backdoor_test_set
 from fedforget.evaluation.divergence import cosine_distance, l2_distance, prediction_divergence
@@ -36,7 +37,7 @@ from fedforget.evaluation.membership import (
     loss_threshold_auc,
 )
 from fedforget.sampling import derive_seed
-from fedforget.task import load_tensors, new_model
+from fedforget.task import new_model
 from fedforget.training import evaluate, train_local
 
 TensorDict = Mapping[str, np.ndarray]
@@ -122,7 +123,7 @@ def evaluate_unlearning(
     model: torch.nn.Module,
     original: TensorDict,
     unlearned: TensorDict,
-    retrained: TensorDict,
+    retrained: TensorDict | None,
     test_set: ArrayDataset,
     forgotten: ArrayDataset | None,
     holdout: ArrayDataset | None,
@@ -139,7 +140,9 @@ def evaluate_unlearning(
     model : torch.nn.Module
         A scratch module of the right architecture; each model's tensors are loaded in turn.
     original, unlearned, retrained : Mapping[str, numpy.ndarray]
-        The three models' tensors.
+        The three models' tensors; ``retrained`` None when no reference was computed
+        (then every figure is given for the other two, and the figures *to* the retrained
+        model are None).
     test_set : ArrayDataset
         The global test set.
     forgotten : ArrayDataset or None
@@ -181,8 +184,8 @@ def evaluate_unlearning(
             f"{'before' if client_accuracy_after is None else 'after'} unlearning; "
             "expected both or neither"
         )
-    models = {"original": original, "unlearned": unlearned, "retrained": retrained}
     candidates = {"original": original, "unlearned": unlearned}
+    models = dict(candidates) if retrained is None else {**candidates, "retrained": retrained}
 
     def per_model(metric_of: Callable[[torch.nn.Module], float]) -> dict[str, float]:
         return {name: float(metric_of(load_tensors(model, t))) for name, t in models.items()}
@@ -205,7 +208,7 @@ def evaluate_unlearning(
                 name: shadow.attack(load_tensors(model, t), members, non_members).to_dict()
                 for name, t in models.items()
             }
-    divergences = {
+    divergences = {} if retrained is None else {
         name: prediction_divergence(model, t, retrained, test_set) for name, t in candidates.items()
     }
     impact = accuracies = None
@@ -224,12 +227,12 @@ def evaluate_unlearning(
         "mia_loss_auc": loss_auc,
         "mia_confidence_auc": confidence_auc,
         "shadow_attack": shadow_report,
-        "l2_to_retrained": {name: l2_distance(t, retrained) for name, t in candidates.items()},
-        "cosine_to_retrained": {
-            name: _cosine_or_none(t, retrained) for name, t in candidates.items()
-        },
-        "kl_to_retrained": {name: d.kl for name, d in divergences.items()},
-        "js_to_retrained": {name: d.js for name, d in divergences.items()},
+        "l2_to_retrained": None if retrained is None else {
+            name: l2_distance(t, retrained) for name, t in candidates.items()},
+        "cosine_to_retrained": None if retrained is None else {
+            name: _cosine_or_none(t, retrained) for name, t in candidates.items()},
+        "kl_to_retrained": {name: d.kl for name, d in divergences.items()} or None,
+        "js_to_retrained": {name: d.js for name, d in divergences.items()} or None,
         "client_impact": impact,
         "client_accuracy": accuracies,
     }

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedforget.arrays import load_tensors
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
 from fedforget.registry import Registry
-from fedforget.task import load_tensors
 from fedforget.training import evaluate
 
 __all__ = ["METRICS", "MetricContext", "MetricFn", "compute_metrics", "register_metric"]

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedforget.experiments.runner import flatten_cell
 from fedforget.experiments.spec import ExperimentSpec
+from fedforget.experiments.table import flatten_cell
 from fedforget.fileio import write_atomic
 
 __all__ = ["mean_std", "summarise", "write_report"]

@@ -27,10 +27,7 @@ starting from the previous result.
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import hashlib
-import io
 import json
 import sys
 import time
@@ -46,15 +43,17 @@ from fedforget.engine import run_training
 from fedforget.engine.apps import FlowerProject, find_project
 from fedforget.errors import FedForgetError
 from fedforget.experiments.spec import Cell, ExperimentSpec, RunPoint
+from fedforget.experiments.table import RESULTS_CSV, write_results_csv
 from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
+from fedforget.results import ReferenceRecord, UnlearningOutcome
+from fedforget.rundir import RESULT_FILE, RunDirectory
 
-__all__ = ["ExperimentError", "flatten_cell", "read_cells", "run_experiment"]
+__all__ = ["ExperimentError", "read_cells", "run_experiment"]
 
 CELLS = "cells"
 RUNS = "runs"
-RESULTS_CSV = "results.csv"
 
 
 class ExperimentError(FedForgetError):
@@ -179,8 +178,8 @@ def read_cells(out: str | Path, spec: ExperimentSpec) -> list[dict[str, Any]]:
 
 def _train(spec: ExperimentSpec, point: RunPoint, run_dir: Path,
            project: FlowerProject, shown: _Progress, progress: bool) -> None:
-    cfg = point.config.replace(out_dir=str(run_dir), progress=progress)
-    if (run_dir / "history.sqlite").exists():
+    cfg = point.config
+    if RunDirectory(run_dir).exists():
         with HistoryStore.open(run_dir) as store:
             if store.last_round >= cfg.num_rounds:
                 return
@@ -188,18 +187,18 @@ def _train(spec: ExperimentSpec, point: RunPoint, run_dir: Path,
     else:
         shown.say(f"[train {point.run_id}] {cfg.dataset}, {cfg.num_clients} clients, "
                   f"{cfg.num_rounds} rounds, {cfg.model}")
-    run_training(cfg, engine=spec.engine, project=project)
+    run_training(cfg, out=run_dir, engine=spec.engine, project=project, progress=progress)
 
 
 def _run_cell(spec: ExperimentSpec, cell: Cell, run_dir: Path, project: FlowerProject,
               progress: bool) -> dict[str, Any]:
-    from fedforget.engine.unlearning import run_unlearning
+    from fedforget.engine import run_unlearning
     from fedforget.unlearning import get_method
     from fedforget.withdrawal import WithdrawalLedger
 
     method = get_method(cell.method.method, cell.method.params)
-    pointer = run_dir / "unlearned" / "current.json"
-    pointer.unlink(missing_ok=True)  # every method starts from the trained model
+    # every method starts from the trained model
+    RunDirectory(run_dir).current.unlink(missing_ok=True)
     if method.multi_client:
         with HistoryStore.open(run_dir) as store:
             roster = frozenset(store.roster())
@@ -209,10 +208,10 @@ def _run_cell(spec: ExperimentSpec, cell: Cell, run_dir: Path, project: FlowerPr
         requests: Sequence[str] = spec.forget[-1:]
     else:
         requests = spec.forget
-    info: dict[str, Any] | None = None
+    outcome: UnlearningOutcome | None = None
     t0 = time.perf_counter()
     for client in requests:
-        info = run_unlearning(
+        outcome = run_unlearning(
             run_dir, client=client, method=method.name, params=dict(cell.method.params),
             reason=f"experiment {spec.name}", engine=spec.engine, project=project,
             progress=progress,
@@ -233,29 +232,19 @@ def _run_cell(spec: ExperimentSpec, cell: Cell, run_dir: Path, project: FlowerPr
         "cell_seconds": wall,
         "finished_at": utc_now(),
     }
-    if info is None:
+    if outcome is None:
         record["status"] = "no-op"
         record["result"] = None
         record["extra_metrics"] = {}
         return record
     record["status"] = "done"
-    record["result"] = _portable(info, run_dir)
-    record["extra_metrics"] = _extra_metrics(spec, cell, run_dir, info)
+    record["result"] = outcome.to_dict()  # paths in it are relative to the run directory
+    record["extra_metrics"] = _extra_metrics(spec, cell, run_dir, outcome)
     return record
 
 
-def _portable(info: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
-    """The result without absolute paths (so that a moved output directory still reads)."""
-    out = dict(info)
-    for key in ("model_path", "result_path", "receipt_path", "public_key_path"):
-        if isinstance(out.get(key), str) and Path(out[key]).is_absolute():
-            with contextlib.suppress(ValueError):  # a path outside the run: left as it is
-                out[key] = str(Path(out[key]).relative_to(run_dir))
-    return out
-
-
 def _extra_metrics(spec: ExperimentSpec, cell: Cell, run_dir: Path,
-                   info: Mapping[str, Any]) -> dict[str, float]:
+                   outcome: UnlearningOutcome) -> dict[str, float]:
     if not spec.metrics:
         return {}
     from fedforget.data import ArrayDataset
@@ -266,10 +255,10 @@ def _extra_metrics(spec: ExperimentSpec, cell: Cell, run_dir: Path,
     cfg = cell.point.config
     with HistoryStore.open(run_dir) as store:
         original = store.global_model(store.last_round)
-    unlearned = decode((run_dir / info["model_path"]).read_bytes())
-    retrained = decode(_reference_model_path(run_dir, info).read_bytes())
+    unlearned = decode((run_dir / outcome.model_path).read_bytes())
+    retrained = decode(_reference_model_path(run_dir, outcome).read_bytes())
     train_parts, holdout_parts = [], []
-    for client in info["forgotten"]:
+    for client in outcome.forgotten:
         partition = int(client.rsplit("-", 1)[1])
         train, holdout = load_client_data(cfg, partition)
         train_parts.append(train)
@@ -284,18 +273,22 @@ def _extra_metrics(spec: ExperimentSpec, cell: Cell, run_dir: Path,
         config=cfg, model=new_model(cfg), original=original, unlearned=unlearned,
         retrained=retrained, test_set=load_test_set(cfg),
         forgotten=pooled(train_parts, "forgotten"), holdout=pooled(holdout_parts, "holdout"),
-        result=info,
+        result=outcome.to_dict(),
     )
     return compute_metrics(spec.metrics, ctx)
 
 
-def _reference_model_path(run_dir: Path, info: Mapping[str, Any]) -> Path:
-    digest = info["reference"]["model_digest"]
-    for result in sorted((run_dir / "unlearned").glob("reference-*/result.json")):
-        ref = json.loads(result.read_text())
-        if ref.get("model_digest") == digest:
-            return result.parent / ref["model_path"]
-    raise ExperimentError(f"{run_dir}: no cached reference model with digest {digest}")
+def _reference_model_path(run_dir: Path, outcome: UnlearningOutcome) -> Path:
+    directory = RunDirectory(run_dir).reference_dir(outcome.forgotten)
+    if outcome.reference.model_digest is None or not (directory / RESULT_FILE).exists():
+        raise ExperimentError(f"{run_dir}: the result of {outcome.method} has no retrained "
+                              "reference (an experiment's metrics need one)")
+    record = ReferenceRecord.read(directory / RESULT_FILE)
+    if record.model_digest != outcome.reference.model_digest:
+        raise ExperimentError(f"{directory}: the cached reference has digest "
+                              f"{record.model_digest}, the result names "
+                              f"{outcome.reference.model_digest}")
+    return directory / record.model_path
 
 
 def _summary_line(record: Mapping[str, Any]) -> str:
@@ -313,61 +306,3 @@ def _summary_line(record: Mapping[str, Any]) -> str:
 
 def _write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
-
-
-# --------------------------------------------------------------------- results table
-_SKIP = frozenset({"trace", "client_accuracy", "changes", "worst"})
-
-
-def flatten_cell(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One CSV row: identifiers, grid values, then every scalar figure of the result."""
-    row: dict[str, Any] = {
-        "cell_id": record["cell_id"],
-        "experiment": record["experiment"],
-        **{k: v for k, v in record["grid"].items()},
-        "seed": record["seed"],
-        "label": record["label"],
-        "method": record["method"],
-        "forget": " ".join(record["forget"]),
-        "status": record["status"],
-    }
-    result = record.get("result")
-    if result:
-        row["exact"] = result.get("exact")
-        row["bit_identical_to_retrained"] = result.get("reference", {}).get("bit_identical")
-        row["model_digest"] = result.get("model_digest")
-        _flatten(result.get("metrics", {}), "", row)
-        _flatten(result.get("cost", {}), "cost_", row)
-        _flatten(result.get("reference", {}).get("cost", {}), "retrain_cost_", row)
-    row.update(record.get("extra_metrics", {}))
-    row["cell_seconds"] = record.get("cell_seconds")
-    return row
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str, row: dict[str, Any]) -> None:
-    for key, value in obj.items():
-        if key in _SKIP:
-            continue
-        if isinstance(value, Mapping):
-            _flatten(value, f"{prefix}{key}_", row)
-        else:
-            _put(row, f"{prefix}{key}", value)
-
-
-def _put(row: dict[str, Any], key: str, value: Any) -> None:
-    if value is None or isinstance(value, bool | int | float | str):
-        row[key] = value
-
-
-def write_results_csv(out: str | Path, records: Sequence[Mapping[str, Any]]) -> Path:
-    """Write ``results.csv`` (one row per record, in order) atomically; return its path."""
-    rows = [flatten_cell(r) for r in records]
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns, restval="")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return write_atomic(Path(out) / RESULTS_CSV, text.getvalue())

@@ -52,8 +52,7 @@ _EXPERIMENT_KEYS = frozenset({"name", "description", "seeds", "forget", "engine"
 _TABLES = frozenset({"experiment", "run", "grid", "methods"})
 _LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # Keys the runner sets itself, per cell.
-_RESERVED = frozenset({"seed", "out-dir", "mode", "request-id", "method", "method-params",
-                       "progress"})
+_RESERVED = frozenset({"seed"})
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class RunPoint:
 
     grid: Mapping[str, Any]  # the grid values of this point (kebab-case keys)
     seed: int
-    config: RunConfig  # the run config (out-dir not set)
+    config: RunConfig  # the run config of fedforget's app
 
     @property
     def run_id(self) -> str:
@@ -118,8 +117,7 @@ class ExperimentSpec:
         for values in itertools.product(*(self.grid[k] for k in keys)):
             grid = dict(zip(keys, values, strict=True))
             for seed in self.seeds:
-                cfg = RunConfig.from_mapping({**self.base, **grid, "seed": seed,
-                                              "progress": False})
+                cfg = RunConfig.from_mapping({**self.base, **grid, "seed": seed})
                 out.append(RunPoint(grid=grid, seed=seed, config=cfg))
         return out
 

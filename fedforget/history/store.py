@@ -634,6 +634,23 @@ class HistoryStore:
                 (value,),
             )
 
+    def set_recording(self, settings: Mapping[str, Any]) -> None:
+        """Record how the run is sampled, seeded and stored
+        (:meth:`fedforget.settings.RecordingSettings.to_dict`)."""
+        value = canonical_json(dict(settings)).decode("utf-8")
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('recording', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+
+    @property
+    def recording(self) -> dict[str, Any]:
+        """The recording settings of the run (empty if none were recorded)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'recording'").fetchone()
+        return dict(json.loads(row[0])) if row is not None else {}
+
     def roster(self) -> tuple[str, ...]:
         """The federation's client ids (those that ever took part, if none was recorded)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
@@ -695,10 +712,10 @@ class HistoryStore:
                     shutil.copyfile(source, target)
             if packs and self._fsync:
                 _fsync_directory(fork._blob_root)
-            roster = src.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
+            copied = src.execute(
+                "SELECT key, value FROM meta WHERE key IN ('roster', 'recording')").fetchall()
             with fork._transaction() as db:
-                if roster is not None:
-                    db.execute("INSERT INTO meta (key, value) VALUES ('roster', ?)", roster)
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", copied)
                 db.executemany(
                     "INSERT INTO blobs (digest, pack, offset, nbytes) VALUES (?, ?, ?, ?)", blobs
                 )

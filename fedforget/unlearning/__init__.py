@@ -16,6 +16,8 @@ pga          projected gradient ascent (Halimi et al., 2022)       no     the le
 from __future__ import annotations
 
 from fedforget.unlearning.base import (
+    METHOD_MODULES,
+    METHODS,
     ClientUpdate,
     Cost,
     Federation,
@@ -28,7 +30,6 @@ from fedforget.unlearning.base import (
     get_method,
     register,
 )
-from fedforget.unlearning.registry import METHOD_MODULES, METHODS
 
 __all__ = [
     "METHODS",

@@ -41,6 +41,7 @@ from torch import nn
 
 from fedforget.data.array_dataset import ArrayDataset
 from fedforget.errors import ConfigError, DataError
+from fedforget.protocol import SEED
 from fedforget.training import evaluate
 from fedforget.unlearning.client_tasks import CLIENT_TASKS
 
@@ -111,7 +112,7 @@ def ascent_config(
 def ascent_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`projected_gradient_ascent` from a train config (client side).
 
-    Reads ``local-epochs``, ``batch-size``, ``seed`` and :data:`CONFIG_KEYS`; a
+    Reads ``local-epochs``, ``batch-size``, ``fedforget.seed`` and :data:`CONFIG_KEYS`; a
     ``pga-clip-grad-norm`` or ``pga-min-accuracy`` of 0 turns that feature off.
 
     Raises
@@ -133,7 +134,7 @@ def ascent_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         "epochs": int(number("local-epochs")),
         "learning_rate": number(LEARNING_RATE),
         "batch_size": int(number("batch-size")),
-        "seed": int(number("seed")),
+        "seed": int(number(SEED)),
         "clip_grad_norm": clip or None,
         "min_accuracy": min_accuracy or None,
     }

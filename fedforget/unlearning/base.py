@@ -20,7 +20,7 @@ import numpy as np
 
 from fedforget.errors import ConfigError, FedForgetError
 from fedforget.history import HistoryStore
-from fedforget.unlearning.registry import METHODS
+from fedforget.registry import Registry
 
 TensorDict = dict[str, np.ndarray]
 
@@ -256,6 +256,10 @@ class Unlearner(ABC, Generic[P]):
             )
         self.params = params
 
+    def uses_clients(self) -> bool:
+        """Whether this method, with its parameters, asks the clients for work."""
+        return self.needs_clients
+
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a request this method cannot serve, before any work (override to add)."""
         if not self.multi_client and len(request.forget) > 1:
@@ -276,9 +280,19 @@ class Unlearner(ABC, Generic[P]):
         """Compute the unlearned model."""
 
 
+METHOD_MODULES = (
+    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga"
+)
+"""The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
+method is one module and one name here."""
+
+METHODS: Registry[type[Unlearner[Any]]] = Registry(
+    "unlearning method", builtins=tuple(f"fedforget.unlearning.{m}" for m in METHOD_MODULES)
+)
+
+
 def register(cls: type[Unlearner[Any]]) -> type[Unlearner[Any]]:
-    """Class decorator adding a method to :data:`~fedforget.unlearning.registry.METHODS`
-    under ``cls.name``."""
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
     return METHODS.register(cls.name, cls)
 
 

@@ -168,8 +168,9 @@ def _withdrawn(store: HistoryStore) -> frozenset[str]:
 def derive_radius(reference: TensorDict, run_config: RunConfig) -> float:
     """:math:`\\delta` = RADIUS_FRACTION × the mean distance from ``reference`` to
     RADIUS_SAMPLES random initialisations of the run's model (seeds derived from the run's)."""
+    from fedforget.arrays import model_tensors
     from fedforget.models import build_model
-    from fedforget.task import load_test_set, model_tensors
+    from fedforget.task import load_test_set
 
     test = load_test_set(run_config)
     options = {"hidden_size": run_config.hidden_size} if run_config.model == "mlp" else {}

@@ -190,8 +190,12 @@ class Subtract(Unlearner[SubtractParams]):
     name = "subtract"
     exact = False
     multi_client = True
-    needs_clients = False  # true only with repair-rounds > 0 (see check)
+    needs_clients = False  # true only with repair-rounds > 0 (see uses_clients)
     Params = SubtractParams
+
+    def uses_clients(self) -> bool:
+        """Only the repair rounds ask the clients for work."""
+        return self.params.repair_rounds > 0
 
 
     def check(self, request: UnlearningRequest) -> None:

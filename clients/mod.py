@@ -1,0 +1,218 @@
+"""The client side of fedforget for any Flower ClientApp, in one line.
+
+.. code-block:: python
+
+    from fedforget.flower import unlearning_mod
+
+    app = ClientApp(mods=[unlearning_mod])
+
+:func:`unlearning_mod` speaks the client protocol of :mod:`fedforget.protocol` around the
+app's own handlers:
+
+* it answers the identify message with the client's stable id (node config ``client-id``,
+  else ``client-%03d`` of ``partition-id``) without calling the app;
+* it tags every reply with that id (a ``ConfigRecord`` ``"fedforget"``);
+* before a train or evaluate handler runs it seeds ``random``, ``numpy`` and ``torch``
+  with the per-client, per-round seed the server sent (and restores their state after),
+  so that the app's data order and dropout are the same in a replay of the round — what
+  keeps ``rollback`` and ``retrain`` exact on the app;
+* when a method asks for other local epochs (FedEraser's calibration), it sets the app's
+  own run-config setting named by the server (e.g. ``local-epochs``) for that one call;
+* it keeps the latest signed tree head the server showed in ``head.json`` of the client's
+  state directory (node config ``state-dir``; in simulation
+  ``<fedforget.out-dir>/client-state/<client-id>``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedforget import protocol
+from fedforget.errors import ConfigError
+from fedforget.rundir import HEAD_FILE, RunDirectory
+from fedforget.settings import PREFIX
+
+log = logging.getLogger("fedforget.clients")
+
+__all__ = ["client_id_of", "state_dir_of", "unlearning_mod"]
+
+
+def client_id_of(context: Context) -> str:
+    """The stable, pseudonymous id of this client (node config ``client-id``, else
+    ``client-%03d`` of ``partition-id``)."""
+    explicit = context.node_config.get(protocol.CLIENT_ID)
+    if explicit:
+        return str(explicit)
+    if "partition-id" not in context.node_config:
+        raise ConfigError(
+            "node config has neither 'client-id' nor 'partition-id'; expected e.g. "
+            "--node-config \"partition-id=0 num-partitions=10\""
+        )
+    return protocol.default_client_id(int(context.node_config["partition-id"]))
+
+
+def state_dir_of(context: Context) -> Path | None:
+    """This client's own state directory: node config ``state-dir``, else (simulation)
+    ``<fedforget.out-dir>/client-state/<client-id>``; None if neither is known."""
+    explicit = context.node_config.get("state-dir")
+    if explicit:
+        return Path(str(explicit))
+    out = context.run_config.get(PREFIX + "out-dir")
+    if out:
+        return RunDirectory(str(out)).client_state(client_id_of(context))
+    return None
+
+
+def _config(msg: Message) -> ConfigRecord | None:
+    record = msg.content.get(protocol.CONFIG_RECORD) if msg.has_content() else None
+    return record if isinstance(record, ConfigRecord) else None
+
+
+def unlearning_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: identify, seed, keep the tree head, tag the reply (see module)."""
+    conf = _config(msg)
+    cid = client_id_of(context)
+    if conf is not None and conf.get(protocol.TASK) == protocol.IDENTIFY:
+        return Message(content=RecordDict({protocol.CLIENT_RECORD: _identity(cid)}),
+                       reply_to=msg)
+    if conf is not None:
+        _keep_tree_head(context, conf, cid)
+    seed = conf.get(protocol.SEED) if conf is not None else None
+    with _seeded(seed), _epochs_override(context, conf):
+        reply = call_next(msg, context)
+    if reply.has_content():
+        reply.content[protocol.CLIENT_RECORD] = _identity(cid)
+    return reply
+
+
+def _identity(cid: str) -> ConfigRecord:
+    return ConfigRecord({protocol.CLIENT_ID: cid})
+
+
+# ------------------------------------------------------------------------ seeding
+@contextlib.contextmanager
+def _seeded(seed: object) -> Iterator[None]:
+    """Seed ``random``, ``numpy.random`` and torch's CPU generator with ``seed`` for the
+    duration of the call, then restore their states."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        yield
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _epochs_override(context: Context, conf: ConfigRecord | None) -> Iterator[None]:
+    """Set the app's local-epochs run-config setting to what a method asked, for one call."""
+    if conf is None or protocol.LOCAL_EPOCHS not in conf:
+        yield
+        return
+    key = conf.get(protocol.LOCAL_EPOCHS_KEY)
+    if not isinstance(key, str) or key not in context.run_config:
+        yield
+        return
+    before = context.run_config[key]
+    context.run_config[key] = conf[protocol.LOCAL_EPOCHS]
+    try:
+        yield
+    finally:
+        context.run_config[key] = before
+
+
+# --------------------------------------------------------------------- tree heads
+def _keep_tree_head(context: Context, conf: ConfigRecord, cid: str) -> None:
+    """Keep the latest signed tree head the server showed (``head.json``), so that a later
+    erasure receipt can be checked to extend the history this client saw.
+
+    The head is saved before the reply is sent, every time it grows. The first head goes
+    to a new file (written to a temporary file and renamed into place); later ones
+    overwrite it in place with one ``pwrite`` at offset 0 (see :func:`_save_head`).
+    """
+    head = conf.get(protocol.TREE_HEAD)
+    if not isinstance(head, str) or not head:
+        return
+    path = _head_path(context.node_config.get("state-dir"),
+                      context.run_config.get(PREFIX + "out-dir"), cid)
+    if path is None:
+        return
+    size = int(json.loads(head).get("size", 0))
+    saved = _saved_heads.get(path)
+    if saved is None and path.exists():  # first time in this process
+        saved = _saved_heads[path] = (
+            int(json.loads(path.read_text()).get("size", 0)), path.stat().st_size
+        )
+    if saved is not None and saved[0] >= size:
+        return
+    data = head.encode()
+    _save_head(path, data, saved_length=None if saved is None else saved[1])
+    _saved_heads[path] = (size, len(data))
+
+
+@lru_cache(maxsize=1024)
+def _head_path(explicit_state_dir: object, out_dir: object, client_id: str) -> Path | None:
+    """``state_dir_of(context) / "head.json"``, built once per client."""
+    if explicit_state_dir:
+        return Path(str(explicit_state_dir)) / HEAD_FILE
+    if out_dir:
+        return RunDirectory(str(out_dir)).client_state(client_id) / HEAD_FILE
+    return None
+
+
+# A head is a few hundred bytes; a write of at most one page at offset 0 is never torn by
+# a killed process (the kernel copies one page under the inode lock).
+_PAGE = 4096
+
+
+def _save_head(path: Path, data: bytes, *, saved_length: int | None) -> None:
+    """Replace the content of ``path`` with ``data``, atomically for readers after a crash
+    of the process.
+
+    When ``path`` holds a head no longer than ``data`` (heads only grow: their ``size``
+    field does), a single ``pwrite`` at offset 0 replaces all of it: no new inode, no
+    rename, which on ext4 costs a flush of the file's data per rename (``auto_da_alloc``),
+    i.e. milliseconds per client per round. Otherwise (first head, a shorter head, a file
+    with other links or of another length than saved) it is written to a temporary file
+    that is renamed over ``path``. Neither way is fsync'ed: the head is a copy of what the
+    server logs and can show again.
+    """
+    if saved_length is not None and saved_length <= len(data) <= _PAGE:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            try:
+                stat = os.fstat(fd)
+                if (stat.st_nlink == 1 and stat.st_size == saved_length
+                        and os.pwrite(fd, data, 0) == len(data)):
+                    return
+            finally:
+                os.close(fd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+_saved_heads: dict[Path, tuple[int, int]] = {}
+"""head.json path -> (tree size, file length) of the head this process saved there last."""

@@ -1,0 +1,220 @@
+"""How an unlearning result is measured against the original and the retrained model.
+
+The unlearning service hands every result to a :class:`Measure` with a
+:class:`MeasureContext` (the three models, the costs, the federation, the models a method
+rebuilt round by round) and stores what it returns as the result's ``metrics``. What can be
+measured depends on the app:
+
+* :class:`EvaluateFnMeasure`, for any Flower app: the app's own central evaluation function
+  (the ``evaluate_fn`` of ``strategy.start``) on each model — its ``accuracy`` becomes
+  ``test_accuracy`` — the per-round trace with it, and :func:`common_figures`;
+* :class:`TaskMeasure`, for fedforget's own task (:mod:`fedforget.task`): the whole protocol
+  of :func:`fedforget.evaluation.evaluate_unlearning` (forgotten-data accuracy, backdoor
+  success, membership inference, shadow attack, divergences) with the task's data;
+* :func:`common_figures`, in both: parameter distances to the retrained model, each
+  remaining client's held-out accuracy change (asked of the clients through the
+  federation's EVALUATE messages, when there is a federation), speed-ups and storage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedforget.arrays import TensorDict, to_array_record
+from fedforget.comparison import speedups
+from fedforget.config import RunConfig
+from fedforget.data import ArrayDataset
+from fedforget.evaluation import client_impact, cosine_distance, l2_distance
+from fedforget.history import HistoryStore
+from fedforget.unlearning.base import Cost, Federation
+
+__all__ = [
+    "EvaluateFnMeasure",
+    "Measure",
+    "MeasureContext",
+    "TaskMeasure",
+    "common_figures",
+]
+
+EvaluateFn = Callable[[int, ArrayRecord], "MetricRecord | None"]
+"""A Flower central evaluation function, as ``strategy.start(evaluate_fn=...)`` takes."""
+
+
+@dataclass(frozen=True)
+class MeasureContext:
+    """Everything a measure may use (models as numpy tensor dicts)."""
+
+    store: HistoryStore
+    federation: Federation | None
+    forget: frozenset[str]
+    not_remaining: frozenset[str]
+    original: TensorDict
+    unlearned: TensorDict
+    retrained: TensorDict | None
+    method_cost: Cost
+    retrain_cost: Cost | None
+    trace: Sequence[tuple[int, TensorDict]] = field(default_factory=list)
+
+    def models(self) -> dict[str, TensorDict]:
+        """``{"original", "unlearned"[, "retrained"]}``."""
+        out = {"original": self.original, "unlearned": self.unlearned}
+        if self.retrained is not None:
+            out["retrained"] = self.retrained
+        return out
+
+    def remaining(self) -> list[str]:
+        """The clients that stay: the federation's roster minus ``not_remaining``."""
+        roster = self.federation.roster if self.federation is not None else self.store.roster()
+        return [cid for cid in roster if cid not in self.not_remaining]
+
+
+class Measure(Protocol):
+    """``measure(context) -> metrics`` (a JSON-ready dict)."""
+
+    def __call__(self, ctx: MeasureContext) -> dict[str, Any]: ...
+
+
+def _cosine_or_none(a: TensorDict, b: TensorDict) -> float | None:
+    if not all(any(np.any(np.asarray(v) != 0) for v in m.values()) for m in (a, b)):
+        return None
+    return cosine_distance(a, b)
+
+
+def common_figures(ctx: MeasureContext, *, with_clients: bool = True) -> dict[str, Any]:
+    """What every app gets: distances to the retrained model, per-client impact (if there
+    is a federation to ask), speed-ups and the history's storage."""
+    out: dict[str, Any] = {
+        "l2_to_retrained": None, "cosine_to_retrained": None,
+        "client_impact": None, "client_accuracy": None,
+    }
+    if ctx.retrained is not None:
+        pair = {"original": ctx.original, "unlearned": ctx.unlearned}
+        out["l2_to_retrained"] = {k: l2_distance(v, ctx.retrained) for k, v in pair.items()}
+        out["cosine_to_retrained"] = {k: _cosine_or_none(v, ctx.retrained)
+                                      for k, v in pair.items()}
+    remaining = ctx.remaining()
+    if with_clients and ctx.federation is not None and remaining:
+        before = ctx.federation.evaluate_local(ctx.original, remaining)
+        after = ctx.federation.evaluate_local(ctx.unlearned, remaining)
+        answered = sorted(set(before) & set(after))
+        if answered:
+            b = {cid: before[cid] for cid in answered}
+            a = {cid: after[cid] for cid in answered}
+            out["client_impact"] = client_impact(b, a).to_dict()
+            out["client_accuracy"] = {"original": b, "unlearned": a}
+    if ctx.retrain_cost is not None:
+        out.update(speedups(ctx.method_cost, ctx.retrain_cost))
+    else:
+        out.update({"speedup_wall": None, "speedup_client_epochs": None})
+    out["storage_bytes"] = int(ctx.store.summary()["bytes_stored"])
+    return out
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z]+", "_", key).strip("_").lower()
+
+
+class EvaluateFnMeasure:
+    """The measure of any Flower app: its central evaluation function on each model.
+
+    Every metric ``m`` the function returns becomes ``metrics["app_<m>"]`` =
+    ``{"original", "unlearned", "retrained"}``; ``accuracy`` (or ``acc``) is also
+    ``test_accuracy``. Without an evaluation function only :func:`common_figures` remain.
+    """
+
+    def __init__(self, evaluate_fn: EvaluateFn | None, *, final_round: int = 0) -> None:
+        self.evaluate_fn = evaluate_fn
+        self.final_round = final_round
+
+    def _evaluate(self, t: int, model: TensorDict) -> dict[str, float]:
+        if self.evaluate_fn is None:
+            return {}
+        record = self.evaluate_fn(t, to_array_record(model))
+        return {} if record is None else {str(k): float(v) for k, v in record.items()
+                                          if isinstance(v, int | float)}
+
+    def __call__(self, ctx: MeasureContext) -> dict[str, Any]:  # noqa: D102
+        t = ctx.store.last_round
+        per_model = {name: self._evaluate(t, m) for name, m in ctx.models().items()}
+        figures: dict[str, Any] = {}
+        for key in sorted({k for values in per_model.values() for k in values}):
+            figures[f"app_{_metric_name(key)}"] = {
+                name: values[key] for name, values in per_model.items() if key in values}
+        accuracy_key = next((k for k in ("accuracy", "acc") if f"app_{k}" in figures), None)
+        figures["test_accuracy"] = figures[f"app_{accuracy_key}"] if accuracy_key else None
+        trace = []
+        if accuracy_key is not None:
+            for r, model in ctx.trace:
+                value = self._evaluate(r, model).get(accuracy_key)
+                if value is not None:
+                    trace.append({"round": int(r), "test_accuracy": value})
+        return {**figures, **common_figures(ctx), "trace": trace}
+
+
+class TaskMeasure:
+    """The whole protocol for fedforget's own task (data and model from a RunConfig).
+
+    The forgotten clients' training data (members of the attacks) and held-out data
+    (non-members) are rebuilt from the run config: this is what a *simulation* can do, where
+    the server can build every client's partition; a deployment must ask the client instead.
+    """
+
+    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True) -> None:
+        self.cfg = cfg
+        self.shadow_attack = shadow_attack
+
+    def forgotten_data(self, forget: Collection[str]
+                       ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
+        """The forgotten clients' training data and their held-out data, each pooled;
+        None where there is no example (an id that names no partition of this run)."""
+        from fedforget.task import client_partition, load_client_data
+
+        parts = [client_partition(cid) for cid in sorted(forget)]
+        splits = [load_client_data(self.cfg, p) for p in parts
+                  if p is not None and p < self.cfg.num_clients]
+        return (_pooled([train for train, _ in splits], "forgotten"),
+                _pooled([held for _, held in splits], "forgotten-holdout"))
+
+    def __call__(self, ctx: MeasureContext) -> dict[str, Any]:  # noqa: D102
+        from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
+        from fedforget.task import load_test_set, new_model
+
+        cfg = self.cfg
+        test_set = load_test_set(cfg)
+        members, non_members = self.forgotten_data(ctx.forget)
+        shadow = (run_shadow_attack(cfg, test_set)
+                  if self.shadow_attack and members is not None and non_members is not None
+                  else None)
+        scratch = new_model(cfg)
+        common = common_figures(ctx)
+        figures = evaluate_unlearning(
+            model=scratch, original=ctx.original, unlearned=ctx.unlearned,
+            retrained=ctx.retrained, test_set=test_set, forgotten=members, holdout=non_members,
+            backdoor_target=(cfg.backdoor_target if ctx.forget & cfg.backdoor_client_ids()
+                             else None),
+            shadow=shadow,
+        )
+        # the client figures are common's (asked once of the clients)
+        return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
+
+
+def _pooled(parts: list[ArrayDataset], name: str) -> ArrayDataset | None:
+    parts = [d for d in parts if len(d)]
+    if not parts:
+        return None
+    return ArrayDataset(x=np.concatenate([d.x for d in parts]),
+                        y=np.concatenate([d.y for d in parts]),
+                        num_classes=parts[0].num_classes, name=name)
+
+
+def parameter_measure(ctx: MeasureContext) -> dict[str, Any]:
+    """The measure when no app is there (a server-side method run by the CLI alone):
+    :func:`common_figures` without client evaluation."""
+    return {**common_figures(ctx, with_clients=False), "test_accuracy": None, "trace": []}
+

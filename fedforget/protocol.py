@@ -1,0 +1,72 @@
+"""The client protocol of fedforget: what travels between the server and each ClientApp.
+
+fedforget's client mod (:func:`fedforget.clients.mod.unlearning_mod`) speaks it for any
+ClientApp; an app that does not use the mod speaks it itself:
+
+1. **Identify.** At the start of each run the server sends every node a Flower *train*
+   message (the one handler every ClientApp has, so that a client mod sees it: Flower
+   applies an app's mods only around the handlers it registered) whose ``ConfigRecord``
+   ``"config"`` has :data:`TASK` = :data:`IDENTIFY` and which carries no arrays. The client
+   answers without training: a ``ConfigRecord`` under :data:`CLIENT_RECORD`
+   (``"fedforget"``) holding :data:`CLIENT_ID` (``"client-id"``), its stable,
+   pseudonymous id. That id comes from the node config ``client-id`` if the operator set
+   one, else from ``partition-id`` as ``client-%03d``. Flower's node ids are random per
+   run and never used as identity.
+2. **Tag every reply.** Every train and evaluate reply carries the same ``ConfigRecord``
+   (``"fedforget"`` → ``{"client-id": ...}``); a train reply without it, or with another
+   client's id, is refused.
+3. **Seed local training.** Each train message's config has :data:`SEED`
+   (``fedforget.seed``), this client's seed for this round; the client seeds everything
+   its training draws from (``random``, ``numpy``, ``torch``: data order, dropout) with it,
+   so that a replay of the round gives the same update — which is what makes ``rollback``
+   and ``retrain`` exact.
+4. **Epochs asked by a method.** A method may ask for other local epochs than the app's
+   (FedEraser's calibration trains r·E): the config then has :data:`LOCAL_EPOCHS` and
+   :data:`LOCAL_EPOCHS_KEY` (the name of the app's own setting, e.g. ``local-epochs``);
+   the client trains that many epochs.
+5. **Keep the tree head.** Train messages carry the latest signed tree head under
+   :data:`TREE_HEAD` (canonical JSON); the client keeps the largest one it has seen as
+   ``head.json`` in its state directory (node config ``state-dir``; in simulation
+   ``<fedforget.out-dir>/client-state/<client-id>``), so that it can later check that an
+   erasure receipt extends the history it saw.
+"""
+
+from __future__ import annotations
+
+IDENTIFY = "identify"
+"""Value of :data:`TASK` in the identify message."""
+
+CLIENT_RECORD = "fedforget"
+"""Key of the ``ConfigRecord`` that carries the client's stable id in every reply."""
+
+CLIENT_ID = "client-id"
+"""The stable id's key inside :data:`CLIENT_RECORD` (and the node-config key that sets it)."""
+
+SEED = "fedforget.seed"
+"""Train-config key of the client's training seed for the round."""
+
+TREE_HEAD = "fedforget.tree-head"
+"""Train-config key of the latest signed tree head."""
+
+LOCAL_EPOCHS = "fedforget.local-epochs"
+"""Train-config key of the local epochs a method asks for (when it differs from the app's)."""
+
+LOCAL_EPOCHS_KEY = "fedforget.local-epochs-key"
+"""Train-config key naming the app's own local-epochs setting that :data:`LOCAL_EPOCHS`
+overrides for this message."""
+
+TASK = "fedforget.task"
+"""Train-config key naming a procedure other than training: :data:`IDENTIFY`, or a
+client-side step of a method (e.g. ``pga``)."""
+
+CONFIG_RECORD = "config"
+"""Key of the ``ConfigRecord`` of a train message (as Flower's strategies name it)."""
+
+UNRECORDED_CONFIG = (SEED, TREE_HEAD)
+"""Train-config keys that are not part of a round record's ``config`` (the seed is recorded
+per participant; the tree head is a copy of what the server signed)."""
+
+
+def default_client_id(partition_id: int) -> str:
+    """The stable id of the client of partition ``partition_id``: ``client-%03d``."""
+    return f"client-{int(partition_id):03d}"

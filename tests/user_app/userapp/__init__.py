@@ -1,0 +1,1 @@
+"""userapp: a Flower / PyTorch app."""
