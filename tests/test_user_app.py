@@ -172,3 +172,15 @@ def test_the_users_app_trains_under_flwr_run(tmp_path: Path) -> None:
         assert a.roster() == b.roster()
         assert a.clients() == b.clients()  # the same clients sampled by stable id
     assert verify_store(sim).ok
+
+
+def test_the_readme_shows_exactly_the_lines_fedforget_adds() -> None:
+    readme = (USER_APP.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Add unlearning to your Flower app"):
+                     readme.index("## Research comparisons")]
+    shown = {line.strip() for line in section.splitlines()}
+    marked = _marked_lines()
+    for _, line in marked:
+        code = line.split("#")[0].strip() if ADDED in line else line.split(CHANGED)[0].strip()
+        assert code in shown, code
+    assert f"**{len(marked)} lines**" in section
