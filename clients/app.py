@@ -16,12 +16,12 @@ from functools import lru_cache
 from typing import TypeVar
 
 import torch
-from fedforget.clients.mod import client_id_of, unlearning_mod
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedforget import protocol
 from fedforget.arrays import from_array_record, load_tensors, model_array_record
+from fedforget.clients.mod import client_id_of, unlearning_mod
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, poison
 from fedforget.errors import ClientReplyError, ConfigError

@@ -138,6 +138,7 @@ class GridFederation:
         self.progress = progress
         self.cost = Cost()
         self.last_evaluation: dict[str, dict[str, Any]] | None = None
+        self.last_result: Any = None  # the Flower Result of the last replay
         self._client_of_node = {node: cid for cid, node in self.clients.items()}
 
     @property

@@ -10,7 +10,6 @@ Grid, ``flwr run .`` with the simulation engine, and a SuperLink with SuperNodes
 
 from __future__ import annotations
 
-from fedforget.strategies.unlearnable import Unlearnable
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -18,6 +17,7 @@ from fedforget.arrays import from_array_record, load_tensors, model_tensors, to_
 from fedforget.config import EXTENDABLE_KEYS, RunConfig
 from fedforget.measure import TaskMeasure
 from fedforget.settings import RunSettings, app_run_config
+from fedforget.strategies.unlearnable import Unlearnable
 from fedforget.task import build_strategy, load_test_set, new_model, train_config
 from fedforget.training import evaluate
 

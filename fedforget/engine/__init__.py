@@ -141,7 +141,27 @@ def run_unlearning(
         settings = RunSettings(out_dir=str(run.path), mode="unlearn",
                                request_id=request.request_id, progress=progress,
                                reference=reference, engine=engine, keys_dir=str(keys))
-        run_app(project, run_config={**app_config, **settings.to_run_config()},
-                num_nodes=len(roster), engine=engine, progress=progress)
+        try:
+            run_app(project, run_config={**app_config, **settings.to_run_config()},
+                    num_nodes=len(roster), engine=engine, progress=progress)
+        except BaseException as exc:
+            _fail_if_unserved(run, request.request_id, exc)
+            raise
     return UnlearningOutcome.read(run.result_dir(request.request_id, unlearner.name)
                                   / RESULT_FILE)
+
+
+def _fail_if_unserved(run: Any, request_id: str, exc: BaseException) -> None:
+    """The app failed before (or without) its unlearning service recording the failure:
+    move the request to ``failed`` with the reason, so that no request is left pending."""
+    from fedforget.withdrawal import WithdrawalLedger
+
+    with WithdrawalLedger(run.path) as ledger:
+        request = ledger.get(request_id)
+        if (request.state in ("done", "failed")
+                and request.updated_at >= (request.ordered_at or "")):
+            return  # the service served it, or recorded its failure
+        if request.state in ("pending", "done", "failed"):
+            ledger.move(request_id, "unlearning", method=request.method)
+        ledger.move(request_id, "failed", method=request.method,
+                    detail={"error": f"the app failed: {type(exc).__name__}: {exc}"})

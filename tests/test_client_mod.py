@@ -1,0 +1,123 @@
+"""fedforget's client mod on its own: identify, tag, seed, epochs, tree head; and a request
+whose app fails before serving it ends ``failed`` with the reason."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, train_small
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedforget import protocol
+from fedforget.clients.mod import unlearning_mod
+from fedforget.errors import ConfigError
+from fedforget.withdrawal import WithdrawalLedger
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    # Messages are stamped with the identity of the task that creates them (as in
+    # fedforget.engine.inprocess).
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def _context(**node: object) -> Context:
+    return Context(run_id=1, node_id=5, node_config=dict(node), state=RecordDict(),
+                   run_config={"local-epochs": 3, "fedforget.out-dir": ""})
+
+
+def _message(config: dict[str, object]) -> Message:
+    return Message(content=RecordDict({"config": ConfigRecord(config)}), dst_node_id=5,
+                   message_type="train")
+
+
+def _echo(seen: list[object]):  # type: ignore[no-untyped-def]
+    def handler(msg: Message, context: Context) -> Message:
+        seen.append((torch.rand(1).item(), np.random.rand(), random.random(),
+                     context.run_config["local-epochs"]))
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=msg)
+    return handler
+
+
+def test_identify_is_answered_by_the_mod_without_calling_the_app() -> None:
+    called: list[object] = []
+    reply = unlearning_mod(_message({protocol.TASK: protocol.IDENTIFY}),
+                           _context(**{"partition-id": 7}), _echo(called))
+    assert called == []
+    assert reply.content[protocol.CLIENT_RECORD][protocol.CLIENT_ID] == "client-007"
+
+
+def test_an_explicit_client_id_wins_and_a_node_without_either_is_refused() -> None:
+    reply = unlearning_mod(_message({protocol.TASK: protocol.IDENTIFY}),
+                           _context(**{"client-id": "hospital-a", "partition-id": 0}),
+                           _echo([]))
+    assert reply.content[protocol.CLIENT_RECORD][protocol.CLIENT_ID] == "hospital-a"
+    with pytest.raises(ConfigError, match="neither 'client-id' nor 'partition-id'"):
+        unlearning_mod(_message({}), _context(), _echo([]))
+
+
+def test_the_same_seed_gives_the_same_draws_and_the_caller_state_is_restored() -> None:
+    # Prepare
+    seen: list[object] = []
+    ctx = _context(**{"partition-id": 1})
+    torch.manual_seed(123)
+    expected_next = torch.rand(1).item()
+    torch.manual_seed(123)
+    # Execute: two calls with one seed, one with another
+    for seed in (42, 42, 43):
+        reply = unlearning_mod(_message({protocol.SEED: seed}), ctx, _echo(seen))
+        assert reply.content[protocol.CLIENT_RECORD][protocol.CLIENT_ID] == "client-001"
+    # Assert
+    assert seen[0] == seen[1] and seen[0][:3] != seen[2][:3]
+    assert torch.rand(1).item() == expected_next  # the global generator is as it was
+
+
+def test_epochs_a_method_asks_for_override_the_apps_setting_for_one_call() -> None:
+    seen: list[object] = []
+    ctx = _context(**{"partition-id": 1})
+    unlearning_mod(_message({protocol.LOCAL_EPOCHS: 1, protocol.LOCAL_EPOCHS_KEY: "local-epochs"}),
+                   ctx, _echo(seen))
+    assert seen[0][3] == 1 and ctx.run_config["local-epochs"] == 3
+
+
+def test_the_largest_tree_head_is_kept_in_the_state_directory(tmp_path: Path) -> None:
+    ctx = _context(**{"partition-id": 2, "state-dir": str(tmp_path / "me")})
+    for size in (2, 5, 3):
+        head = json.dumps({"size": size, "root": "x" * 10})
+        unlearning_mod(_message({protocol.TREE_HEAD: head}), ctx, _echo([]))
+    assert json.loads((tmp_path / "me" / "head.json").read_text())["size"] == 5
+
+
+def test_a_request_whose_app_fails_before_serving_it_ends_failed(tmp_path: Path) -> None:
+    # Prepare: a run, and an "app" with the run's keys whose ServerApp raises
+    from fedforget.engine import run_unlearning
+
+    run = tmp_path / "run"
+    train_small(run)
+    app = tmp_path / "broken-app"
+    app.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", app / "pyproject.toml")
+    pyproject = (app / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(pyproject.replace('serverapp = "server.app:app"',
+                                                          'serverapp = "broken_server:app"'))
+    (app / "broken_server.py").write_text(
+        "from flwr.serverapp import ServerApp\napp = ServerApp()\n\n"
+        "@app.main()\ndef main(grid, context):\n    raise KeyError('num-server-rounds')\n")
+    # Execute
+    with pytest.raises(KeyError):
+        run_unlearning(run, client="client-001", method="rollback", app_dir=app,
+                       progress=False)
+    # Assert
+    with WithdrawalLedger(run) as ledger:
+        request = ledger.for_client("client-001")
+    assert request is not None and request.state == "failed"
+    assert "the app failed: KeyError" in request.detail["error"]  # type: ignore[index]
