@@ -20,7 +20,11 @@ app's own handlers:
   own run-config setting named by the server (e.g. ``local-epochs``) for that one call;
 * it keeps the latest signed tree head the server showed in ``head.json`` of the client's
   state directory (node config ``state-dir``; in simulation
-  ``<fedforget.out-dir>/client-state/<client-id>``).
+  ``<fedforget.out-dir>/client-state/<client-id>``);
+* when the client's operator asked to leave (:func:`ask_withdrawal`, the command
+  ``fedforget client withdraw``), it tells the server in every reply, with the saved head,
+  until the receipt arrives; it stores a delivered receipt, its salt and the server's
+  public key in the state directory (``receipts/``, ``server.pub``).
 """
 
 from __future__ import annotations
@@ -41,12 +45,17 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedforget import protocol
 from fedforget.errors import ConfigError
+from fedforget.fileio import write_atomic
 from fedforget.rundir import HEAD_FILE, RunDirectory
 from fedforget.settings import PREFIX
 
 log = logging.getLogger("fedforget.clients")
 
-__all__ = ["client_id_of", "state_dir_of", "unlearning_mod"]
+__all__ = ["ask_withdrawal", "client_id_of", "state_dir_of", "unlearning_mod",
+           "withdrawal_status"]
+
+WITHDRAWAL_FILE = "withdrawal.json"
+"""The client's own withdrawal request (in its state directory)."""
 
 
 def client_id_of(context: Context) -> str:
@@ -84,21 +93,94 @@ def unlearning_mod(msg: Message, context: Context, call_next: ClientAppCallable)
     """Flower client mod: identify, seed, keep the tree head, tag the reply (see module)."""
     conf = _config(msg)
     cid = client_id_of(context)
-    if conf is not None and conf.get(protocol.TASK) == protocol.IDENTIFY:
-        return Message(content=RecordDict({protocol.CLIENT_RECORD: _identity(cid)}),
-                       reply_to=msg)
+    task = conf.get(protocol.TASK) if conf is not None else None
     if conf is not None:
         _keep_tree_head(context, conf, cid)
+    if task == protocol.IDENTIFY:
+        return Message(content=RecordDict({protocol.CLIENT_RECORD: _identity(context, cid)}),
+                       reply_to=msg)
+    if task == protocol.DELIVER and conf is not None:
+        record = _identity(context, cid)
+        record[protocol.DELIVERED] = _store_receipt(context, cid, conf)
+        return Message(content=RecordDict({protocol.CLIENT_RECORD: record}), reply_to=msg)
     seed = conf.get(protocol.SEED) if conf is not None else None
     with _seeded(seed), _epochs_override(context, conf):
         reply = call_next(msg, context)
     if reply.has_content():
-        reply.content[protocol.CLIENT_RECORD] = _identity(cid)
+        reply.content[protocol.CLIENT_RECORD] = _identity(context, cid)
     return reply
 
 
-def _identity(cid: str) -> ConfigRecord:
-    return ConfigRecord({protocol.CLIENT_ID: cid})
+def _identity(context: Context, cid: str) -> ConfigRecord:
+    """``{"client-id": ...}``, and the client's own withdrawal while it has no receipt."""
+    record = ConfigRecord({protocol.CLIENT_ID: cid})
+    state = state_dir_of(context)
+    ask = withdrawal_status(state) if state is not None else None
+    if ask is not None and ask.get("state") == "asked":
+        record[protocol.WITHDRAW] = str(ask.get("reason", ""))
+        record[protocol.WITHDRAW_ASKED_AT] = str(ask.get("asked_at", ""))
+        head = state / HEAD_FILE  # type: ignore[operator]
+        if head.exists():
+            record[protocol.HEAD] = head.read_text()
+    return record
+
+
+# -------------------------------------------------------------- the client asks
+def ask_withdrawal(state_dir: str | os.PathLike[str], *, reason: str) -> dict[str, str]:
+    """Record, in the client's own state directory, that it asks to leave and be forgotten.
+
+    The request reaches the server at the node's next contact (every reply carries it) and
+    stays until the client holds its receipt. Asking again keeps the first request.
+    """
+    from fedforget.history.records import utc_now
+
+    directory = Path(state_dir)
+    existing = withdrawal_status(directory)
+    if existing is not None:
+        return existing
+    directory.mkdir(parents=True, exist_ok=True)
+    ask = {"state": "asked", "reason": reason, "asked_at": utc_now()}
+    write_atomic(directory / WITHDRAWAL_FILE, json.dumps(ask, indent=2, sort_keys=True))
+    return ask
+
+
+def withdrawal_status(state_dir: str | os.PathLike[str] | None) -> dict[str, str] | None:
+    """The client's own withdrawal request, if it made one (``state``: ``asked`` until a
+    receipt arrives, then ``receipted`` with ``receipt_id``)."""
+    if state_dir is None:
+        return None
+    path = Path(state_dir) / WITHDRAWAL_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not a withdrawal request this client wrote: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a withdrawal request this client wrote")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _store_receipt(context: Context, cid: str, conf: ConfigRecord) -> str:
+    """Keep a delivered receipt, its salt and the server's public key; return its id."""
+    state = state_dir_of(context)
+    if state is None:
+        raise ConfigError("a receipt was delivered but this client has no state directory "
+                          "(set node config state-dir)")
+    receipt_id = str(conf[protocol.RECEIPT_ID])
+    receipts = state / "receipts"
+    receipts.mkdir(parents=True, exist_ok=True)
+    write_atomic(receipts / f"{receipt_id}.json", str(conf[protocol.RECEIPT]))
+    salt = receipts / f"{receipt_id}.salt"
+    write_atomic(salt, str(conf[protocol.SALT]) + "\n")
+    os.chmod(salt, 0o600)
+    write_atomic(state / "server.pub", str(conf[protocol.PUBLIC_KEY]))
+    ask = withdrawal_status(state) or {}
+    ask.update({"state": "receipted", "receipt_id": receipt_id,
+                "request_id": str(conf[protocol.REQUEST_ID])})
+    write_atomic(state / WITHDRAWAL_FILE, json.dumps(ask, indent=2, sort_keys=True))
+    log.info("client %s stored receipt %s", cid, receipt_id)
+    return receipt_id
 
 
 # ------------------------------------------------------------------------ seeding

@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--keys", default=None, metavar="DIR",
                          help="the server's signing keys (default: DIR/keys)")
 
+    client = sub.add_parser("client", help="a client's own side (run on the client's node)")
+    csub = client.add_subparsers(dest="client_command", required=True)
+    ask = csub.add_parser("withdraw", help="ask the server to forget this client; the request "
+                                           "goes with the node's next reply")
+    ask.add_argument("--state-dir", required=True, help="the client's state directory "
+                     "(its node config state-dir; in simulation <run>/client-state/<id>)")
+    ask.add_argument("--reason", default="", help="the reason, for the receipt")
+    status = csub.add_parser("status", help="this client's withdrawal and receipts")
+    status.add_argument("--state-dir", required=True)
+
     run = sub.add_parser(
         "run", help="run an experiment file: grids of methods x seeds x settings, a report"
     )
@@ -106,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "withdraw":
             return _cmd_withdraw(args)
+        if args.command == "client":
+            return _cmd_client(args)
         if args.command == "unlearn":
             return _cmd_unlearn(args)
         if args.command == "run":
@@ -243,7 +255,12 @@ def _verify_receipt_as_a_user(out: Path, outcome: Any) -> bool:
             receipt.public_key_path, "--model", str(out / outcome.model_path)]
     if receipt.head_path:
         args += ["--head", receipt.head_path]
-    salt = Path(receipt.salt_path).read_text().strip()
+    from fedforget.rundir import RunDirectory
+
+    # The salt, as the client keeps it once delivered (else the server's copy, still waiting)
+    kept = RunDirectory(out).client_state(outcome.client_id) / "receipts" / (
+        f"{receipt.receipt_id}.salt")
+    salt = (kept if kept.exists() else out / receipt.salt_outbox).read_text().strip()
     args += ["--salt", salt, "--client", outcome.client_id]
     print("$ fedforget " + " ".join(shlex.quote(a) for a in args))
     done = subprocess.run(prefix + args, capture_output=True, text=True, check=False)
@@ -332,6 +349,30 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
           f"(state {request.state}, received {request.received_at})")
     if not contributed:
         print(f"{args.client} has no stored contribution: there is nothing to unlearn")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedforget.clients.mod import ask_withdrawal, withdrawal_status
+
+    state = Path(args.state_dir)
+    if args.client_command == "withdraw":
+        before = withdrawal_status(state)
+        ask = ask_withdrawal(state, reason=args.reason)
+        print(f"withdrawal {'already ' if before else ''}asked at {ask['asked_at']} "
+              f"({ask['state']}): it reaches the server with this node's next reply")
+        return 0
+    ask = withdrawal_status(state)
+    if ask is None:
+        print(f"no withdrawal asked in {state}")
+        return 0
+    print(f"withdrawal {ask['state']}: asked at {ask['asked_at']}, reason {ask['reason']!r}")
+    if ask.get("receipt_id"):
+        receipt = state / "receipts" / f"{ask['receipt_id']}.json"
+        salt = receipt.with_suffix(".salt")
+        print(f"receipt: {receipt}\nsalt:    {salt}\nserver public key: {state / 'server.pub'}")
+        print(f"verify:  fedforget receipt verify {receipt} --key {state / 'server.pub'} "
+              f"--head {state / 'head.json'} --salt $(cat {salt}) --client <your id>")
     return 0
 
 

@@ -32,6 +32,7 @@ from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, HistoryError
 from fedforget.history import HistoryStore
 from fedforget.progress import RoundProgress
+from fedforget.protocol import WithdrawalAsk, read_ask
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.settings import DEFAULT_REPLY_TIMEOUT, RecordingSettings
 from fedforget.strategies.history import HistoryRecording, check_train_reply, clients_per_round
@@ -45,17 +46,21 @@ ACCURACY_KEYS = ("accuracy", "eval_acc", "eval-acc", "acc")
 """Metric names read as a client's held-out accuracy in an evaluate reply, in this order."""
 
 
-def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[str, int]:
+def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
+                     asks: list[WithdrawalAsk] | None = None,
+                     extra_config: Mapping[str, Any] | None = None) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
 
-    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds).
+    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds). Withdrawals
+    the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
+    the message (the latest signed tree head, which every client keeps).
     """
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise HistoryError(f"only {len(node_ids)} of {expected} nodes connected in time")
         time.sleep(1.0)
-    config = ConfigRecord({protocol.TASK: protocol.IDENTIFY})
+    config = ConfigRecord({**(extra_config or {}), protocol.TASK: protocol.IDENTIFY})
     messages = [
         Message(content=RecordDict({protocol.CONFIG_RECORD: config}), dst_node_id=node,
                 message_type=MessageType.TRAIN, group_id="identify")
@@ -80,6 +85,9 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0) -> dict[
         if cid in clients:
             raise HistoryError(f"two nodes report the same client id {cid!r}")
         clients[cid] = node
+        ask = read_ask(record, cid, node)
+        if ask is not None and asks is not None:
+            asks.append(ask)
     return dict(sorted(clients.items()))
 
 
@@ -170,6 +178,8 @@ class GridFederation:
         evaluate_rounds: Iterable[int] | None = (),
         head_signer: Any = None,
         evaluate_config: Mapping[str, Any] | None = None,
+        refresh_exclude: Callable[[], Iterable[str]] | None = None,
+        on_ask: Callable[[WithdrawalAsk], None] | None = None,
     ) -> TensorDict:
         """Ordinary recorded rounds ``start_round..end_round`` (see the Federation protocol).
 
@@ -203,6 +213,8 @@ class GridFederation:
             roster=roster,
             on_commit=head_signer.on_commit if head_signer is not None else None,
             extra_config=head_signer.config if head_signer is not None else None,
+            refresh_exclude=refresh_exclude,
+            on_ask=on_ask,
         )
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -314,6 +326,26 @@ class GridFederation:
             out[cid] = ClientUpdate(client_id=cid, local_model=local, num_examples=n,
                                     metrics=metrics)
         return dict(sorted(out.items()))
+
+    def send_config(self, client_id: str, config: Mapping[str, Any]) -> ConfigRecord | None:
+        """Send ``client_id`` a train message carrying only ``config`` (a client protocol
+        step, e.g. a receipt delivery); return its reply's ``"fedforget"`` record, or None
+        if it did not answer (or answered with an error)."""
+        if client_id not in self.clients:
+            return None
+        message = Message(
+            content=RecordDict({protocol.CONFIG_RECORD: ConfigRecord(dict(config))}),
+            dst_node_id=self.clients[client_id], message_type=MessageType.TRAIN,
+            group_id=str(config.get(protocol.TASK, "fedforget")),
+        )
+        for reply in self.grid.send_and_receive([message], timeout=self.reply_timeout):
+            if reply.has_error():
+                log.warning("client %s refused %s: %s", client_id,
+                            config.get(protocol.TASK), reply.error.reason)
+                return None
+            record = reply.content.get(protocol.CLIENT_RECORD)
+            return record if isinstance(record, ConfigRecord) else None
+        return None
 
     def evaluate_local(self, model: TensorDict, clients: Sequence[str]) -> dict[str, float]:
         """Accuracy of ``model`` on each client's held-out data (not counted as cost).

@@ -29,9 +29,21 @@ ClientApp; an app that does not use the mod speaks it itself:
    ``head.json`` in its state directory (node config ``state-dir``; in simulation
    ``<fedforget.out-dir>/client-state/<client-id>``), so that it can later check that an
    erasure receipt extends the history it saw.
+6. **A client asks to leave.** A client whose operator ran ``fedforget client withdraw``
+   adds to every reply's ``"fedforget"`` record :data:`WITHDRAW` (the reason),
+   :data:`WITHDRAW_ASKED_AT` and :data:`HEAD` (the tree head it kept), until it holds its
+   receipt. The server records the request bound to that node and stops selecting the
+   client from the next round on.
+7. **Receipt delivery.** The server sends the client a train message whose config has
+   :data:`TASK` = :data:`DELIVER` and :data:`RECEIPT` (the DSSE envelope), :data:`SALT` (hex),
+   :data:`PUBLIC_KEY` (PEM), :data:`RECEIPT_ID` and :data:`REQUEST_ID`; the client stores
+   them in its state directory (``receipts/<id>.json``, ``receipts/<id>.salt``,
+   ``server.pub``) and answers :data:`DELIVERED` = the receipt id.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 IDENTIFY = "identify"
 """Value of :data:`TASK` in the identify message."""
@@ -70,3 +82,48 @@ per participant; the tree head is a copy of what the server signed)."""
 def default_client_id(partition_id: int) -> str:
     """The stable id of the client of partition ``partition_id``: ``client-%03d``."""
     return f"client-{int(partition_id):03d}"
+
+
+# --------------------------------------------------------------- client-asked withdrawal
+WITHDRAW = "withdraw"
+"""Key (in :data:`CLIENT_RECORD` of a reply) of the reason of a client's own withdrawal."""
+
+WITHDRAW_ASKED_AT = "withdraw-asked-at"
+"""When the client's operator asked (RFC 3339 UTC)."""
+
+HEAD = "head"
+"""The tree head the client kept (canonical JSON), sent with its withdrawal."""
+
+DELIVER = "deliver-receipt"
+"""Value of :data:`TASK` in a receipt-delivery message."""
+
+RECEIPT = "fedforget.receipt"
+SALT = "fedforget.salt"
+PUBLIC_KEY = "fedforget.public-key"
+RECEIPT_ID = "fedforget.receipt-id"
+REQUEST_ID = "fedforget.request-id"
+
+DELIVERED = "delivered"
+"""Key (in :data:`CLIENT_RECORD` of the delivery reply) of the receipt id stored."""
+
+
+@dataclass(frozen=True)
+class WithdrawalAsk:
+    """A client's own withdrawal request, as its reply carried it."""
+
+    client_id: str
+    node_id: int
+    reason: str
+    asked_at: str
+    head: str | None  # the tree head it kept (canonical JSON), if any
+
+
+def read_ask(record: object, client_id: str, node_id: int) -> WithdrawalAsk | None:
+    """The withdrawal request in a reply's :data:`CLIENT_RECORD`, if it carries one."""
+    if not hasattr(record, "get") or record.get(WITHDRAW) is None:  # type: ignore[attr-defined]
+        return None
+    get = record.get  # type: ignore[attr-defined]
+    head = get(HEAD)
+    return WithdrawalAsk(client_id=client_id, node_id=node_id, reason=str(get(WITHDRAW)),
+                         asked_at=str(get(WITHDRAW_ASKED_AT) or ""),
+                         head=head if isinstance(head, str) and head else None)

@@ -64,7 +64,7 @@ class ReceiptInfo:
     receipt_id: str
     receipt_path: str  # relative to the run directory (receipts/<id>.json)
     public_key_path: str  # absolute: keys may live outside the run directory
-    salt_path: str | None  # the client's copy of its commitment salt (simulation), if any
+    salt_outbox: str  # the server's copy of the salt until the client has it (relative)
     head_path: str | None  # the head the client kept, that the consistency proof starts at
 
 

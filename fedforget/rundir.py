@@ -13,6 +13,8 @@
     <run>/unlearned/reference-<key>/      the cached retrained reference for one forget set
     <run>/unlearned/current.json          the model in service after the latest unlearning
     <run>/withdrawals/<request>/head.json the tree head a client handed in with its request
+    <run>/withdrawals/<request>/asked.json how and by which node a client asked itself
+    <run>/withdrawals/<request>/outbox/   a receipt's salt until the client has it
     <run>/client-state/<client-id>/       a simulated client's own state (head.json, salts)
 
 Every module that reads or writes one of these asks :class:`RunDirectory` for its path.
@@ -132,9 +134,25 @@ class RunDirectory:
         return str(Path(path).relative_to(self.path))
 
     # -------------------------------------------------------------- withdrawals
+    def withdrawal_dir(self, request_id: str) -> Path:
+        """What the server keeps of one withdrawal request besides the ledger row."""
+        return self.path / WITHDRAWALS_DIR / request_id
+
     def withdrawal_head(self, request_id: str) -> Path:
         """The tree head a client handed in with its withdrawal request."""
-        return self.path / WITHDRAWALS_DIR / request_id / HEAD_FILE
+        return self.withdrawal_dir(request_id) / HEAD_FILE
+
+    def asked(self, request_id: str) -> Path:
+        """The record of a withdrawal the client asked for itself (node, time, reason)."""
+        return self.withdrawal_dir(request_id) / "asked.json"
+
+    def outbox(self, request_id: str) -> Path:
+        """Receipt salts waiting for delivery to the client (``<receipt-id>.salt``)."""
+        return self.withdrawal_dir(request_id) / "outbox"
+
+    def outboxes(self) -> list[Path]:
+        """Every withdrawal's outbox that exists."""
+        return sorted(p for p in (self.path / WITHDRAWALS_DIR).glob("*/outbox") if p.is_dir())
 
     def client_state(self, client_id: str) -> Path:
         """A simulated client's own state directory (a SuperNode sets ``state-dir``)."""

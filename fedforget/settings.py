@@ -17,6 +17,8 @@ key                        meaning
                            an unlearning computes the retrained reference
 ``fedforget.reply-timeout``(optional) seconds a round waits for replies (default 300)
 ``fedforget.engine``       (optional) the engine's name in results (fedforget's CLI sets it)
+``fedforget.withdrawal-    (optional) the method that serves the withdrawals clients ask for
+method``, ``-params``      themselves, after the training rounds (default: record them only)
 =========================  ===============================================================
 
 ``flwr run`` accepts only keys the app declares, so an app declares the ones it uses
@@ -33,6 +35,7 @@ keys (``fedforget.seed``, ``fedforget.clients-per-round``, ``fedforget.min-repli
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -74,6 +77,10 @@ class RunSettings:
     reference: str = field(default="compute", metadata=_meta(str, choices=REFERENCE_POLICIES))
     reply_timeout: float = field(default=DEFAULT_REPLY_TIMEOUT, metadata=_meta(float, low=0.01))
     engine: str = ""  # how the ServerApp is run, as results record it (set by fedforget's CLI)
+    # the server's policy for withdrawals the clients ask for themselves: the method (and its
+    # parameters, a JSON object) that serves them after the training rounds; "" = record only
+    withdrawal_method: str = ""
+    withdrawal_params: str = ""
 
     def __post_init__(self) -> None:
         _check(self)
@@ -108,6 +115,20 @@ class RunSettings:
         return {PREFIX + f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)
                 if getattr(self, f.name) != getattr(default, f.name) or f.name in ("out_dir",
                                                                                       "mode")}
+
+    def withdrawal_policy(self) -> tuple[str, dict[str, Any]] | None:
+        """The method and parameters that serve client-asked withdrawals, if any."""
+        if not self.withdrawal_method:
+            return None
+        try:
+            params = json.loads(self.withdrawal_params) if self.withdrawal_params else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{PREFIX}withdrawal-params = {self.withdrawal_params!r}: not a "
+                              f"JSON object ({exc})") from None
+        if not isinstance(params, dict):
+            raise ConfigError(f"{PREFIX}withdrawal-params = {self.withdrawal_params!r}: "
+                              "expected a JSON object")
+        return self.withdrawal_method, params
 
     def replace(self, **changes: Any) -> RunSettings:
         """A copy with some settings changed (validated again)."""

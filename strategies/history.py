@@ -232,6 +232,12 @@ class HistoryRecording(Strategy):
         signs a new tree head with it).
     extra_config : callable, optional
         Extra train-config entries for every message of a round (the latest tree head).
+    refresh_exclude : callable, optional
+        Called before each round; the clients it returns are excluded too (withdrawals
+        recorded while training runs take effect from the next round).
+    on_ask : callable, optional
+        Called with each :class:`~fedforget.protocol.WithdrawalAsk` a reply carries (a
+        client asking to leave); the client is excluded from the next round on.
     """
 
     def __init__(
@@ -250,6 +256,8 @@ class HistoryRecording(Strategy):
         roster: Iterable[str] | None = None,
         on_commit: Callable[[RoundRecord], None] | None = None,
         extra_config: Callable[[], Mapping[str, str]] | None = None,
+        refresh_exclude: Callable[[], Iterable[str]] | None = None,
+        on_ask: Callable[[protocol.WithdrawalAsk], None] | None = None,
     ) -> None:
         self.strategy = train_every_shown_node(strategy)
         self.store = store
@@ -262,6 +270,8 @@ class HistoryRecording(Strategy):
         self.round_offset = round_offset
         self.min_replies = min_replies
         self.exclude = frozenset(exclude)
+        self.refresh_exclude = refresh_exclude
+        self.on_ask = on_ask
         self.evaluate_rounds = None if evaluate_rounds is None else frozenset(evaluate_rounds)
         self._client_of_node = {node: cid for cid, node in self.clients.items()}
         self._pending: _PendingRound | None = None
@@ -314,6 +324,8 @@ class HistoryRecording(Strategy):
         and give each client its own training seed."""
         t = server_round + self.round_offset
         self._raise_failed_commit()
+        if self.refresh_exclude is not None:
+            self.exclude = self.exclude | frozenset(self.refresh_exclude())
         selected = self.sampler.sample(t, self.roster, exclude=self.exclude)
         global_model = from_array_record(arrays)
         connected = [c for c in selected if c in self.clients]
@@ -376,6 +388,7 @@ class HistoryRecording(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             cid = self._client_of_node.get(node, f"<unknown node {node}>")
+            self._take_ask(reply, cid, node)
             try:
                 if cid not in pending.selected:
                     raise ClientReplyError("reply from a client not selected this round")
@@ -448,6 +461,15 @@ class HistoryRecording(Strategy):
         )
         self._pending = None
         return agg_arrays, agg_metrics
+
+    def _take_ask(self, reply: Message, cid: str, node: int) -> None:
+        """Hand a withdrawal the reply carries to ``on_ask``; exclude the client from now."""
+        if self.on_ask is None or not reply.has_content() or cid not in self.clients:
+            return
+        ask = protocol.read_ask(reply.content.get(CLIENT_RECORD), cid, node)
+        if ask is not None and cid not in self.exclude:
+            self.on_ask(ask)
+            self.exclude = self.exclude | {cid}
 
     def _fedavg_aggregate(
         self, replies: list[tuple[Message, TensorDict, int, dict[str, float]]]

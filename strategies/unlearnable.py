@@ -22,11 +22,18 @@
   round, signs a tree head after each and sends it to the clients, flushes, and writes the
   app's central evaluation per round to ``metrics.jsonl``. Withdrawn clients are never
   sampled again, from the next round on.
+  A client that asks to leave itself (``fedforget client withdraw`` on its node; the
+  request comes with its replies) is recorded in the ledger, bound to its node, and never
+  selected again from the next round on; after the rounds, the server's policy
+  (``fedforget.withdrawal-method``), if set, serves it.
 * ``unlearn`` — serves the withdrawal request ``fedforget unlearn`` ordered, with the
   ordered method, through :class:`fedforget.service.UnlearningService`: the app's strategy
   for every replayed round, the app's ClientApp for every client step, the app's
   ``evaluate_fn`` (or the ``measure`` given) for the comparison. The result's model is
   returned as ``Result.arrays``.
+
+In both modes every receipt still waiting for its client is delivered to it as soon as it is
+connected (:mod:`fedforget.delivery`).
 
 The app's run config stays the app's: fedforget reads only ``fedforget.*`` keys.
 """
@@ -45,10 +52,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
+from fedforget.delivery import deliver_receipts
 from fedforget.errors import ConfigError, HistoryError
 from fedforget.federation import FederationApp, GridFederation, identify_clients
 from fedforget.history import HistoryStore
 from fedforget.measure import EvaluateFnMeasure, Measure
+from fedforget.protocol import WithdrawalAsk
 from fedforget.receipts.issuer import HeadSigner, signing_key
 from fedforget.rundir import RunDirectory
 from fedforget.service import UnlearningService, read_model
@@ -168,8 +177,10 @@ class Unlearnable:
                           "the run config")
 
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
-                    timeout: float | None) -> GridFederation:
-        clients = identify_clients(grid, expected)
+                    timeout: float | None, signer: HeadSigner | None = None) -> GridFederation:
+        self.asks: list[WithdrawalAsk] = []
+        clients = identify_clients(grid, expected, asks=self.asks,
+                                   extra_config=signer.config() if signer else None)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
@@ -235,11 +246,14 @@ class Unlearnable:
                     )
             expected = self.min_nodes or (len(set(roster) - withdrawn) if roster else
                                           int(getattr(self.strategy, "min_available_nodes", 1)))
-            federation = self._federation(grid, app, expected, timeout)
+            key, public_key = signing_key(self._keys_dir())
+            signer = HeadSigner(store, key)
+            federation = self._federation(grid, app, expected, timeout, signer)
             store.set_roster(sorted(set(roster) | set(federation.roster)))
             if store.last_round == 0 and store.initial_model_digest is None:
                 store.put_initial_model(from_array_record(initial_arrays))
-            key, _ = signing_key(self._keys_dir())
+            deliver_receipts(self.run, federation, public_key)
+            asked = [self._record_ask(ask, store.roster()) for ask in self.asks]
             metrics_path = self.run.metrics
 
             def central(t: int, model: TensorDict) -> dict[str, float] | None:
@@ -254,20 +268,67 @@ class Unlearnable:
                     fh.write(json.dumps({"round": t, **values}) + "\n")
                 return values
 
-            final = federation.replay(
-                store=store, start_round=store.last_round + 1, end_round=num_rounds,
-                exclude=withdrawn, on_round=central, evaluate_rounds=self.evaluate_rounds,
-                head_signer=HeadSigner(store, key), evaluate_config=evaluate_config,
-            )
+            roster_now = store.roster()
+            with WithdrawalLedger(self.run.path) as ledger:
+                final = federation.replay(
+                    store=store, start_round=store.last_round + 1, end_round=num_rounds,
+                    exclude=withdrawn, on_round=central,
+                    evaluate_rounds=self.evaluate_rounds, head_signer=signer,
+                    evaluate_config=evaluate_config, refresh_exclude=ledger.withdrawn,
+                    on_ask=lambda ask: asked.append(self._record_ask(ask, roster_now)),
+                )
             if federation.last_evaluation:
                 self.run.client_evaluation.write_text(
                     json.dumps(federation.last_evaluation, indent=2, sort_keys=True))
             result = getattr(federation, "last_result", None)
-            if result is not None and store.last_round == num_rounds:
-                return result
-            return Result(arrays=to_array_record(final))
+            if result is None or store.last_round != num_rounds:
+                result = Result(arrays=to_array_record(final))
         finally:
             store.close()
+        self._serve_asked([r for r in asked if r], federation, evaluate_fn, public_key)
+        return result
+
+    def _record_ask(self, ask: WithdrawalAsk, roster: Collection[str]) -> str | None:
+        """Record a client's own withdrawal (bound to the node it came from); its id."""
+        with WithdrawalLedger(self.run.path) as ledger:
+            request, created = ledger.request(ask.client_id, reason=ask.reason or
+                                              "asked by the client", roster=set(roster))
+        if created:
+            directory = self.run.withdrawal_dir(request.request_id)
+            directory.mkdir(parents=True, exist_ok=True)
+            if ask.head:
+                self.run.withdrawal_head(request.request_id).write_text(ask.head)
+            self.run.asked(request.request_id).write_text(json.dumps(
+                {"client_id": ask.client_id, "node_id": ask.node_id, "asked_at": ask.asked_at,
+                 "received_at": request.received_at, "reason": ask.reason}, indent=2))
+            log.warning("client %s asked to withdraw (request %s): it is not selected again",
+                        ask.client_id, request.request_id)
+        return request.request_id if request.state == "pending" else None
+
+    def _serve_asked(self, request_ids: list[str], federation: GridFederation,
+                     evaluate_fn: EvaluateFn | None, public_key: Path) -> None:
+        """Serve client-asked withdrawals by the server's policy, and deliver receipts."""
+        policy = self.settings.withdrawal_policy()
+        if policy is None or not request_ids:
+            return
+        method, params = policy
+        service = self._service(federation, evaluate_fn)
+        for request_id in dict.fromkeys(request_ids):
+            with WithdrawalLedger(self.run.path) as ledger:
+                ledger.order(request_id, method=method, params=params)
+            service.serve(request_id)
+            deliver_receipts(self.run, federation, public_key, only=request_id)
+
+    def _service(self, federation: GridFederation, evaluate_fn: EvaluateFn | None
+                 ) -> UnlearningService:
+        with HistoryStore.open(self.run.path) as store:
+            last_round = store.last_round
+        return UnlearningService(
+            self.run, federation=federation,
+            measure=self.measure or EvaluateFnMeasure(evaluate_fn, final_round=last_round),
+            keys_dir=self._keys_dir(), engine=engine_of(federation.grid, self.settings),
+            reference=self.settings.reference,
+        )
 
     def _keys_dir(self) -> Path:
         return Path(self.settings.keys_dir) if self.settings.keys_dir else self.run.default_keys
@@ -278,17 +339,17 @@ class Unlearnable:
         with HistoryStore.open(self.run.path) as store:
             self._check_same_training(store)
             roster = store.roster()
-            last_round = store.last_round
         with WithdrawalLedger(self.run.path) as ledger:
             withdrawn = ledger.withdrawn()
         expected = self.min_nodes or max(1, len(set(roster) - withdrawn))
-        federation = self._federation(grid, app, expected, timeout)
-        service = UnlearningService(
-            self.run, federation=federation,
-            measure=self.measure or EvaluateFnMeasure(evaluate_fn, final_round=last_round),
-            keys_dir=self._keys_dir(), engine=engine_of(grid, self.settings),
-            reference=self.settings.reference,
-        )
-        outcome = service.serve(self.settings.request_id or None)
+        key, public_key = signing_key(self._keys_dir())
+        with HistoryStore.open(self.run.path) as store:
+            signer = HeadSigner(store, key)
+        federation = self._federation(grid, app, expected, timeout, signer)
+        deliver_receipts(self.run, federation, public_key)
+        for ask in self.asks:
+            self._record_ask(ask, roster)
+        outcome = self._service(federation, evaluate_fn).serve(self.settings.request_id or None)
+        deliver_receipts(self.run, federation, public_key, only=outcome.request_id)
         return Result(arrays=to_array_record(read_model(self.run.path / outcome.model_path)))
 

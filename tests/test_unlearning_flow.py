@@ -216,7 +216,14 @@ def test_unlearn_issues_a_receipt_that_verifies_and_catches_a_changed_model(
     train_small(run, **{"num-rounds": 4})
     result = _unlearn(run, "client-002", "federaser", "--quiet", capsys=capsys)
     receipt = result["receipt"]
-    salt = Path(receipt["salt_path"]).read_text().strip()
+    # The receipt, its salt and the server's key were delivered to the client's own state
+    # directory, and the server's copy of the salt is gone.
+    state = run / "client-state" / "client-002"
+    salt = (state / "receipts" / f"{receipt['receipt_id']}.salt").read_text().strip()
+    assert (state / "receipts" / f"{receipt['receipt_id']}.json").read_bytes() == Path(
+        result["receipt_path"]).read_bytes()
+    assert (state / "server.pub").read_bytes() == Path(result["public_key_path"]).read_bytes()
+    assert not (run / receipt["salt_outbox"]).exists()
 
     def verify(client: str) -> int:
         command = ["receipt", "verify", result["receipt_path"], "--key",

@@ -144,11 +144,23 @@ def test_withdraw_and_unlearn_a_client_of_the_users_app_through_the_cli(
     assert results["rollback"]["engine"] == "inprocess"
     assert results["subtract"]["engine"] == "server"
     assert results["subtract"]["cost"]["client_epochs"] == 0
-    # Every receipt verifies offline, the consistency proof starting at the client's head
+    # rollback's and federaser's receipts were delivered to the client at once; subtract ran
+    # without the app, so its salt waits in the server's outbox until the client's next
+    # contact: the next run of the app (here a resume with nothing left to train)
+    state = RunDirectory(run).client_state("client-001")
+    waiting = run / results["subtract"]["receipt"]["salt_outbox"]
+    assert waiting.exists()
+    _fedforget("train", "--app", str(app), "--out", str(run), "--clients", "4", "--quiet",
+               cwd=work)
+    assert not waiting.exists()
+    # Every receipt verifies offline from the client's own copies, the consistency proof
+    # starting at the head the client saved
     for method, result in results.items():
-        salt = Path(result["receipt"]["salt_path"]).read_text().strip()
+        receipt_id = result["receipt"]["receipt_id"]
+        salt = (state / "receipts" / f"{receipt_id}.salt").read_text().strip()
         verified = _fedforget(
-            "receipt", "verify", result["receipt_path"], "--key", result["public_key_path"],
+            "receipt", "verify", str(state / "receipts" / f"{receipt_id}.json"),
+            "--key", str(state / "server.pub"),
             "--model", result["model_path"], "--head", str(head), "--salt", salt,
             "--client", "client-001", cwd=work)
         assert verified.stdout.startswith("OK receipt"), method

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedforget import protocol
 from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore, RoundRecord
+from fedforget.receipts.errors import ReceiptError
 from fedforget.receipts.keys import generate_keys, load_private_key
 from fedforget.receipts.merkle import MerkleAccumulator
 from fedforget.receipts.receipt import (
@@ -34,7 +35,7 @@ from fedforget.receipts.receipt import (
     write_receipt,
 )
 from fedforget.receipts.statement import Comparison
-from fedforget.receipts.tree_head import TreeHead, sign_tree_head
+from fedforget.receipts.tree_head import TreeHead, sign_tree_head, verify_tree_head
 from fedforget.results import ReceiptInfo, UnlearningOutcome
 from fedforget.rundir import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, RunDirectory
 
@@ -67,9 +68,26 @@ class HeadSigner:
         self._tree = MerkleAccumulator()
         for record in store.rounds():  # streamed: O(log n) memory
             self._tree.append(record.canonical_bytes())
-        self.latest: TreeHead | None = (
-            self._sign() if self._tree.size else None
-        )
+        self.latest: TreeHead | None = None
+        if self._tree.size:
+            self.latest = self._last_logged() or self._sign()
+
+    def _last_logged(self) -> TreeHead | None:
+        """The last head of the log, if it is this tree's (same size and root): a resumed or
+        unlearning run shows it again instead of signing a duplicate."""
+        if not self._path.exists():
+            return None
+        lines = self._path.read_bytes().splitlines()
+        if not lines:
+            return None
+        try:
+            head = TreeHead.from_json(lines[-1])
+            verify_tree_head(head, public_key=self._key.public_key())
+        except ReceiptError:
+            return None
+        if head.size == self._tree.size and head.root == self._tree.root().hex():
+            return head
+        return None
 
     def _sign(self) -> TreeHead:
         head = sign_tree_head(self._tree.size, self._tree.root(), self._key)
@@ -136,9 +154,10 @@ def sign_receipt(
     """Sign the receipt of ``outcome`` into ``staging`` (the result's staging directory).
 
     The previous receipt of the chain is the committed one ``receipts/latest`` names. The
-    32-byte salt of the client commitment is written to the client's state directory only
-    (in simulation ``<run>/client-state/<client>/<receipt-id>.salt``); should the result
-    not commit, that salt opens no receipt.
+    32-byte salt of the client commitment waits in the request's outbox
+    (``withdrawals/<request>/outbox/<receipt-id>.salt``, mode 0600) until it is delivered to
+    the client (:mod:`fedforget.delivery`); should the result not commit, that salt opens no
+    receipt.
     """
     previous = None
     if run.latest_receipt.exists():
@@ -175,7 +194,7 @@ def sign_receipt(
         key,
     )
     staged = write_receipt(staging / STAGED_RECEIPT, envelope)
-    salt_dir = run.client_state(outcome.client_id)
+    salt_dir = run.outbox(outcome.request_id)
     salt_dir.mkdir(parents=True, exist_ok=True)
     salt_path = salt_dir / f"{receipt_id}.salt"
     fd = os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -185,7 +204,7 @@ def sign_receipt(
         receipt_id=receipt_id,
         receipt_path=run.relative(run.receipt(receipt_id)),
         public_key_path=str(public_key_path.resolve()),
-        salt_path=str(salt_path),
+        salt_outbox=run.relative(salt_path),
         head_path=str(head_path) if head_path is not None else None,
     )
     return StagedReceipt(info=info, staged=staged)
