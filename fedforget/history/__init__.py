@@ -6,8 +6,9 @@ See :mod:`fedforget.history.store` for the on-disk layout and its atomicity guar
 from __future__ import annotations
 
 from fedforget.history.records import ParticipantRecord, RefusedReply, RoundRecord
+from fedforget.history.report import VerifyReport
 from fedforget.history.store import HistoryStore, ParticipantUpdate
-from fedforget.history.verify import VerifyReport, verify_store
+from fedforget.history.verify import verify_store
 
 __all__ = [
     "HistoryStore",

@@ -28,9 +28,9 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -43,6 +43,7 @@ from fedforget.history.commitment import (
     read_head_log,
     round_leaves,
 )
+from fedforget.history.report import VerifyReport
 from fedforget.history.wal import WalReport
 from fedforget.receipts.errors import ReceiptError
 from fedforget.receipts.keys import key_id, load_private_key, public_key_from_pem
@@ -62,9 +63,6 @@ from fedforget.rundir import (
     RunDirectory,
     forget_key,
 )
-
-if TYPE_CHECKING:
-    from fedforget.history.verify import VerifyReport
 
 __all__ = ["MANIFEST_FILE", "audit_run_directory"]
 
@@ -395,11 +393,13 @@ def _check_model_file(run: RunDirectory, relative: object, digest: object, owner
     return True
 
 
-def _check_replayed_history(directory: Path, owner: Path, report: VerifyReport) -> None:
-    from fedforget.history.verify import verify_store
+Nested = Callable[[Path], VerifyReport]
 
+
+def _check_replayed_history(directory: Path, owner: Path, report: VerifyReport,
+                            nested: Nested) -> None:
     try:
-        inner = verify_store(directory, run_checks=False)
+        inner = nested(directory)
     except FedForgetError as exc:
         report.problems.append(f"{owner}: its replayed history {directory}: {exc}")
         return
@@ -408,7 +408,7 @@ def _check_replayed_history(directory: Path, owner: Path, report: VerifyReport) 
 
 def _check_results(run: RunDirectory, conn: sqlite3.Connection,
                    receipts: dict[str, tuple[Path, VerifiedReceipt]],
-                   report: VerifyReport) -> None:
+                   report: VerifyReport, nested: Nested) -> None:
     """Check 4, and that every receipt belongs to a committed result."""
     unlearned = run.unlearned
     if not unlearned.is_dir():
@@ -436,7 +436,7 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
         if ok:
             references[ref.name] = str(info["model_digest"])
         if info.get("history_dir"):
-            _check_replayed_history(ref / str(info["history_dir"]), result, report)
+            _check_replayed_history(ref / str(info["history_dir"]), result, report, nested)
     named_receipts: set[str] = set()
     results: dict[tuple[str, str], str] = {}
     for result in sorted(unlearned.glob(f"*/*/{RESULT_FILE}")):
@@ -498,7 +498,8 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
                     f"{result}: its reference model is {reference.get('model_digest')!r}; the "
                     f"cached reference {key} is {references[key]}")
         if info.get("history_dir"):
-            _check_replayed_history(method_dir / str(info["history_dir"]), result, report)
+            _check_replayed_history(method_dir / str(info["history_dir"]), result, report,
+                                    nested)
     for rid, (path, _) in sorted(receipts.items()):
         if rid not in named_receipts:
             report.problems.append(
@@ -530,9 +531,11 @@ def audit_run_directory(
     *,
     head: str | os.PathLike[str] | None = None,
     public_key: Ed25519PublicKey | str | os.PathLike[str] | None = None,
+    verify_nested: Nested,
 ) -> None:
     """Run checks 1-4 of this module on ``path``, whose index is open (read-only) as
-    ``conn``; add what is found to ``report``."""
+    ``conn``; add what is found to ``report``. ``verify_nested`` verifies a replayed
+    history (a store inside a result) as a bare store."""
     if conn is None:
         return
     run = RunDirectory(path)
@@ -552,7 +555,7 @@ def audit_run_directory(
                     f"{wal.path}: the torn last commit frame held committed work (see the "
                     "dropped rounds or events above)")
         receipts = _check_receipts(run, conn, trust, report)
-        _check_results(run, conn, receipts, report)
+        _check_results(run, conn, receipts, report, verify_nested)
     except sqlite3.Error as exc:
         report.problems.append(f"index {run.index} is damaged: {exc}")
     partial = run.partial_dirs()

@@ -61,7 +61,14 @@ import numpy as np
 
 from fedforget.errors import ConfigError, HistoryError, IntegrityError
 from fedforget.fileio import StorageError, fsync_directory, storage_error
-from fedforget.history.commitment import commitment_of, read_head_log, spans
+from fedforget.history.commitment import (
+    Commitment,
+    LoggedHead,
+    commitment_of,
+    compare_heads,
+    read_head_log,
+    spans,
+)
 from fedforget.history.records import (
     ParticipantRecord,
     RefusedReply,
@@ -77,6 +84,7 @@ from fedforget.history.wal import (
     database_image,
     open_image,
 )
+from fedforget.lock import LOCK_FILENAME
 from fedforget.rundir import HEADS_FILE
 from fedforget.tensors import CODECS, decode, encode, sha256_digest
 
@@ -550,7 +558,7 @@ class HistoryStore:
         if path.exists():
             if not path.is_dir():
                 raise HistoryError(f"cannot create a history store at {path}: not a directory")
-            if any(path.iterdir()):
+            if any(p.name != LOCK_FILENAME for p in path.iterdir()):
                 what = "a history store" if (path / INDEX_FILENAME).exists() else "other files"
                 raise HistoryError(
                     f"refusing to create a history store in {path}: the directory is not "
@@ -770,6 +778,16 @@ class HistoryStore:
         """fp32 digest of θ_0, or None before :meth:`put_initial_model`."""
         row = self._db.execute("SELECT digest FROM models WHERE round = 0").fetchone()
         return None if row is None else str(row[0])
+
+    def commitment(self) -> Commitment:
+        """Sizes and Merkle roots of the store's round tree and withdrawal ledger, as a
+        signed tree head commits to them (:mod:`fedforget.history.commitment`)."""
+        return commitment_of(self._db)
+
+    def head_problems(self, heads: Sequence[LoggedHead]) -> list[str]:
+        """What the store fails to reproduce of ``heads`` (signatures not checked): see
+        :func:`fedforget.history.commitment.compare_heads`."""
+        return compare_heads(self._db, heads)
 
     def model_digest(self, t: int) -> str:
         """fp32 digest of θ after round ``t`` (``t = 0``: the initial model), from the index."""

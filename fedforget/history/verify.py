@@ -48,15 +48,16 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedforget.errors import FedForgetError, HistoryError, IntegrityError
+from fedforget.history.audit import audit_run_directory
 from fedforget.history.commitment import ledger_rows, spans
 from fedforget.history.records import RoundRecord, run_context_bytes
+from fedforget.history.report import VerifyReport
 from fedforget.history.store import (
     BLOB_DIRNAME,
     FORMAT_NAME,
@@ -65,60 +66,12 @@ from fedforget.history.store import (
     BlobLocation,
 )
 from fedforget.history.wal import WalReport, database_image, open_image
+from fedforget.lock import LOCK_FILENAME
 from fedforget.tensors import CODECS, sha256_digest
 
 __all__ = ["VerifyReport", "verify_store"]
 
 _CHUNK = 1 << 20
-_LOCK_FILE = ".fedforget.lock"  # fedforget.lock.LOCK_FILENAME (not imported: no cycle)
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    """Outcome of :func:`verify_store`.
-
-    Attributes
-    ----------
-    directory
-        The run directory checked.
-    problems
-        One line per problem, naming the round, the client (if any) and the file.
-    notes
-        What was not checked and why (no signed heads, no public key...), one line each.
-    rounds_checked
-        Number of round records examined.
-    blobs_checked
-        Number of distinct blob files hashed.
-    heads_checked
-        Signed tree heads whose signature verified and that were compared with the store.
-    receipts_checked
-        Receipts whose signature verified and that were compared with the store.
-    results_checked
-        Result directories (and cached references) checked.
-    """
-
-    directory: Path
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    rounds_checked: int = 0
-    blobs_checked: int = 0
-    heads_checked: int = 0
-    receipts_checked: int = 0
-    results_checked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """True when no problem was found."""
-        return not self.problems
-
-    def raise_for_problems(self) -> None:
-        """Fail closed: raise :class:`IntegrityError` listing the problems, if any."""
-        if self.problems:
-            listed = "\n  ".join(self.problems)
-            raise IntegrityError(
-                f"history store {self.directory} failed verification with "
-                f"{len(self.problems)} problem(s):\n  {listed}"
-            )
 
 
 def _hash_range(location: BlobLocation) -> tuple[int, str]:
@@ -507,7 +460,7 @@ def _check_ledger(conn: sqlite3.Connection, index: Path, report: VerifyReport) -
 def _shared_lock(directory: Path) -> Iterator[None]:
     """Hold a shared lock on the run directory's lock file, if there is one (opened
     read-only: nothing is created), so that no writer changes files mid-check."""
-    path = directory / _LOCK_FILE
+    path = directory / LOCK_FILENAME
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -610,9 +563,10 @@ def verify_store(
         conn, wal = _store_checks(path, report)
         try:
             if run_checks:
-                from fedforget.history.audit import audit_run_directory
-
-                audit_run_directory(path, conn, wal, report, head=head, public_key=public_key)
+                audit_run_directory(
+                    path, conn, wal, report, head=head, public_key=public_key,
+                    verify_nested=lambda d: verify_store(d, run_checks=False),
+                )
         finally:
             if conn is not None:
                 conn.close()
