@@ -105,7 +105,10 @@ def ledger_event_bytes(row: Sequence[Any]) -> bytes:
 
 
 def round_leaves(conn: sqlite3.Connection) -> Iterator[tuple[int, bytes]]:
-    """``(round, record bytes)`` of every round, in round order (the round tree's leaves)."""
+    """``(round, record bytes)`` of every round, in round order (the round tree's leaves;
+    none when the index has no rounds table, as a log damaged from its first frames)."""
+    if not _has_table(conn, "rounds"):
+        return
     cursor = conn.execute("SELECT round, record FROM rounds ORDER BY round")
     try:
         for t, record in cursor:

@@ -924,6 +924,10 @@ class HistoryStore:
             with.
         """
         roster = tuple(sorted(set(client_ids)))
+        if self._read_only:
+            raise HistoryError(
+                f"cannot record the roster in {self._directory}: the store was opened read-only"
+            )
         if roster == self._roster_meta:
             return
         if self._run_context is not None:
@@ -1044,15 +1048,15 @@ class HistoryStore:
         HistoryError
             If an initial model is already stored.
         """
+        if self._read_only:
+            raise HistoryError(f"cannot store an initial model in {self._directory}: the "
+                               "store was opened read-only")
         existing = self.initial_model_digest
         if existing is not None:
             raise HistoryError(
                 f"{self._directory} already holds an initial model ({existing}); "
                 "it can be stored only once"
             )
-        if self._read_only:
-            raise HistoryError(f"cannot store an initial model in {self._directory}: the "
-                               "store was opened read-only")
         data = encode(tensors, "fp32")
         digest = sha256_digest(data)
         rows = [] if self._stored_digests([digest]) else self._write_pack(0, iter([(digest, data)]))
