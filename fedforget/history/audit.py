@@ -317,8 +317,8 @@ def _check_receipts(run: RunDirectory, conn: sqlite3.Connection, trust: _Trust,
     if verified or latest.exists():
         try:
             name = latest.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            report.problems.append(f"{latest}: cannot be read: {exc.strerror or exc}")
+        except (OSError, UnicodeDecodeError) as exc:
+            report.problems.append(f"{latest}: cannot be read: {exc}")
         else:
             tips = sorted(set(verified) - set(named))
             target = name.removesuffix(".json")
@@ -367,6 +367,20 @@ def _read_json(path: Path, report: VerifyReport) -> dict[str, Any] | None:
         report.problems.append(f"{path}: holds a {type(data).__name__}; expected an object")
         return None
     return data
+
+
+_REFERENCE_KEYS = ("forgotten", "model_digest", "model_path", "history_dir")
+_RESULT_KEYS = ("forgotten", "model_digest", "model_path", "history_dir", "method", "request",
+                "original_model_digest", "reference", "receipt")
+
+
+def _has_keys(info: dict[str, Any], path: Path, keys: tuple[str, ...],
+              report: VerifyReport) -> bool:
+    missing = [k for k in keys if k not in info]
+    if missing:
+        report.problems.append(f"{path}: lacks the committed field(s) {', '.join(missing)}")
+        return False
+    return True
 
 
 def _check_model_file(run: RunDirectory, relative: object, digest: object, owner: Path,
@@ -424,7 +438,7 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
         result = ref / RESULT_FILE
         info = _read_json(result, report)
         report.results_checked += 1
-        if info is None:
+        if info is None or not _has_keys(info, result, _REFERENCE_KEYS, report):
             continue
         forgotten = info.get("forgotten")
         if not isinstance(forgotten, list) or f"reference-{forget_key(forgotten)}" != ref.name:
@@ -447,7 +461,7 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
             continue
         report.results_checked += 1
         info = _read_json(result, report)
-        if info is None:
+        if info is None or not _has_keys(info, result, _RESULT_KEYS, report):
             continue
         if _check_model_file(run, info.get("model_path"), info.get("model_digest"), result,
                              report):

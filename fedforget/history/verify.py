@@ -59,11 +59,13 @@ from fedforget.history.commitment import ledger_rows, spans
 from fedforget.history.records import RoundRecord, run_context_bytes
 from fedforget.history.report import VerifyReport
 from fedforget.history.store import (
+    _SCHEMA,
     BLOB_DIRNAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_FILENAME,
     BlobLocation,
+    _statements,
 )
 from fedforget.history.wal import WalReport, database_image, open_image
 from fedforget.lock import LOCK_FILENAME
@@ -176,6 +178,38 @@ def _check_meta(conn: sqlite3.Connection, index: Path, report: VerifyReport
         )
         return None
     return meta
+
+
+def _expected_schema() -> list[tuple[str, str, str, str | None]]:
+    with contextlib.closing(sqlite3.connect(":memory:")) as fresh:
+        for statement in _statements(_SCHEMA):
+            fresh.execute(statement)
+        return fresh.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+        ).fetchall()
+
+
+def _check_schema(conn: sqlite3.Connection, index: Path, report: VerifyReport) -> None:
+    """The tables, indexes and triggers are exactly those of the format (a dropped or
+    rewritten trigger would let the withdrawal log miss changes)."""
+    found = conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+    ).fetchall()
+    expected = _expected_schema()
+    if found == expected:
+        return
+    mine = {(t, n): sql for t, n, _, sql in found}
+    theirs = {(t, n): sql for t, n, _, sql in expected}
+    def state(key: tuple[str, str]) -> str:
+        return "missing" if key not in mine else "unexpected" if key not in theirs else "altered"
+
+    differ = sorted(
+        f"{t} {n} ({state((t, n))})"
+        for t, n in set(mine) | set(theirs) if mine.get((t, n)) != theirs.get((t, n))
+    ) or ["the order or owner of its entries"]
+    report.problems.append(
+        f"index {index}: its schema differs from format {FORMAT_VERSION}'s: {'; '.join(differ)}"
+    )
 
 
 def _rows(conn: sqlite3.Connection, sql: str, args: Sequence[Any] = ()
@@ -506,6 +540,7 @@ def _store_checks(path: Path, report: VerifyReport) -> tuple[sqlite3.Connection 
         meta = _check_meta(conn, index, report)
         if meta is None:
             return conn, wal
+        _check_schema(conn, index, report)
         blobs = _BlobChecker(path, report)
         _check_rounds(conn, index, meta, blobs, report)
         _check_ledger(conn, index, report)
