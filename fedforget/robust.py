@@ -37,6 +37,10 @@ data size recorded for the client and :math:`f` the allowed factor,
 A count that is not a positive integer, or not finite (``1e300`` is finite but is refused by
 the same comparison, never converted to a float product that overflows), is refused.
 
+Clipping in the reply's dtype: :math:`\\theta + \\Delta \\cdot s` is rounded to float32,
+so the scale :math:`s` is shrunk (a few deterministic steps) until the *stored* update
+:math:`\\theta_k' - \\theta` is within :math:`C`; the clipped norm never exceeds the bound.
+
 Deviation from a fixed rule: the policies are deterministic functions of the reply alone
 (no statistics across the round), so a replay of the same rounds screens the same replies
 the same way, and rollback stays bit-identical to retraining under them.
@@ -47,6 +51,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from fractions import Fraction
 from typing import Literal
 
@@ -220,7 +225,8 @@ def _reported_count(num_examples: object) -> tuple[int | None, str]:
 
 
 def _shown(n: int) -> str:
-    return f"{n:.3e}" if n >= 10**12 else str(n)
+    """A count as written in messages (exact Decimal formatting: no float overflow)."""
+    return format(Decimal(n), ".3e") if n >= 10**12 else str(n)
 
 
 def cap_examples(
@@ -313,7 +319,22 @@ def screen_reply(
                 f"update norm {norm:.6g} exceeds the bound {bound.max_norm:g}: refused",
             )
         scale = bound.max_norm / norm
-        model = _clip(global_model, model, scale)
+        clipped = _clip(global_model, model, scale)
+        # The clipped model is stored in its own dtype (float32): θ + Δ·s rounds, and when θ
+        # is large next to Δ·s the rounded update can exceed C by more than float error in
+        # Δ alone. Shrink the scale by the measured excess until the stored update is within
+        # the bound (a few steps at most; deterministic, so replays clip identically), and
+        # send no update at all if rounding never allows it.
+        for _ in range(8):
+            after = update_norm(global_model, clipped)
+            if after <= bound.max_norm:
+                break
+            scale *= (bound.max_norm / after) * (1 - 2.0**-20)
+            clipped = _clip(global_model, model, scale)
+        else:
+            scale = 0.0
+            clipped = _clip(global_model, model, 0.0)
+        model = clipped
         metrics["fedforget-clip-scale"] = scale
         notes.append(f"update norm {norm:.6g} exceeds the bound {bound.max_norm:g}: clipped "
                      f"by {scale:.6g}")
