@@ -696,6 +696,26 @@ def test_reading_a_damaged_global_model_raises(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("offset", [-8, 2**62, 1 << 40])
+def test_a_flipped_blob_offset_is_an_integrity_error_naming_the_file(
+    tmp_path: Path, offset: int
+) -> None:
+    store = new_store(tmp_path / "run")
+    record = commit(store, 1)
+    location = locate(tmp_path / "run", record.global_after)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "run" / "history.sqlite")
+    conn.execute("UPDATE blobs SET offset = ? WHERE digest = ?", (offset, record.global_after))
+    conn.commit()
+    conn.close()
+    with HistoryStore.open(tmp_path / "run") as store, pytest.raises(IntegrityError) as info:
+        store.global_model(1)
+    message = str(info.value)
+    assert message.startswith("round 1, global model: ")
+    assert location.path.name in message
+    assert "impossible" in message or "truncated: 0 of" in message
+
+
 def test_reading_an_altered_record_raises(tmp_path: Path) -> None:
     with new_store(tmp_path / "run") as store:
         commit(store, 1)

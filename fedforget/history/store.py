@@ -266,9 +266,23 @@ def _pack_name(round: int) -> str:
 
 
 def _read_range(location: BlobLocation, where: str) -> bytes:
-    """The bytes of the blob at ``location``, checked for length and SHA-256."""
+    """The bytes of the blob at ``location``, checked for length and SHA-256 (an index row
+    with an impossible offset or length, e.g. a flipped ``blobs.offset``, is an
+    IntegrityError naming the file, not an exception of the file API)."""
+    if location.offset < 0 or location.nbytes < 0:
+        raise IntegrityError(
+            f"{where}: the index places blob {location.digest} at offset {location.offset}, "
+            f"length {location.nbytes} in {location.path}: impossible (the index is damaged)"
+        )
     try:
         with open(location.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if location.offset + location.nbytes > size:
+                present = max(0, min(location.nbytes, size - location.offset))
+                raise IntegrityError(
+                    f"{where}: blob {location} is truncated: {present} of "
+                    f"{location.nbytes} bytes present"
+                )
             f.seek(location.offset)
             data = f.read(location.nbytes)
     except FileNotFoundError:
@@ -276,6 +290,8 @@ def _read_range(location: BlobLocation, where: str) -> bytes:
             f"{where}: blob {location} is missing: the file does not exist "
             f"(expected {location.digest})"
         ) from None
+    except (OSError, ValueError, OverflowError) as exc:
+        raise IntegrityError(f"{where}: blob {location} cannot be read: {exc}") from exc
     if len(data) != location.nbytes:
         raise IntegrityError(
             f"{where}: blob {location} is truncated: {len(data)} of {location.nbytes} bytes "
