@@ -466,7 +466,8 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
         if _check_model_file(run, info.get("model_path"), info.get("model_digest"), result,
                              report):
             results[(request_dir.name, method_dir.name)] = str(info["model_digest"])
-        request = info.get("request") if isinstance(info.get("request"), dict) else {}
+        request: dict[str, Any] = (info["request"] if isinstance(info.get("request"), dict)
+                                   else {})
         if request.get("request_id") != request_dir.name or info.get("method") != method_dir.name:
             report.problems.append(
                 f"{result}: it records request {request.get('request_id')!r} and method "
@@ -480,7 +481,8 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
             report.problems.append(
                 f"{result}: the ledger says request {request_dir.name} of {row[1]} is "
                 f"{row[2]!r}, yet this result is committed")
-        receipt_info = info.get("receipt") if isinstance(info.get("receipt"), dict) else {}
+        receipt_info: dict[str, Any] = (info["receipt"] if isinstance(info.get("receipt"), dict)
+                                        else {})
         rid = receipt_info.get("receipt_id")
         if rid is None:
             report.problems.append(f"{result}: it names no receipt")
@@ -490,7 +492,8 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
         else:
             named_receipts.add(rid)
             s = receipts[rid][1].statement
-            reference = info.get("reference") if isinstance(info.get("reference"), dict) else {}
+            reference: dict[str, Any] = (
+                info["reference"] if isinstance(info.get("reference"), dict) else {})
             pairs = [
                 ("unlearned model", info.get("model_digest"), s.unlearned_model),
                 ("original model", info.get("original_model_digest"), s.original_model),
@@ -504,7 +507,7 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
                     report.problems.append(
                         f"{result}: its {what} is {mine!r}; receipt {rid} says {signed!r}")
         forgotten = info.get("forgotten")
-        reference = info.get("reference") if isinstance(info.get("reference"), dict) else {}
+        reference = info["reference"] if isinstance(info.get("reference"), dict) else {}
         if isinstance(forgotten, list):
             key = f"reference-{forget_key(forgotten)}"
             if key in references and reference.get("model_digest") != references[key]:
@@ -523,12 +526,12 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
     if current.exists():
         info = _read_json(current, report)
         if info is not None:
-            key = (str(info.get("request_id")), str(info.get("method")))
+            served = (str(info.get("request_id")), str(info.get("method")))
             if _check_model_file(run, info.get("model_path"), info.get("model_digest"), current,
-                                 report) and results.get(key) != info.get("model_digest"):
+                                 report) and results.get(served) != info.get("model_digest"):
                 report.problems.append(
                     f"{current}: the model in service {info.get('model_digest')!r} is not the "
-                    f"committed result of {key[0]}/{key[1]} ({results.get(key)!r})")
+                    f"committed result of {served[0]}/{served[1]} ({results.get(served)!r})")
 
 
 def _has_withdrawals(conn: sqlite3.Connection) -> bool:

@@ -665,18 +665,19 @@ class HistoryStore:
         if read_only or wal.damage is not None or wal.torn_commit is not None:
             image, wal = database_image(index, wal)
             try:
-                snapshot: sqlite3.Connection | None = open_image(image)
+                snapshot = open_image(image)
             except sqlite3.Error as exc:
                 raise HistoryError(f"{index} is not a history index: {exc}") from exc
+            owned = False
             try:
                 _refuse_lost_commits(path, snapshot, wal)
                 if read_only:
                     meta = _read_meta(snapshot, path)
                     store = cls(path, snapshot, meta, fsync=fsync, read_only=True)
-                    snapshot = None  # the store owns it now
+                    owned = True  # the store closes it
                     return store
             finally:
-                if snapshot is not None:
+                if not owned:
                     snapshot.close()
         try:
             conn = _connect(index, create=False, fsync=fsync)

@@ -465,27 +465,29 @@ def _check_ledger(conn: sqlite3.Connection, index: Path, report: VerifyReport) -
         report.problems.append(f"index {index}: the withdrawals table cannot be read: {exc}")
         return
     for request_id in sorted(set(table) | set(last)):
-        row = table.get(request_id)
+        entry: tuple[Any, ...] | None = table.get(request_id)
         event = last.get(request_id)
-        if event is None:
+        if event is None and entry is not None:
             report.problems.append(
-                f"index {index}: withdrawals row {request_id} (client {row[1]!r}, state "  # type: ignore[index]
-                f"{row[4]!r}) has no event in the withdrawal log"  # type: ignore[index]
+                f"index {index}: withdrawals entry {request_id} (client {entry[1]!r}, state "
+                f"{entry[4]!r}) has no event in the withdrawal log"
             )
-        elif row is None:
+        elif event is None:
+            continue
+        elif entry is None:
             report.problems.append(
                 f"index {index}: withdrawal request {request_id} of {event[2]!r} (event "
                 f"{event[0]}) is missing from the withdrawals table"
             )
-        elif tuple(row) != tuple(event[1:]):
+        elif tuple(entry) != tuple(event[1:]):
             columns = ("request_id", "client_id", "received_at", "reason", "state",
                        "updated_at", "method", "detail")
             changed = [
-                f"{c} is {a!r}, logged {b!r}" for c, a, b in zip(columns, row, event[1:],
+                f"{c} is {a!r}, logged {b!r}" for c, a, b in zip(columns, entry, event[1:],
                                                                  strict=True) if a != b
             ]
             report.problems.append(
-                f"index {index}: withdrawals row {request_id} differs from its last logged "
+                f"index {index}: withdrawals entry {request_id} differs from its last logged "
                 f"event {event[0]}: {'; '.join(changed)}"
             )
 
