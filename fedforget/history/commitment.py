@@ -50,21 +50,22 @@ LEDGER_EVENT_FORMAT = "fedforget-withdrawal-event/v1"
 """Value of ``format`` in every ledger event."""
 
 _EVENT_COLUMNS = ("seq", "request_id", "client_id", "received_at", "reason", "state",
-                  "updated_at", "method", "detail")
+                  "updated_at", "method", "detail", "params", "ordered_at")
 
 
 def ledger_event_bytes(row: Sequence[Any]) -> bytes:
     """The canonical bytes of one withdrawal event, ``row`` in the column order
-    ``seq, request_id, client_id, received_at, reason, state, updated_at, method, detail``.
+    ``seq, request_id, client_id, received_at, reason, state, updated_at, method, detail,
+    params, ordered_at``.
 
     .. code-block:: json
 
         {"client-id": "client-003", "detail": null, "format": "fedforget-withdrawal-event/v1",
-         "method": null, "reason": "", "received-at": "2025-01-31T12:00:00.000001Z",
-         "request-id": "wr-0123456789ab", "seq": 1, "state": "pending",
-         "updated-at": "2025-01-31T12:00:00.000001Z"}
+         "method": null, "ordered-at": null, "params": null, "reason": "",
+         "received-at": "2025-01-31T12:00:00.000001Z", "request-id": "wr-0123456789ab",
+         "seq": 1, "state": "pending", "updated-at": "2025-01-31T12:00:00.000001Z"}
 
-    ``detail`` is the JSON text stored in the ledger, as a string.
+    ``detail`` and ``params`` are the JSON texts stored in the ledger, as strings.
 
     Raises
     ------
@@ -72,13 +73,16 @@ def ledger_event_bytes(row: Sequence[Any]) -> bytes:
         If a value is not of the column's type.
     """
     if len(row) != len(_EVENT_COLUMNS):
-        raise HistoryError(f"a withdrawal event has {len(row)} columns; expected 9")
-    seq, request_id, client_id, received_at, reason, state, updated_at, method, detail = row
+        raise HistoryError(
+            f"a withdrawal event has {len(row)} columns; expected {len(_EVENT_COLUMNS)}")
+    (seq, request_id, client_id, received_at, reason, state, updated_at, method, detail,
+     params, ordered_at) = row
     for name, value, nullable in (
         ("request_id", request_id, False), ("client_id", client_id, False),
         ("received_at", received_at, False), ("reason", reason, False),
         ("state", state, False), ("updated_at", updated_at, False),
-        ("method", method, True), ("detail", detail, True),
+        ("method", method, True), ("detail", detail, True), ("params", params, True),
+        ("ordered_at", ordered_at, True),
     ):
         if not (isinstance(value, str) or (nullable and value is None)):
             raise HistoryError(
@@ -99,6 +103,8 @@ def ledger_event_bytes(row: Sequence[Any]) -> bytes:
             "updated-at": updated_at,
             "method": method,
             "detail": detail,
+            "params": params,
+            "ordered-at": ordered_at,
         })
     except ValueError as exc:
         raise HistoryError(f"withdrawal event {seq} cannot be written as JSON: {exc}") from exc

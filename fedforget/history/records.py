@@ -81,13 +81,18 @@ def run_context_bytes(
     retain_interval: int,
     roster: Iterable[str],
     initial_model: str,
+    recording: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The canonical bytes of a run's context, whose SHA-256 every round record carries.
 
     .. code-block:: json
 
         {"codec": "fp32", "format": "fedforget-run-context/v1", "initial-model": "sha256:..",
-         "retain-interval": 1, "roster": ["client-000", ...], "run-config": {...}}
+         "recording": null, "retain-interval": 1, "roster": ["client-000", ...],
+         "run-config": {...}}
+
+    ``recording`` is the meta table's ``recording`` entry (how the run is sampled, seeded
+    and stored), when the store has one.
 
     Raises
     ------
@@ -102,6 +107,7 @@ def run_context_bytes(
             "retain-interval": retain_interval,
             "roster": sorted(set(roster)),
             "initial-model": initial_model,
+            "recording": None if recording is None else dict(recording),
         }
     )
 

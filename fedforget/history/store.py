@@ -156,7 +156,9 @@ CREATE TABLE withdrawals (
     state       TEXT NOT NULL,
     updated_at  TEXT NOT NULL,
     method      TEXT,
-    detail      TEXT
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
 );
 CREATE TABLE withdrawal_events (
     seq         INTEGER PRIMARY KEY,  -- 1, 2, 3, ...: leaf seq - 1 of the ledger tree
@@ -167,19 +169,21 @@ CREATE TABLE withdrawal_events (
     state       TEXT NOT NULL,
     updated_at  TEXT NOT NULL,
     method      TEXT,
-    detail      TEXT
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
 );
 CREATE TRIGGER withdrawals_logged_on_insert AFTER INSERT ON withdrawals BEGIN
     INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
-                                   updated_at, method, detail)
+                                   updated_at, method, detail, params, ordered_at)
     VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
-            NEW.updated_at, NEW.method, NEW.detail);
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at);
 END;
 CREATE TRIGGER withdrawals_logged_on_update AFTER UPDATE ON withdrawals BEGIN
     INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
-                                   updated_at, method, detail)
+                                   updated_at, method, detail, params, ordered_at)
     VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
-            NEW.updated_at, NEW.method, NEW.detail);
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at);
 END;
 CREATE TRIGGER withdrawals_never_deleted BEFORE DELETE ON withdrawals BEGIN
     SELECT RAISE(ABORT, 'withdrawal requests are never deleted');
@@ -765,12 +769,14 @@ class HistoryStore:
                 f"{self._directory} has no initial model yet: the run context (and so the "
                 "record of round 1) needs it; call put_initial_model first"
             )
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'recording'").fetchone()
         return run_context_bytes(
             run_config=self.run_config,
             codec=self._codec,
             retain_interval=self._retain_interval,
             roster=self._roster_meta,
             initial_model=self._initial_digest,
+            recording=None if row is None else json.loads(row[0]),
         )
 
     @property

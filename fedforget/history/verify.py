@@ -251,6 +251,7 @@ def _check_run_context(
             retain_interval=int(meta.get("retain_interval", "0")),
             roster=json.loads(meta.get("roster", "[]")),
             initial_model="" if initial is None else str(initial[0]),
+            recording=json.loads(meta["recording"]) if "recording" in meta else None,
         )
     except (ValueError, TypeError, FedForgetError) as exc:
         report.problems.append(f"index {index}: the meta table cannot be read: {exc}")
@@ -261,7 +262,7 @@ def _check_run_context(
     fields = {
         "run-config": "meta.run_config", "roster": "meta.roster", "codec": "meta.codec",
         "retain-interval": "meta.retain_interval", "initial-model": "the initial model "
-        "(models, round 0)",
+        "(models, round 0)", "recording": "meta.recording",
     }
     for key, name in fields.items():
         if mine.get(key) != context.get(key):
@@ -458,7 +459,7 @@ def _check_ledger(conn: sqlite3.Connection, index: Path, report: VerifyReport) -
         table = {
             r[0]: r for r in conn.execute(
                 "SELECT request_id, client_id, received_at, reason, state, updated_at, method, "
-                "detail FROM withdrawals"
+                "detail, params, ordered_at FROM withdrawals"
             )
         }
     except sqlite3.Error as exc:
@@ -481,7 +482,7 @@ def _check_ledger(conn: sqlite3.Connection, index: Path, report: VerifyReport) -
             )
         elif tuple(entry) != tuple(event[1:]):
             columns = ("request_id", "client_id", "received_at", "reason", "state",
-                       "updated_at", "method", "detail")
+                       "updated_at", "method", "detail", "params", "ordered_at")
             changed = [
                 f"{c} is {a!r}, logged {b!r}" for c, a, b in zip(columns, entry, event[1:],
                                                                  strict=True) if a != b
