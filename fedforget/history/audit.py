@@ -573,7 +573,7 @@ def audit_run_directory(
                     "dropped rounds or events above)")
         receipts = _check_receipts(run, conn, trust, report)
         _check_results(run, conn, receipts, report, verify_nested)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError, FedForgetError) as exc:
         report.problems.append(f"index {run.index} is damaged: {exc}")
     partial = run.partial_dirs()
     if partial:

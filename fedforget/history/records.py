@@ -18,8 +18,8 @@ Wire form (record format 3)::
 
 Seeds are 63-bit integers, beyond the :math:`2^{53}` that a JSON number holds exactly, so
 they are written as decimal strings. ``run`` is the SHA-256 of the run context
-(:func:`run_context_bytes`: run configuration, roster, codec, retention and the initial
-model's digest), so that every leaf, hence every signed tree head, commits to the
+(:func:`run_context_bytes`: run configuration, roster, codec, retention, creation time and
+the initial model's digest), so that every leaf, hence every signed tree head, commits to the
 configuration the round was trained under.
 """
 
@@ -81,13 +81,15 @@ def run_context_bytes(
     retain_interval: int,
     roster: Iterable[str],
     initial_model: str,
+    created_at: str,
     recording: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The canonical bytes of a run's context, whose SHA-256 every round record carries.
 
     .. code-block:: json
 
-        {"codec": "fp32", "format": "fedforget-run-context/v1", "initial-model": "sha256:..",
+        {"codec": "fp32", "created-at": "2025-01-31T12:00:00.000001Z",
+         "format": "fedforget-run-context/v1", "initial-model": "sha256:..",
          "recording": null, "retain-interval": 1, "roster": ["client-000", ...],
          "run-config": {...}}
 
@@ -107,6 +109,7 @@ def run_context_bytes(
             "retain-interval": retain_interval,
             "roster": sorted(set(roster)),
             "initial-model": initial_model,
+            "created-at": created_at,
             "recording": None if recording is None else dict(recording),
         }
     )

@@ -319,6 +319,17 @@ def _connect(index: Path, *, create: bool, fsync: bool = True) -> sqlite3.Connec
     # check_same_thread=False: a background writer thread may commit rounds; callers
     # use one store from one thread at a time (HistoryRecording serialises its commits).
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+    def text(data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(
+                f"{index} holds a text value that is not UTF-8 ({exc}): the index is "
+                "damaged; `fedforget history verify` names what"
+            ) from None
+
+    conn.text_factory = text
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
@@ -776,6 +787,7 @@ class HistoryStore:
             retain_interval=self._retain_interval,
             roster=self._roster_meta,
             initial_model=self._initial_digest,
+            created_at=self._created_at,
             recording=None if row is None else json.loads(row[0]),
         )
 
@@ -981,7 +993,8 @@ class HistoryStore:
     def fork(self, directory: str | os.PathLike[str], *, upto_round: int) -> HistoryStore:
         """A new store in ``directory`` holding this store's rounds ``1..upto_round``.
 
-        The fork has the same run config, codec and retention; its index rows are copied
+        The fork has the same run config, codec, retention, roster and creation time (the
+        run context its copied records commit to); its index rows are copied
         and the packs holding its blobs hard-linked (copied across file systems; packs are
         never modified), so it costs little. Exact unlearning replays later rounds into a
         fork: the original history stays as it was.
@@ -1036,6 +1049,10 @@ class HistoryStore:
             roster = src.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
             context = self._run_context if upto_round >= 1 else None
             with fork._transaction("fork into") as db:
+                # The fork is this history's first rounds: it keeps its creation time (part of
+                # the run context its copied records commit to).
+                db.execute("UPDATE meta SET value = ? WHERE key = 'created_at'",
+                           (self._created_at,))
                 if roster is not None:
                     db.execute("INSERT INTO meta (key, value) VALUES ('roster', ?)", roster)
                 if context is not None:
@@ -1058,6 +1075,7 @@ class HistoryStore:
         except BaseException:
             fork.close()
             raise
+        fork._created_at = self._created_at
         fork._roster_meta = self._roster_meta if roster is not None else ()
         fork._run_context = context
         fork._initial_digest = self._initial_digest

@@ -251,6 +251,7 @@ def _check_run_context(
             retain_interval=int(meta.get("retain_interval", "0")),
             roster=json.loads(meta.get("roster", "[]")),
             initial_model="" if initial is None else str(initial[0]),
+            created_at=meta.get("created_at", ""),
             recording=json.loads(meta["recording"]) if "recording" in meta else None,
         )
     except (ValueError, TypeError, FedForgetError) as exc:
@@ -262,7 +263,7 @@ def _check_run_context(
     fields = {
         "run-config": "meta.run_config", "roster": "meta.roster", "codec": "meta.codec",
         "retain-interval": "meta.retain_interval", "initial-model": "the initial model "
-        "(models, round 0)", "recording": "meta.recording",
+        "(models, round 0)", "recording": "meta.recording", "created-at": "meta.created_at",
     }
     for key, name in fields.items():
         if mine.get(key) != context.get(key):
@@ -548,7 +549,7 @@ def _store_checks(path: Path, report: VerifyReport) -> tuple[sqlite3.Connection 
         _check_rounds(conn, index, meta, blobs, report)
         _check_ledger(conn, index, report)
         blobs.check_pack_sizes(conn)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, UnicodeError, FedForgetError) as exc:
         report.problems.append(f"index {index} is damaged: {exc}")
     return conn, wal
 

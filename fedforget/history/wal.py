@@ -436,9 +436,16 @@ def database_image(index: str | Path, wal: WalReport | None = None, *,
     return bytes(image), report
 
 
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
 def open_image(image: bytes) -> sqlite3.Connection:
     """An in-memory, query-only connection to a database image."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
+    # A damaged text is read with U+FFFD in place of the bad bytes, so that the checks that
+    # compare it report the value, instead of a UnicodeDecodeError stopping them.
+    conn.text_factory = _lenient_text
     try:
         if image:
             conn.deserialize(image)
