@@ -508,12 +508,22 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
                         f"{result}: its {what} is {mine!r}; receipt {rid} says {signed!r}")
         forgotten = info.get("forgotten")
         reference = info["reference"] if isinstance(info.get("reference"), dict) else {}
-        if isinstance(forgotten, list):
+        if not isinstance(forgotten, list) or not all(isinstance(c, str) for c in forgotten):
+            report.problems.append(f"{result}: forgotten is {forgotten!r}; expected client ids")
+        else:
             key = f"reference-{forget_key(forgotten)}"
-            if key in references and reference.get("model_digest") != references[key]:
+            if key not in references:
+                report.problems.append(
+                    f"{result}: no cached reference {key} for the forgotten clients "
+                    f"{', '.join(forgotten)}")
+            elif reference.get("model_digest") != references[key]:
                 report.problems.append(
                     f"{result}: its reference model is {reference.get('model_digest')!r}; the "
                     f"cached reference {key} is {references[key]}")
+            if row is not None and row[1] not in forgotten:
+                report.problems.append(
+                    f"{result}: request {request_dir.name} is {row[1]}'s, who is not among "
+                    f"the forgotten clients {', '.join(forgotten)}")
         if info.get("history_dir"):
             _check_replayed_history(method_dir / str(info["history_dir"]), result, report,
                                     nested)
@@ -564,10 +574,10 @@ def audit_run_directory(
             report.notes.append(
                 f"{wal.torn_commit.describe(wal.path)}; no signed head covers more than the "
                 "readable store, so it is a write that a crash interrupted before it committed"
-                if not any("were dropped" in p for p in report.problems)
+                if not any("dropped" in p for p in report.problems)
                 else wal.torn_commit.describe(wal.path)
             )
-            if any("were dropped" in p for p in report.problems):
+            if any("dropped" in p for p in report.problems):
                 report.problems.append(
                     f"{wal.path}: the torn last commit frame held committed work (see the "
                     "dropped rounds or events above)")

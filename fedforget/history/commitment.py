@@ -300,10 +300,11 @@ def _compare_tree(
     if beyond:
         top = max(beyond, key=lambda h: size_of(h.head))
         top_size = size_of(top.head)
+        which = (f"{item} {label(n + 1)} was" if top_size == n + 1
+                 else f"{item}s {label(n + 1)}..{label(top_size)} were")
         problems.append(
-            f"{item}s {label(n + 1)}..{label(top_size)} were committed and signed "
-            f"({top.where}: size {top_size}, signed {top.head.timestamp}) but the store "
-            f"holds {n}: they were dropped"
+            f"{which} committed and signed ({top.where}: size {top_size}, signed "
+            f"{top.head.timestamp}) but the store holds {n}: dropped"
         )
     return problems
 
