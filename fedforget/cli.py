@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     withdraw.add_argument("dir", help="run directory")
     withdraw.add_argument("--client", required=True, help="stable client id, e.g. client-003")
     withdraw.add_argument("--reason", default="", help="the reason the client gave")
+    withdraw.add_argument("--keys", default=None, metavar="DIR",
+                          help="the server's signing keys (default: DIR/keys)")
 
     unlearn = sub.add_parser("unlearn", help="remove a withdrawn client's influence")
     unlearn.add_argument("dir", help="run directory")
@@ -343,13 +345,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- withdraw
 def _cmd_withdraw(args: argparse.Namespace) -> int:
     from fedforget.history import HistoryStore
+    from fedforget.receipts.issuer import head_log
+    from fedforget.rundir import RunDirectory
     from fedforget.withdrawal import WithdrawalLedger
 
     with HistoryStore.open(args.dir) as store:
         roster = frozenset(store.roster())
         contributed = bool(store.clients().get(args.client))
-    with WithdrawalLedger(args.dir) as ledger:
-        request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+        with WithdrawalLedger(args.dir) as ledger:
+            request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+        if created:  # the ledger change is covered by a signed head
+            head_log(store, RunDirectory(args.dir), Path(args.keys) if args.keys else None)
     verb = "recorded" if created else "already recorded"
     print(f"withdrawal {verb}: {request.request_id} for {request.client_id} "
           f"(state {request.state}, received {request.received_at})")
@@ -491,7 +497,7 @@ def format_comparison(outcome: Any, run: Path) -> str:
 def _summary(directory: str | Path) -> dict[str, Any]:
     from fedforget.history import HistoryStore
 
-    with HistoryStore.open(directory) as store:
+    with HistoryStore.open(directory, read_only=True) as store:
         return store.summary()
 
 

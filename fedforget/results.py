@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedforget.cost import Cost
 from fedforget.errors import FedForgetError
-from fedforget.unlearning.base import Cost
 
 __all__ = [
     "ReceiptInfo",

@@ -47,7 +47,13 @@ from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
 from fedforget.measure import Measure, MeasureContext
-from fedforget.receipts.issuer import STAGED_RECEIPT, publish_receipt, sign_receipt, signing_key
+from fedforget.receipts.issuer import (
+    STAGED_RECEIPT,
+    head_log,
+    publish_receipt,
+    sign_receipt,
+    signing_key,
+)
 from fedforget.results import ReferenceInfo, ReferenceRecord, ResultError, UnlearningOutcome
 from fedforget.rundir import (
     MODEL_FILE,
@@ -187,6 +193,7 @@ class UnlearningService:
                 method = get_method(request.method, request.params or {})
             except FedForgetError as exc:
                 _fail(ledger, request, exc)
+                self._sign(store)
                 raise
             return self._serve(store, ledger, request, method)
 
@@ -217,6 +224,7 @@ class UnlearningService:
                 )
             method.check(unlearning_request)
             ledger.move(request.request_id, "unlearning", method=method.name)
+            self._sign(store)
             if self.federation is not None and method.uses_clients():
                 self._warm_up(store)
             want = "compute" if method.name == "retrain" else self.reference_policy
@@ -266,7 +274,7 @@ class UnlearningService:
                                                .relative_to(partial))
                              if result.history_dir else None),
             )
-            key, public_key = signing_key(self.keys_dir)
+            key, public_key = signing_key(self.run, self.keys_dir)
             staged = sign_receipt(run=self.run, store=store, outcome=outcome, key=key,
                                   public_key_path=public_key, staging=partial)
             outcome = outcome.with_receipt(staged.info)
@@ -280,12 +288,19 @@ class UnlearningService:
             if committed:  # a result whose receipt is not published does not stand
                 shutil.rmtree(final, ignore_errors=True)
             _fail(ledger, request, exc, method=method.name)
+            self._sign(store)
             raise
         ledger.move(request.request_id, "done", method=method.name,
                     detail={"result": self.run.relative(final / RESULT_FILE)})
+        self._sign(store)
         if not result.rounds_affected and not method.exact:
             log.warning("%s changed nothing: %s", method.name, "; ".join(result.notes))
         return outcome
+
+    def _sign(self, store: HistoryStore) -> None:
+        """Sign a head over the store and the ledger as they are now (every ledger change
+        is covered by a signed head)."""
+        head_log(store, self.run, self.keys_dir)
 
     # ------------------------------------------------------------ in service
     def _in_service(self, request: WithdrawalRequest) -> _InService:
@@ -412,6 +427,7 @@ def order_unlearning(
     method: str,
     params: Mapping[str, Any] | None = None,
     reason: str = "",
+    keys_dir: Path | None = None,
 ) -> WithdrawalRequest | None:
     """Record ``client``'s withdrawal (or reuse it) and order it served by ``method``.
 
@@ -436,7 +452,9 @@ def order_unlearning(
         unlearner.check(UnlearningRequest(store=store, forget=forget,
                                           federation=OfflineFederation(tuple(roster)),
                                           workdir=""))
-    with WithdrawalLedger(run.path) as ledger:
+    with HistoryStore.open(run.path) as store, WithdrawalLedger(run.path) as ledger:
         request, _ = ledger.request(client, reason=reason or "unlearn command", roster=roster)
-        return ledger.order(request.request_id, method=unlearner.name,
-                            params=unlearner.params.to_dict())
+        ordered = ledger.order(request.request_id, method=unlearner.name,
+                               params=unlearner.params.to_dict())
+        head_log(store, run, keys_dir)
+        return ordered

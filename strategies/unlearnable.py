@@ -55,10 +55,11 @@ from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
 from fedforget.errors import ConfigError, HistoryError
 from fedforget.federation import FederationApp, GridFederation, identify_clients
-from fedforget.history import HistoryStore
+from fedforget.history import HeadLog, HistoryStore
+from fedforget.lock import run_lock
 from fedforget.measure import EvaluateFnMeasure, Measure
 from fedforget.protocol import WithdrawalAsk
-from fedforget.receipts.issuer import HeadSigner, signing_key
+from fedforget.receipts.issuer import head_log, signing_key
 from fedforget.rundir import RunDirectory
 from fedforget.service import UnlearningService, read_model
 from fedforget.settings import RecordingSettings, RunSettings, app_run_config
@@ -160,10 +161,13 @@ class Unlearnable:
             local_epochs=self._local_epochs(train_config),
             local_epochs_key=self.local_epochs_key,
         )
-        if self.settings.mode == "unlearn":
-            return self._unlearn(grid, app, evaluate_fn, timeout)
-        return self._train(grid, app, initial_arrays, num_rounds, timeout, evaluate_config,
-                           evaluate_fn)
+        # One writer at a time (re-entrant in this process: fedforget's CLI, running the
+        # in-process engine, already holds it)
+        with run_lock(self.run.path, command=f"fedforget {self.settings.mode} (ServerApp)"):
+            if self.settings.mode == "unlearn":
+                return self._unlearn(grid, app, evaluate_fn, timeout)
+            return self._train(grid, app, initial_arrays, num_rounds, timeout,
+                               evaluate_config, evaluate_fn)
 
     def _local_epochs(self, train_config: Mapping[str, Any] | None) -> int:
         key = self.local_epochs_key
@@ -177,7 +181,7 @@ class Unlearnable:
                           "the run config")
 
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
-                    timeout: float | None, signer: HeadSigner | None = None) -> GridFederation:
+                    timeout: float | None, signer: HeadLog | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
         clients = identify_clients(grid, expected, asks=self.asks,
                                    extra_config=signer.config() if signer else None)
@@ -246,8 +250,8 @@ class Unlearnable:
                     )
             expected = self.min_nodes or (len(set(roster) - withdrawn) if roster else
                                           int(getattr(self.strategy, "min_available_nodes", 1)))
-            key, public_key = signing_key(self._keys_dir())
-            signer = HeadSigner(store, key)
+            _, public_key = signing_key(self.run, self._keys_dir())
+            signer = head_log(store, self.run, self._keys_dir())
             federation = self._federation(grid, app, expected, timeout, signer)
             store.set_roster(sorted(set(roster) | set(federation.roster)))
             if store.last_round == 0 and store.initial_model_digest is None:
@@ -277,6 +281,7 @@ class Unlearnable:
                     evaluate_config=evaluate_config, refresh_exclude=ledger.withdrawn,
                     on_ask=lambda ask: asked.append(self._record_ask(ask, roster_now)),
                 )
+            signer.sign()  # covers withdrawals asked during the last round
             if federation.last_evaluation:
                 self.run.client_evaluation.write_text(
                     json.dumps(federation.last_evaluation, indent=2, sort_keys=True))
@@ -342,9 +347,9 @@ class Unlearnable:
         with WithdrawalLedger(self.run.path) as ledger:
             withdrawn = ledger.withdrawn()
         expected = self.min_nodes or max(1, len(set(roster) - withdrawn))
-        key, public_key = signing_key(self._keys_dir())
+        _, public_key = signing_key(self.run, self._keys_dir())
         with HistoryStore.open(self.run.path) as store:
-            signer = HeadSigner(store, key)
+            signer = head_log(store, self.run, self._keys_dir())
         federation = self._federation(grid, app, expected, timeout, signer)
         deliver_receipts(self.run, federation, public_key)
         for ask in self.asks:
