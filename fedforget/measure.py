@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
@@ -30,9 +30,13 @@ from fedforget.arrays import TensorDict, to_array_record
 from fedforget.comparison import speedups
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
+from fedforget.erasure import ErasureScope
 from fedforget.evaluation import client_impact, cosine_distance, l2_distance
 from fedforget.history import HistoryStore
 from fedforget.unlearning.base import Cost, Federation
+
+if TYPE_CHECKING:
+    from fedforget.withdrawal import WithdrawalRequest
 
 __all__ = [
     "EvaluateFnMeasure",
@@ -60,6 +64,14 @@ class MeasureContext:
     method_cost: Cost
     retrain_cost: Cost | None
     trace: Sequence[tuple[int, TensorDict]] = field(default_factory=list)
+    # the records and classes in force, and the request served (its kind, its records)
+    scope: ErasureScope = field(default_factory=ErasureScope)
+    request: WithdrawalRequest | None = None
+
+    @property
+    def kind(self) -> str:
+        """The size of the request: ``client``, ``records`` or ``class``."""
+        return self.request.kind if self.request is not None else "client"
 
     def models(self) -> dict[str, TensorDict]:
         """``{"original", "unlearned"[, "retrained"]}``."""
@@ -181,13 +193,37 @@ class TaskMeasure:
         return (_pooled([train for train, _ in splits], "forgotten"),
                 _pooled([held for _, held in splits], "forgotten-holdout"))
 
+    def request_data(self, ctx: MeasureContext
+                     ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
+        """The forgotten data of the request served, as members and non-members of the
+        attacks: the forgotten clients' training and held-out data; for a record request,
+        its records and the client's held-out data; for a class request, every client's
+        training and held-out examples of the labels."""
+        from fedforget.erasure import select_records
+        from fedforget.task import client_partition, load_client_data
+
+        request = ctx.request
+        if request is None or request.kind == "client":
+            return self.forgotten_data(ctx.forget)
+        if request.kind == "records":
+            partition = client_partition(request.client_id)
+            if partition is None or partition >= self.cfg.num_clients:
+                return None, None
+            train, held = load_client_data(self.cfg, partition)
+            return select_records(train, request.record_ids), held
+        labels = np.asarray(request.labels, dtype=np.int64)
+        splits = [load_client_data(self.cfg, p) for p in range(self.cfg.num_clients)]
+        return (_pooled([d.subset(np.isin(d.y, labels)) for d, _ in splits], "forgotten"),
+                _pooled([h.subset(np.isin(h.y, labels)) for _, h in splits],
+                        "forgotten-holdout"))
+
     def __call__(self, ctx: MeasureContext) -> dict[str, Any]:  # noqa: D102
         from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
         from fedforget.task import load_test_set, new_model
 
         cfg = self.cfg
         test_set = load_test_set(cfg)
-        members, non_members = self.forgotten_data(ctx.forget)
+        members, non_members = self.request_data(ctx)
         shadow = (run_shadow_attack(cfg, test_set)
                   if self.shadow_attack and members is not None and non_members is not None
                   else None)
@@ -200,17 +236,35 @@ class TaskMeasure:
                              else None),
             shadow=shadow,
         )
+        if ctx.kind == "class" and ctx.request is not None:
+            figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
+
+
+def class_figures(scratch: Any, ctx: MeasureContext, test_set: ArrayDataset,
+                  labels: Collection[int]) -> dict[str, Any]:
+    """Accuracy on the test examples of the forgotten labels (goal: retraining's level,
+    about 0) and on the others (goal: within a point of retraining), per model."""
+    from fedforget.evaluation import accuracy
+
+    chosen = np.isin(test_set.y, np.asarray(sorted(labels), dtype=np.int64))
+    parts = {"forgotten_class_accuracy": test_set.subset(chosen),
+             "retained_class_accuracy": test_set.subset(~chosen)}
+    return {name: ({model: accuracy(scratch, tensors, data)
+                    for model, tensors in ctx.models().items()} if len(data) else None)
+            for name, data in parts.items()}
 
 
 def _pooled(parts: list[ArrayDataset], name: str) -> ArrayDataset | None:
     parts = [d for d in parts if len(d)]
     if not parts:
         return None
+    ids = (None if any(d.ids is None for d in parts)
+           else np.concatenate([d.ids for d in parts if d.ids is not None]))
     return ArrayDataset(x=np.concatenate([d.x for d in parts]),
                         y=np.concatenate([d.y for d in parts]),
-                        num_classes=parts[0].num_classes, name=name)
+                        num_classes=parts[0].num_classes, name=name, ids=ids)
 
 
 def parameter_measure(ctx: MeasureContext) -> dict[str, Any]:

@@ -29,6 +29,12 @@ ClientApp; an app that does not use the mod speaks it itself:
    ``head.json`` in its state directory (node config ``state-dir``; in simulation
    ``<fedforget.out-dir>/client-state/<client-id>``), so that it can later check that an
    erasure receipt extends the history it saw.
+6. **Forgotten labels.** Once a class-level erasure is in force, every train message's
+   config has :data:`FORGET_LABELS` (``"3"`` or ``"3,5"``); the client trains without the
+   examples of those labels (:mod:`fedforget.erasure`).
+7. **Forgotten records.** A client that asked to have some of its records forgotten keeps
+   their ids in ``forgotten-records.json`` of its state directory and trains without them
+   (:mod:`fedforget.erasure`); the server sends nothing for them.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ overrides for this message."""
 TASK = "fedforget.task"
 """Train-config key naming a procedure other than training: :data:`IDENTIFY`, or a
 client-side step of a method (e.g. ``pga``)."""
+
+FORGET_LABELS = "fedforget.forget-labels"
+"""Train-config key of the labels forgotten across the federation (class-level erasure)."""
 
 CONFIG_RECORD = "config"
 """Key of the ``ConfigRecord`` of a train message (as Flower's strategies name it)."""

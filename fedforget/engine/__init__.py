@@ -9,7 +9,7 @@ Deployment (SuperLink + SuperNodes) runs the same apps with ``flwr run . <connec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,8 +98,14 @@ def run_unlearning(
     progress: bool = True,
     reference: str = "compute",
     keys_dir: str | Path | None = None,
+    records: Collection[str] | None = None,
+    labels: Collection[int] | None = None,
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
+
+    With ``records``: forget only those records of ``client`` (it stays); with ``labels``:
+    forget those classes on every client, ``client`` naming who asked (see
+    :func:`fedforget.service.order_unlearning`).
 
     The withdrawal is recorded and ordered (:func:`fedforget.service.order_unlearning`:
     everything that can be refused is refused before anything is written); then the run's
@@ -130,7 +136,8 @@ def run_unlearning(
             "directory); give it with --app DIR"
         )
     request = order_unlearning(run, client=client, method=unlearner.name,
-                               params=unlearner.params.to_dict(), reason=reason)
+                               params=unlearner.params.to_dict(), reason=reason,
+                               records=records, labels=labels)
     if request is None:
         return None
     keys = Path(keys_dir) if keys_dir else run.default_keys

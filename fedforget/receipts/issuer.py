@@ -17,6 +17,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,6 +34,7 @@ from fedforget.receipts.receipt import (
     receipt_digest,
     write_receipt,
 )
+from fedforget.receipts.records import commit_records
 from fedforget.receipts.statement import Comparison
 from fedforget.receipts.tree_head import TreeHead, sign_tree_head
 from fedforget.results import ReceiptInfo, UnlearningOutcome
@@ -113,7 +115,8 @@ def _comparison_metrics(outcome: UnlearningOutcome) -> dict[str, float]:
     """The figures a receipt states: each model's test accuracy, forgotten-data accuracy
     and backdoor success where measured, and the L2 distance to the retrained model."""
     flat: dict[str, float] = {}
-    for name in ("test_accuracy", "forgotten_accuracy", "backdoor_success", "l2_to_retrained"):
+    for name in ("test_accuracy", "forgotten_accuracy", "backdoor_success", "l2_to_retrained",
+                 "forgotten_class_accuracy", "retained_class_accuracy"):
         values = outcome.metrics.get(name)
         if not isinstance(values, dict):
             continue
@@ -132,6 +135,7 @@ def sign_receipt(
     public_key_path: Path,
     staging: Path,
     issuer: str | None = None,
+    request: Any = None,
 ) -> StagedReceipt:
     """Sign the receipt of ``outcome`` into ``staging`` (the result's staging directory).
 
@@ -139,6 +143,12 @@ def sign_receipt(
     32-byte salt of the client commitment is written to the client's state directory only
     (in simulation ``<run>/client-state/<client>/<receipt-id>.salt``); should the result
     not commit, that salt opens no receipt.
+
+    For a record-level ``request`` (a :class:`~fedforget.withdrawal.WithdrawalRequest`) the
+    receipt also commits to its record ids (:mod:`fedforget.receipts.records`), under a
+    second salt written next to the first (``<receipt-id>.records-salt``) with the ids
+    (``<receipt-id>.records``), so that the client can open it for any one record; for a
+    class-level request it names the labels.
     """
     previous = None
     if run.latest_receipt.exists():
@@ -147,6 +157,18 @@ def sign_receipt(
     saved_head, head_path = saved_head_of(run, outcome.request_id, outcome.client_id)
     salt = new_client_salt()
     receipt_id = f"rc-{uuid.uuid4().hex[:16]}"
+    kind = getattr(request, "kind", "client")
+    scope: dict[str, Any] | None = None
+    records_salt = new_client_salt() if kind == "records" else None
+    if kind == "records":
+        scope = {"kind": "records",
+                 "records": commit_records(records_salt, request.record_ids).to_dict()}
+    elif kind == "class":
+        scope = {"kind": "class", "labels": sorted(request.labels)}
+    if kind == "class":  # every client's contributions held the class
+        rounds_affected = [r.round for r in store.rounds() if r.participants]
+    else:
+        rounds_affected = store.clients().get(outcome.client_id, [])
     comparison = None
     if outcome.reference.model_digest is not None:
         comparison = Comparison(retrained_model_digest=outcome.reference.model_digest,
@@ -160,7 +182,7 @@ def sign_receipt(
             reason=outcome.reason,
             client_id=outcome.client_id,
             client_salt=salt,
-            rounds_affected=store.clients().get(outcome.client_id, []),
+            rounds_affected=rounds_affected,
             history=commit_history((r.canonical_bytes() for r in store.rounds()),
                                    saved_head=saved_head),
             method=outcome.method,
@@ -171,6 +193,7 @@ def sign_receipt(
             original_model_digest=outcome.original_model_digest,
             comparison=comparison,
             previous_receipt_digest=previous,
+            scope=scope,
         ),
         key,
     )
@@ -181,6 +204,13 @@ def sign_receipt(
     fd = os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(salt.hex() + "\n")
+    if records_salt is not None:
+        fd = os.open(salt_dir / f"{receipt_id}.records-salt",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(records_salt.hex() + "\n")
+        (salt_dir / f"{receipt_id}.records").write_text(
+            "\n".join(request.record_ids) + "\n")
     info = ReceiptInfo(
         receipt_id=receipt_id,
         receipt_path=run.relative(run.receipt(receipt_id)),
