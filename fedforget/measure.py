@@ -238,8 +238,72 @@ class TaskMeasure:
         )
         if ctx.kind == "class" and ctx.request is not None:
             figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))
+        figures["collateral"] = collateral_figures(ctx, cfg, scratch, members, test_set)
+        figures["group_accuracy"] = group_accuracy(ctx, cfg, scratch)
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
+
+
+def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
+                       forgotten: ArrayDataset | None, test_set: ArrayDataset
+                       ) -> dict[str, Any] | None:
+    """Who else is hurt (:mod:`fedforget.evaluation.collateral`): every remaining client's
+    accuracy change against its similarity to the forgotten data, from the clients' own
+    evaluations (:mod:`fedforget.evaluation.profile`). The probe of the forgotten data is
+    built here from the data the simulation can rebuild (``forgotten``). None without a
+    federation or a remaining client."""
+    from fedforget.arrays import load_tensors
+    from fedforget.evaluation.collateral import ClientProfile, collateral_report
+    from fedforget.evaluation.profile import ask_profiles, make_probe
+    from fedforget.task import client_group, client_partition
+
+    remaining = ctx.remaining()
+    if ctx.federation is None or not remaining:
+        return None
+    probe = None
+    if forgotten is not None and len(forgotten):
+        probe = make_probe(load_tensors(scratch, ctx.original), forgotten, test_set)
+    before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
+    after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
+    profiles = []
+    for cid in remaining:
+        b, a = before.get(cid, {}), after.get(cid, {})
+        if "accuracy" not in b or "accuracy" not in a:
+            continue
+        partition = client_partition(cid)
+        group = (client_group(cfg, partition) if cfg.groups and partition is not None
+                 and partition < cfg.num_clients else None)
+        profiles.append(ClientProfile(
+            client_id=cid, accuracy_before=b["accuracy"], accuracy_after=a["accuracy"],
+            num_examples=int(b.get("profile-examples", 0)),
+            label_similarity=b.get("label-similarity"),
+            representation_similarity=b.get("representation-similarity"), group=group))
+    if not profiles:
+        return None
+    report = collateral_report(profiles).to_dict()
+    forgotten_groups = sorted({client_group(cfg, p) for c in ctx.forget
+                               if (p := client_partition(c)) is not None
+                               and p < cfg.num_clients}) if cfg.groups else []
+    report["forgotten_groups"] = forgotten_groups
+    report["source"] = "the clients' own evaluations (profile task)"
+    return report
+
+
+def group_accuracy(ctx: MeasureContext, cfg: RunConfig, scratch: Any
+                   ) -> dict[str, dict[str, float]] | None:
+    """With client groups: each model's accuracy on the whole test set in each group's
+    accent (server-side: the test set is the server's)."""
+    from fedforget.data.groups import group_test_set
+    from fedforget.evaluation import accuracy
+    from fedforget.task import load_plain_test_set
+
+    if not cfg.groups:
+        return None
+    plain = load_plain_test_set(cfg)
+    return {str(g): {name: accuracy(scratch, tensors,
+                                    group_test_set(plain, g, cfg.group_shift, cfg.seed))
+                     for name, tensors in ctx.models().items()}
+            for g in range(len(cfg.group_sizes()))}
 
 
 def class_figures(scratch: Any, ctx: MeasureContext, test_set: ArrayDataset,

@@ -123,6 +123,27 @@ def _comparison_metrics(outcome: UnlearningOutcome) -> dict[str, float]:
         for model, value in values.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 flat[f"{name.replace('_', '-')}-{model}"] = float(value)
+    flat.update(_collateral_metrics(outcome.metrics.get("collateral")))
+    return flat
+
+
+def _collateral_metrics(collateral: object) -> dict[str, float]:
+    """Who else is hurt, as receipt figures: each similarity's correlation with the harm
+    and its interval, the size of the hurt group and its mean harm against the others'
+    (no client is named: the names stay in result.json)."""
+    if not isinstance(collateral, dict):
+        return {}
+    flat: dict[str, float] = {}
+    for kind, corr in (collateral.get("correlation") or {}).items():
+        for part in ("r", "low", "high"):
+            value = (corr or {}).get(part)
+            if isinstance(value, int | float):
+                flat[f"collateral-{kind}-correlation-{part}"] = float(value)
+    flat["collateral-hurt-clients"] = float(len(collateral.get("hurt") or []))
+    for key in ("hurt_mean_harm", "others_mean_harm"):
+        value = collateral.get(key)
+        if isinstance(value, int | float):
+            flat[f"collateral-{key.replace('_', '-')}"] = float(value)
     return flat
 
 
