@@ -131,13 +131,16 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = run_config_of(context)
     conf = _record(msg, protocol.CONFIG_RECORD, ConfigRecord) or ConfigRecord()
-    train_data, holdout = local_data(context, cfg)
-    train_data = training_data(context, train_data, conf)
+    all_train, holdout = local_data(context, cfg)
+    train_data = training_data(context, all_train, conf)
     model = _received_model(msg, cfg)
     task = conf.get(protocol.TASK, TRAIN)
     started = time.perf_counter()
     if task != TRAIN:
-        metrics = dict(CLIENT_TASKS.get(str(task))(model, train_data, holdout, conf))
+        procedure = CLIENT_TASKS.get(str(task))
+        # a procedure that trains nothing may read the forgotten data (FUCP's activations)
+        data = all_train if getattr(procedure, "sees_forgotten_data", False) else train_data
+        metrics = dict(procedure(model, data, holdout, conf))
     else:
         result = train_local(
             model,

@@ -364,7 +364,8 @@ class UnlearningService:
         assert federation is not None
         some = sorted(federation.roster)[:1]
         if some:
-            saved = federation.cost
+            saved = federation.cost  # train() adds to the object in place: count into
+            federation.cost = Cost()  # a scratch one
             federation.train(server_round=0, global_model=store.global_model(0), clients=some,
                              local_epochs=federation.local_epochs)
             federation.cost = saved

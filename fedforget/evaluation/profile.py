@@ -36,6 +36,7 @@ from fedforget.data.array_dataset import ArrayDataset
 from fedforget.erasure import labels_of, without
 from fedforget.errors import FedForgetError
 from fedforget.training import evaluate
+from fedforget.unlearning.base import Cost
 from fedforget.unlearning.client_tasks import CLIENT_TASKS
 
 __all__ = ["PROBE_CENTRE", "PROBE_EMBEDDING", "PROBE_LABELS", "PROBE_ROLE", "TASK", "Probe",
@@ -197,7 +198,8 @@ def ask_profiles(federation: Any, model: Mapping[str, np.ndarray], clients: Sequ
                  probe: Probe | None) -> dict[str, dict[str, float]]:
     """Ask ``clients`` for their profile of ``model`` (each from its own data); the
     messages are measurement, not unlearning: they are not counted in the cost."""
-    saved = federation.cost
+    saved = federation.cost  # train() adds to the object in place: count into a scratch
+    federation.cost = Cost()
     try:
         replies = federation.train(server_round=0, global_model=dict(model),
                                    clients=list(clients), task=TASK,

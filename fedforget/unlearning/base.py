@@ -293,7 +293,8 @@ class Unlearner(ABC, Generic[P]):
 
 
 METHOD_MODULES = (
-    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga"
+    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga",
+    "rapid_retrain", "fucp", "repair",
 )
 """The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
 method is one module and one name here."""
