@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,39 @@ def test_group_figures_and_bad_input() -> None:
         collateral_report([ClientProfile("x", 0.5, 1.5, 10)])
     with pytest.raises(EvaluationError, match="no remaining client"):
         collateral_report([])
+
+
+def test_in_a_grouped_run_the_departed_clients_group_mate_is_the_most_similar(
+    tmp_path: Path,
+) -> None:
+    # Prepare: 4 clients in two accent groups (client-002 and client-003 share one).
+    from conftest import train_small
+
+    from fedforget.engine import run_unlearning
+
+    run = tmp_path / "run"
+    train_small(run, **{"groups": "2,2", "num-rounds": 4, "local-epochs": 2})
+    # Execute: client-002 leaves; the exact method is the reference.
+    outcome = run_unlearning(run, client="client-002", method="retrain", progress=False)
+    assert outcome is not None
+    collateral = outcome.metrics["collateral"]
+    clients = collateral["clients"]
+    # Assert: its group mate is the remaining client most similar to it, and the one whose
+    # accent (the group-1 test set) the retrained model knows less.
+    assert collateral["forgotten_groups"] == [1]
+    assert clients["client-003"]["group"] == 1
+    rep = {cid: c["representation_similarity"] for cid, c in clients.items()}
+    assert max(rep, key=rep.get) == "client-003"  # type: ignore[arg-type]
+    groups = outcome.metrics["group_accuracy"]
+    assert groups["1"]["unlearned"] < groups["1"]["original"]
+    # the receipt states the correlations (its comparison is signed)
+    from fedforget.receipts import load_public_key
+    from fedforget.receipts.verify import verify_receipt
+
+    receipt = outcome.receipt
+    assert receipt is not None
+    verified = verify_receipt((run / receipt.receipt_path).read_bytes(),
+                              public_key=load_public_key(receipt.public_key_path))
+    metrics = verified.statement.comparison.metrics  # type: ignore[union-attr]
+    assert "collateral-representation-correlation-r" in metrics
+    assert "collateral-hurt-clients" in metrics

@@ -101,3 +101,18 @@ def test_a_class_request_is_refused_for_a_whole_client_method_or_a_bad_label(
     assert "label 7 is not a class of this task; expected 0..3" in capsys.readouterr().err
     with WithdrawalLedger(run) as ledger:
         assert ledger.all() == []
+
+
+def test_training_resumed_after_a_class_request_leaves_the_class_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    train_small(run, **{"num-rounds": 2})
+    _forget_class(run, 0, "rollback", capsys)
+    train_small(run, **{"num-rounds": 3})  # the run goes on
+    with HistoryStore.open(run) as store:
+        assert labels_of(store.round(2).config) == frozenset()  # before the request
+        assert labels_of(store.round(3).config) == frozenset({0})
+        for p in store.round(3).participants:
+            data, _ = load_client_data(small_config(), int(p.client_id.rsplit("-", 1)[1]))
+            assert p.num_examples == int((data.y != 0).sum())

@@ -264,3 +264,38 @@ def test_the_record_commitment_depends_on_the_salt_and_on_every_id() -> None:
         verify_record_opening(open_record(salt, ids, rid), root, record_id=rid)
     with pytest.raises(RecordCommitmentError, match="expected '8'"):
         verify_record_opening(open_record(salt, ids, "4"), root, record_id="8")
+
+
+# ------------------------------------------------------------- predicate scope
+def _receipt_with_scope(scope: object) -> bytes:
+    from test_receipts_receipt import KEY, make_receipt
+
+    return make_receipt(KEY, scope=scope)
+
+
+def test_a_scope_in_the_predicate_is_checked_and_fails_closed() -> None:
+    from test_receipts_receipt import KEY
+
+    from fedforget.receipts.errors import PredicateError
+
+    salt = bytes(range(32))
+    good = {"kind": "records", "records": commit_records(salt, ["1", "2"]).to_dict()}
+    verified = verify_receipt(_receipt_with_scope(good), public_key=KEY.public_key(),
+                              record_opening=open_record(salt, ["1", "2"], "2"))
+    assert verified.statement.scope["records"]["count"] == 2
+    for bad, message in [
+        ({"kind": "rows", "labels": [1]}, "scope.kind is 'rows'"),
+        ({"kind": "class", "labels": []}, "expected a list of labels"),
+        ({"kind": "class", "labels": [3, 1]}, "expected increasing labels"),
+        ({"kind": "class", "labels": [1], "extra": 0}, "unknown field 'extra'"),
+        ({"kind": "records", "records": {"count": 0, "root": "0" * 64, "scheme": "x"}},
+         "count is 0"),
+    ]:
+        with pytest.raises(PredicateError, match=message):
+            _receipt_with_scope(bad)
+    # a whole-client receipt has no scope, and no record opens it
+    plain = _receipt_with_scope(None)
+    assert verify_receipt(plain, public_key=KEY.public_key()).statement.scope is None
+    with pytest.raises(RecordCommitmentError, match="commits to no records"):
+        verify_receipt(plain, public_key=KEY.public_key(),
+                       record_opening=open_record(salt, ["1"], "1"))
