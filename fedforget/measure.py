@@ -254,15 +254,26 @@ def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
     federation or a remaining client."""
     from fedforget.arrays import load_tensors
     from fedforget.evaluation.collateral import ClientProfile, collateral_report
-    from fedforget.evaluation.profile import ask_profiles, make_probe
+    from fedforget.evaluation.profile import (
+        ask_probe,
+        ask_profiles,
+        make_probe,
+        mean_representation,
+    )
     from fedforget.task import client_group, client_partition
 
     remaining = ctx.remaining()
     if ctx.federation is None or not remaining:
         return None
     probe = None
+    original = load_tensors(scratch, ctx.original)
     if forgotten is not None and len(forgotten):
-        probe = make_probe(load_tensors(scratch, ctx.original), forgotten, test_set)
+        probe = make_probe(original, forgotten, test_set)
+    elif ctx.kind == "client" and ctx.request is not None and \
+            ctx.request.client_id in ctx.federation.roster:
+        # the data cannot be rebuilt here: the departing client answers its own probe
+        probe = ask_probe(ctx.federation, ctx.original, ctx.request.client_id,
+                          mean_representation(original, test_set).tolist())
     before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
     after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
     profiles = []

@@ -39,8 +39,7 @@ REQUESTS = (
 )
 
 
-def _mean_std(values: list[float], scale: float = 100.0) -> str:
-    digits = 2 if scale == 100.0 else 3
+def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     values = [v for v in values if v == v]  # NaN: not measured
     if not values:
         return "—"
@@ -50,8 +49,9 @@ def _mean_std(values: list[float], scale: float = 100.0) -> str:
             f"{scale * statistics.stdev(values):.{digits}f}")
 
 
-def _column(results: list[dict[str, float]], name: str, scale: float = 100.0) -> str:
-    return _mean_std([r[name] for r in results if name in r], scale)
+def _column(results: list[dict[str, float]], name: str, scale: float = 100.0,
+            digits: int = 2) -> str:
+    return _mean_std([r[name] for r in results if name in r], scale, digits)
 
 
 def main() -> int:
@@ -109,8 +109,9 @@ def main() -> int:
         print(f"| {kind} | {method} | {col('test')} | {col('test_retrained')} | "
               f"{col('forgotten')} | {col('forgotten_retrained')} | "
               f"{col('forgotten_original')} | {col('others')} | {col('others_retrained')} | "
-              f"{col('mia', 1.0)} | {col('mia_retrained', 1.0)} | {col('mia_original', 1.0)} | "
-              f"{col('epochs', 1.0)} | {sum(r['identical'] for r in results):g}/{len(results)} |")
+              f"{col('mia', 1.0, 3)} | {col('mia_retrained', 1.0, 3)} | "
+              f"{col('mia_original', 1.0, 3)} | {col('epochs', 1.0, 0)} | "
+              f"{sum(r['identical'] for r in results):g}/{len(results)} |")
     print(f"\n{len(args.seeds)} seeds in {time.perf_counter() - started:.1f} s")
     return 0
 

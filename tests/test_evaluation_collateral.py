@@ -152,3 +152,18 @@ def test_in_a_grouped_run_the_departed_clients_group_mate_is_the_most_similar(
     metrics = verified.statement.comparison.metrics  # type: ignore[union-attr]
     assert "collateral-representation-correlation-r" in metrics
     assert "collateral-hurt-clients" in metrics
+
+
+def test_a_client_answers_its_own_probe_as_the_server_would_build_it() -> None:
+    from fedforget.evaluation.profile import PROBE_ROLE, probe_from_metrics
+
+    departed = _data([2] * 6 + [0] * 4, "D", 0)
+    test = _data([0, 1, 2] * 10, "test", 900)
+    model = _model(False)
+    built = make_probe(model, departed, test)
+    answered = probe_from_metrics(profile_task(model, departed, departed, {PROBE_ROLE: True}),
+                                  built.centre)
+    assert answered is not None
+    assert answered.labels == pytest.approx(built.labels)  # (0.4, 0, 0.6)
+    assert answered.labels == pytest.approx((0.4, 0.0, 0.6))
+    assert answered.embedding == pytest.approx(built.embedding)

@@ -11,7 +11,10 @@ distribution :math:`p_F` (:data:`PROBE_LABELS`), its mean penultimate representa
 * ``label-similarity`` :math:`1 - \mathrm{TV}(p_k, p_F)` of its training labels;
 * ``representation-similarity`` :math:`\cos(\bar z_k - \bar z_0, \bar z_F - \bar z_0)`;
 
-and returns the model unchanged. The server never sees a client's data, only these figures
+and returns the model unchanged. The similarities are of the client's training data as it
+was, the forgotten records or class included (a client that held them is the most similar);
+the task may read them (``sees_forgotten_data``: it trains nothing). The server never sees
+a client's data, only these figures
 (and, in simulation, builds the probe from the forgotten data it can rebuild; a departing
 client can compute its own probe with :data:`PROBE_ROLE`, answering ``probe-label-<c>``
 and ``probe-z-<i>``).
@@ -180,6 +183,9 @@ def profile_task(model: nn.Module, train_data: ArrayDataset, holdout: ArrayDatas
     return out
 
 
+# the similarity is of the client's data as it was: a client that held the forgotten class
+# or records is the most similar to them (the accuracy leaves the forgotten labels out)
+profile_task.sees_forgotten_data = True  # type: ignore[attr-defined]
 CLIENT_TASKS.register(TASK, profile_task)
 
 
@@ -192,6 +198,22 @@ def probe_from_metrics(metrics: Mapping[str, float], centre: Sequence[float]) ->
     if not labels:
         return None
     return Probe(tuple(labels), tuple(z), tuple(centre))
+
+
+def ask_probe(federation: Any, model: Mapping[str, np.ndarray], client: str,
+              centre: Sequence[float]) -> Probe | None:
+    """The probe of ``client``'s own data, answered by the client (a departing client that
+    still answers, in a deployment where the server cannot rebuild its data)."""
+    saved = federation.cost
+    federation.cost = Cost()
+    try:
+        replies = federation.train(server_round=0, global_model=dict(model),
+                                   clients=[client], task=TASK,
+                                   extra_config={PROBE_ROLE: True})
+    finally:
+        federation.cost = saved
+    reply = replies.get(client)
+    return None if reply is None else probe_from_metrics(reply.metrics, centre)
 
 
 def ask_profiles(federation: Any, model: Mapping[str, np.ndarray], clients: Sequence[str],
