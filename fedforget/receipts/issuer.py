@@ -181,7 +181,7 @@ def sign_receipt(
     kind = getattr(request, "kind", "client")
     scope: dict[str, Any] | None = None
     records_salt = new_client_salt() if kind == "records" else None
-    if kind == "records":
+    if records_salt is not None:
         scope = {"kind": "records",
                  "records": commit_records(records_salt, request.record_ids).to_dict()}
     elif kind == "class":

@@ -27,6 +27,7 @@ base method's own result).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ import numpy as np
 from fedforget.errors import ConfigError, FedForgetError
 from fedforget.unlearning.base import (
     ClientUpdate,
-    Cost,
     MethodParams,
     TensorDict,
     Unlearner,
@@ -136,7 +136,7 @@ class Repair(Unlearner[RepairParams]):
 
         store, federation = request.store, request.federation
         result = self.base.unlearn(request)
-        base_cost = Cost(**federation.cost.to_dict())
+        base_cost = dataclasses.replace(federation.cost)  # a copy: train() adds in place
         before = (request.current_model if request.current_model is not None
                   else store.global_model(store.last_round))
         with WithdrawalLedger(store.directory) as ledger:
