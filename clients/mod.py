@@ -174,6 +174,11 @@ def _store_receipt(context: Context, cid: str, conf: ConfigRecord) -> str:
     salt = receipts / f"{receipt_id}.salt"
     write_atomic(salt, str(conf[protocol.SALT]) + "\n")
     os.chmod(salt, 0o600)
+    if protocol.RECORDS_SALT in conf:  # a record-level receipt: its record commitment
+        records_salt = receipts / f"{receipt_id}.records-salt"
+        write_atomic(records_salt, str(conf[protocol.RECORDS_SALT]) + "\n")
+        os.chmod(records_salt, 0o600)
+        write_atomic(receipts / f"{receipt_id}.records", str(conf.get(protocol.RECORDS, "")))
     write_atomic(state / "server.pub", str(conf[protocol.PUBLIC_KEY]))
     ask = withdrawal_status(state) or {}
     ask.update({"state": "receipted", "receipt_id": receipt_id,

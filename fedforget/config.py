@@ -21,6 +21,7 @@ from typing import Any
 from fedforget.errors import ConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "shard")
+GROUP_SHIFTS = ("permute", "invert", "none")  # fedforget.data.groups
 STRATEGIES = ("fedavg", "fedprox")
 CODECS = ("fp32", "fp16", "bf16")
 
@@ -103,10 +104,18 @@ class RunConfig:
     backdoor_clients: str = ""  # comma-separated client ids, e.g. "client-003"
     backdoor_target: int = field(default=0, metadata=_range(0))
     backdoor_fraction: float = field(default=0.5, metadata=_range(0, 1, low_open=True))
+    # experiment option: clients in groups (sizes in client order, e.g. "7,3"); group g >= 1
+    # sees its inputs through a fixed transform, an "accent" (fedforget.data.groups)
+    groups: str = ""
+    group_shift: str = field(default="permute", metadata=_choice(GROUP_SHIFTS))
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.groups:
+            from fedforget.data.groups import parse_groups
+
+            parse_groups(self.groups, self.num_clients)
         if self.sample_count > self.num_clients:
             raise ConfigError(
                 f"sample-count = {self.sample_count} is larger than num-clients = "
@@ -161,6 +170,12 @@ class RunConfig:
     def backdoor_client_ids(self) -> frozenset[str]:
         """The clients that plant a backdoor (experiment option)."""
         return frozenset(c.strip() for c in self.backdoor_clients.split(",") if c.strip())
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """The sizes of the client groups (empty without groups)."""
+        from fedforget.data.groups import parse_groups
+
+        return parse_groups(self.groups, self.num_clients)
 
     def clients_per_round(self) -> int:
         """How many clients the sampler selects each round."""

@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
+from fedforget.erasure import FORGET_LABELS, labels_text
 from fedforget.errors import ConfigError, HistoryError
 from fedforget.federation import FederationApp, GridFederation, identify_clients
 from fedforget.history import HeadLog, HistoryStore
@@ -157,7 +158,7 @@ class Unlearnable:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
         app = FederationApp(
             strategy=self.strategy,
-            train_config=dict(train_config or {}),
+            train_config={**dict(train_config or {}), **self._erasure_config()},
             local_epochs=self._local_epochs(train_config),
             local_epochs_key=self.local_epochs_key,
         )
@@ -168,6 +169,15 @@ class Unlearnable:
                 return self._unlearn(grid, app, evaluate_fn, timeout)
             return self._train(grid, app, initial_arrays, num_rounds, timeout,
                                evaluate_config, evaluate_fn)
+
+    def _erasure_config(self) -> dict[str, str]:
+        """The train-config entry of the labels forgotten across the federation, once a
+        class-level request is in force (every round from then on trains without them)."""
+        if not self.run.exists():
+            return {}
+        with WithdrawalLedger(self.run.path) as ledger:
+            labels = ledger.scope().labels
+        return {FORGET_LABELS: labels_text(labels)} if labels else {}
 
     def _local_epochs(self, train_config: Mapping[str, Any] | None) -> int:
         key = self.local_epochs_key

@@ -10,7 +10,7 @@ Deployment (SuperLink + SuperNodes) runs the same apps with ``flwr run . <connec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,8 +106,14 @@ def run_unlearning(
     progress: bool = True,
     reference: str = "compute",
     keys_dir: str | Path | None = None,
+    records: Collection[str] | None = None,
+    labels: Collection[int] | None = None,
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
+
+    With ``records``: forget only those records of ``client`` (it stays); with ``labels``:
+    forget those classes on every client, ``client`` naming who asked (see
+    :func:`fedforget.service.order_unlearning`).
 
     The withdrawal is recorded and ordered (:func:`fedforget.service.order_unlearning`:
     everything that can be refused is refused before anything is written); then the run's
@@ -147,7 +153,7 @@ def run_unlearning(
     with run_lock(run.path, command=f"fedforget unlearn --method {unlearner.name}"):
         request = order_unlearning(run, client=client, method=unlearner.name,
                                    params=unlearner.params.to_dict(), reason=reason,
-                                   keys_dir=keys)
+                                   records=records, labels=labels, keys_dir=keys)
         if request is None:
             return None
         if project is None:

@@ -18,6 +18,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -31,6 +32,7 @@ from fedforget.receipts.receipt import (
     receipt_digest,
     write_receipt,
 )
+from fedforget.receipts.records import commit_records
 from fedforget.receipts.run_keys import load_manifest, run_signing_key
 from fedforget.receipts.statement import Comparison
 from fedforget.receipts.tree_head import TreeHead
@@ -87,13 +89,35 @@ def _comparison_metrics(outcome: UnlearningOutcome) -> dict[str, float]:
     """The figures a receipt states: each model's test accuracy, forgotten-data accuracy
     and backdoor success where measured, and the L2 distance to the retrained model."""
     flat: dict[str, float] = {}
-    for name in ("test_accuracy", "forgotten_accuracy", "backdoor_success", "l2_to_retrained"):
+    for name in ("test_accuracy", "forgotten_accuracy", "backdoor_success", "l2_to_retrained",
+                 "forgotten_class_accuracy", "retained_class_accuracy"):
         values = outcome.metrics.get(name)
         if not isinstance(values, dict):
             continue
         for model, value in values.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 flat[f"{name.replace('_', '-')}-{model}"] = float(value)
+    flat.update(_collateral_metrics(outcome.metrics.get("collateral")))
+    return flat
+
+
+def _collateral_metrics(collateral: object) -> dict[str, float]:
+    """Who else is hurt, as receipt figures: each similarity's correlation with the harm
+    and its interval, the size of the hurt group and its mean harm against the others'
+    (no client is named: the names stay in result.json)."""
+    if not isinstance(collateral, dict):
+        return {}
+    flat: dict[str, float] = {}
+    for kind, corr in (collateral.get("correlation") or {}).items():
+        for part in ("r", "low", "high"):
+            value = (corr or {}).get(part)
+            if isinstance(value, int | float):
+                flat[f"collateral-{kind}-correlation-{part}"] = float(value)
+    flat["collateral-hurt-clients"] = float(len(collateral.get("hurt") or []))
+    for key in ("hurt_mean_harm", "others_mean_harm"):
+        value = collateral.get(key)
+        if isinstance(value, int | float):
+            flat[f"collateral-{key.replace('_', '-')}"] = float(value)
     return flat
 
 
@@ -106,6 +130,7 @@ def sign_receipt(
     public_key_path: Path,
     staging: Path,
     issuer: str | None = None,
+    request: Any = None,
 ) -> StagedReceipt:
     """Sign the receipt of ``outcome`` into ``staging`` (the result's staging directory).
 
@@ -114,6 +139,12 @@ def sign_receipt(
     (``withdrawals/<request>/outbox/<receipt-id>.salt``, mode 0600) until it is delivered to
     the client (:mod:`fedforget.delivery`); should the result not commit, that salt opens no
     receipt.
+
+    For a record-level ``request`` (a :class:`~fedforget.withdrawal.WithdrawalRequest`) the
+    receipt also commits to its record ids (:mod:`fedforget.receipts.records`), under a
+    second salt waiting in the same outbox (``<receipt-id>.records-salt``) with the ids
+    (``<receipt-id>.records``), so that the client can open it for any one record; for a
+    class-level request it names the labels.
     """
     previous = None
     if run.latest_receipt.exists():
@@ -122,6 +153,18 @@ def sign_receipt(
     saved_head, head_path = saved_head_of(run, outcome.request_id, outcome.client_id)
     salt = new_client_salt()
     receipt_id = f"rc-{uuid.uuid4().hex[:16]}"
+    kind = getattr(request, "kind", "client")
+    scope: dict[str, Any] | None = None
+    records_salt = new_client_salt() if kind == "records" else None
+    if records_salt is not None:
+        scope = {"kind": "records",
+                 "records": commit_records(records_salt, request.record_ids).to_dict()}
+    elif kind == "class":
+        scope = {"kind": "class", "labels": sorted(request.labels)}
+    if kind == "class":  # every client's contributions held the class
+        rounds_affected = [r.round for r in store.rounds() if r.participants]
+    else:
+        rounds_affected = store.clients().get(outcome.client_id, [])
     comparison = None
     if outcome.reference.model_digest is not None:
         comparison = Comparison(retrained_model_digest=outcome.reference.model_digest,
@@ -135,7 +178,7 @@ def sign_receipt(
             reason=outcome.reason,
             client_id=outcome.client_id,
             client_salt=salt,
-            rounds_affected=store.clients().get(outcome.client_id, []),
+            rounds_affected=rounds_affected,
             history=commit_history((r.canonical_bytes() for r in store.rounds()),
                                    saved_head=saved_head),
             method=outcome.method,
@@ -146,6 +189,7 @@ def sign_receipt(
             original_model_digest=outcome.original_model_digest,
             comparison=comparison,
             previous_receipt_digest=previous,
+            scope=scope,
         ),
         key,
     )
@@ -156,6 +200,13 @@ def sign_receipt(
     fd = os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(salt.hex() + "\n")
+    if records_salt is not None:
+        fd = os.open(salt_dir / f"{receipt_id}.records-salt",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(records_salt.hex() + "\n")
+        (salt_dir / f"{receipt_id}.records").write_text(
+            "\n".join(request.record_ids) + "\n")
     info = ReceiptInfo(
         receipt_id=receipt_id,
         receipt_path=run.relative(run.receipt(receipt_id)),

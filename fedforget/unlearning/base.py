@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import numpy as np
 
 from fedforget.cost import Cost
+from fedforget.erasure import ErasureScope
 from fedforget.errors import ConfigError, FedForgetError
 from fedforget.history import HistoryStore
 from fedforget.registry import Registry
@@ -129,6 +130,10 @@ class UnlearningRequest:
     workdir: str  # a fresh directory the method may write into
     current_model: TensorDict | None = None  # the model in service (after earlier unlearning)
     observe: Observer | None = None
+    # records and labels forgotten beyond whole clients (every record and class request in
+    # force); the clients leave them out of every round they train (fedforget.erasure)
+    scope: ErasureScope = field(default_factory=ErasureScope)
+    kind: str = "client"  # the size of the request served: client, records or class
 
     def report(self, server_round: int, model: Mapping[str, np.ndarray]) -> None:
         """Hand ``model``, the global model after ``server_round``, to the observer, if any.
@@ -213,6 +218,8 @@ class Unlearner(ABC, Generic[P]):
     exact: ClassVar[bool] = False
     multi_client: ClassVar[bool] = True
     needs_clients: ClassVar[bool] = True
+    # the sizes of request it serves (fedforget.erasure.KINDS)
+    request_kinds: ClassVar[tuple[str, ...]] = ("client",)
     Params: ClassVar[type[MethodParams]] = MethodParams
     params: P
 
@@ -231,6 +238,11 @@ class Unlearner(ABC, Generic[P]):
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a request this method cannot serve, before any work (override to add)."""
+        if request.kind not in self.request_kinds:
+            raise UnlearningError(
+                f"{self.name} serves {', '.join(self.request_kinds)} requests; this is a "
+                f"{request.kind} request (methods for every size: retrain, rollback)"
+            )
         if not self.multi_client and len(request.forget) > 1:
             raise UnlearningError(
                 f"{self.name} forgets one client per request; got {sorted(request.forget)}"
@@ -250,7 +262,8 @@ class Unlearner(ABC, Generic[P]):
 
 
 METHOD_MODULES = (
-    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga"
+    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga",
+    "rapid_retrain", "fucp", "repair",
 )
 """The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
 method is one module and one name here."""
