@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedforget import protocol
 from fedforget.arrays import from_array_record, load_tensors, model_array_record
-from fedforget.clients.mod import client_id_of, state_dir_of, unlearning_mod
+from fedforget.clients.mod import client_id_of, state_dir_of, unlearning_mod_with
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, poison
 from fedforget.erasure import client_records, labels_of, without
@@ -35,8 +35,6 @@ from fedforget.settings import app_run_config
 from fedforget.task import load_client_data, new_model
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning.client_tasks import CLIENT_TASKS, TRAIN
-
-app = ClientApp(mods=[unlearning_mod])
 
 
 @lru_cache(maxsize=4)
@@ -91,6 +89,16 @@ def training_data(context: Context, train_data: ArrayDataset,
     """``train_data`` minus the records this client asked to forget and the labels the
     federation forgets (:mod:`fedforget.erasure`)."""
     return _without(train_data, client_records(state_dir_of(context)), labels_of(conf))
+
+
+def _data_size(context: Context) -> int:
+    """This client's number of training examples (told to the server at identify)."""
+    return len(local_data(context)[0])
+
+
+app = ClientApp(mods=[unlearning_mod_with(data_size=_data_size)])
+"""The client mod reports this client's training data size at identify (the bound of a
+robust example-count cap)."""
 
 
 @lru_cache(maxsize=4)

@@ -22,7 +22,7 @@ from fedforget.errors import ConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "shard")
 GROUP_SHIFTS = ("permute", "invert", "none")  # fedforget.data.groups
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 CODECS = ("fp32", "fp16", "bf16")
 
 # Keys that do not change the training itself: a run may be resumed with other values.
@@ -91,9 +91,15 @@ class RunConfig:
     # server strategy
     strategy: str = field(default="fedavg", metadata=_choice(STRATEGIES))
     proximal_mu: float = field(default=0.01, metadata=_range(0))
+    trim_beta: float = field(default=0.2, metadata=_range(0, 0.5, high_open=True))
     sample_fraction: float = field(default=1.0, metadata=_range(0, 1, low_open=True))
     sample_count: int = field(default=0, metadata=_range(0))
     min_replies: int = field(default=1, metadata=_range(1))
+    # robust aggregation (fedforget.robust): bound what one client's reply can do; 0 = off
+    max_update_norm: float = field(default=0.0, metadata=_range(0))
+    update_norm_policy: str = field(default="refuse", metadata=_choice(("refuse", "clip")))
+    max_examples_factor: float = field(default=0.0, metadata=_range(0))
+    num_examples_policy: str = field(default="refuse", metadata=_choice(("refuse", "cap")))
     # history
     retain_interval: int = field(default=1, metadata=_range(1))
     codec: str = field(default="fp32", metadata=_choice(CODECS))
@@ -165,7 +171,11 @@ class RunConfig:
         codec, fsync)."""
         return {"seed": self.seed, "clients_per_round": self.clients_per_round(),
                 "min_replies": self.min_replies, "retain_interval": self.retain_interval,
-                "codec": self.codec, "history_fsync": self.history_fsync}
+                "codec": self.codec, "history_fsync": self.history_fsync,
+                "max_update_norm": self.max_update_norm,
+                "update_norm_policy": self.update_norm_policy,
+                "max_examples_factor": self.max_examples_factor,
+                "num_examples_policy": self.num_examples_policy}
 
     def backdoor_client_ids(self) -> frozenset[str]:
         """The clients that plant a backdoor (experiment option)."""

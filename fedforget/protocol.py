@@ -60,6 +60,10 @@ CLIENT_RECORD = "fedforget"
 CLIENT_ID = "client-id"
 """The stable id's key inside :data:`CLIENT_RECORD` (and the node-config key that sets it)."""
 
+NUM_EXAMPLES = "num-examples"
+"""(In :data:`CLIENT_RECORD` of the identify reply, optional) the client's training data size,
+against which a robust policy caps the example counts it reports later."""
+
 SEED = "fedforget.seed"
 """Train-config key of the client's training seed for the round."""
 

@@ -189,6 +189,7 @@ class UnlearningService:
     # ----------------------------------------------------------------- serving
     def serve(self, request_id: str | None = None) -> UnlearningOutcome:
         """Serve request ``request_id`` (default: the latest ordered) by its ordered method."""
+        self._clean_partial()
         with HistoryStore.open(self.run.path) as store, WithdrawalLedger(self.run.path) as ledger:
             request = ledger.get(request_id) if request_id else ledger.latest_order()
             try:
@@ -221,6 +222,9 @@ class UnlearningService:
             scope=scope, kind=request.kind,
         )
         committed = False
+        staged = None
+        latest_before = (self.run.latest_receipt.read_text()
+                         if self.run.latest_receipt.exists() else None)
         try:
             if self.federation is None and method.uses_clients():
                 raise UnlearningError(
@@ -296,6 +300,9 @@ class UnlearningService:
             shutil.rmtree(partial, ignore_errors=True)
             if committed:  # a result whose receipt is not published does not stand
                 shutil.rmtree(final, ignore_errors=True)
+            if staged is not None:  # nor does its receipt, nor the salts that open it
+                self._withdraw_receipt(request.request_id, staged.info.receipt_id,
+                                       latest_before)
             _fail(ledger, request, exc, method=method.name)
             self._sign(store)
             raise
@@ -305,6 +312,25 @@ class UnlearningService:
         if not result.rounds_affected and not method.exact:
             log.warning("%s changed nothing: %s", method.name, "; ".join(result.notes))
         return outcome
+
+    def _withdraw_receipt(self, request_id: str, receipt_id: str,
+                          latest_before: str | None) -> None:
+        """Undo what the receipt of a result that did not commit left: its published copy,
+        the chain's head moved onto it, its salts in the outbox."""
+        self.run.receipt(receipt_id).unlink(missing_ok=True)
+        if latest_before is None:
+            self.run.latest_receipt.unlink(missing_ok=True)
+        elif self.run.latest_receipt.exists():
+            write_atomic(self.run.latest_receipt, latest_before)
+        for leftover in self.run.outbox(request_id).glob(f"{receipt_id}.*"):
+            leftover.unlink(missing_ok=True)
+
+    def _clean_partial(self) -> None:
+        """Remove the staging directories a killed command left (this command holds the
+        run's lock: no other writer is staging now)."""
+        for leftover in self.run.partial_dirs():
+            log.warning("removing %s, left by an interrupted command", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _sign(self, store: HistoryStore) -> None:
         """Sign a head over the store and the ledger as they are now (every ledger change

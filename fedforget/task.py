@@ -11,7 +11,7 @@ import re
 
 import torch
 from flwr.app.typing import ConfigRecordValues
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, client_data, load_dataset
@@ -101,6 +101,13 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     if cfg.strategy == "fedprox":
         return FedProx(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                        min_evaluate_nodes=1, min_available_nodes=1, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedmedian":  # robust: the coordinate-wise median of the updates
+        return FedMedian(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                         min_evaluate_nodes=1, min_available_nodes=1)
+    if cfg.strategy == "fedtrimmedavg":  # robust: the mean without the extreme beta
+        return FedTrimmedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                             min_evaluate_nodes=1, min_available_nodes=1,
+                             beta=cfg.trim_beta)
     return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=1)
 

@@ -108,6 +108,10 @@ class Unlearnable:
     seed, clients_per_round, min_replies, retain_interval, codec, history_fsync
         :class:`fedforget.settings.RecordingSettings` (default: ``fedforget.*`` run-config
         keys, else the defaults).
+    max_update_norm, update_norm_policy, max_examples_factor, num_examples_policy
+        Robust aggregation (:mod:`fedforget.robust`): refuse or clip an update whose norm
+        exceeds the bound, refuse or cap a reported example count above the factor times
+        the size the client reported when it identified itself (0: off).
     """
 
     def __init__(
@@ -126,6 +130,10 @@ class Unlearnable:
         retain_interval: int | None = None,
         codec: str | None = None,
         history_fsync: bool | None = None,
+        max_update_norm: float | None = None,
+        update_norm_policy: str | None = None,
+        max_examples_factor: float | None = None,
+        num_examples_policy: str | None = None,
     ) -> None:
         self.strategy = copy.deepcopy(strategy)
         self.context = context
@@ -133,7 +141,9 @@ class Unlearnable:
         self.recording = RecordingSettings.from_run_config(
             context.run_config, seed=seed, clients_per_round=clients_per_round,
             min_replies=min_replies, retain_interval=retain_interval, codec=codec,
-            history_fsync=history_fsync,
+            history_fsync=history_fsync, max_update_norm=max_update_norm,
+            update_norm_policy=update_norm_policy, max_examples_factor=max_examples_factor,
+            num_examples_policy=num_examples_policy,
         )
         self.app_config = app_run_config(context.run_config)
         self.measure = measure
@@ -193,15 +203,17 @@ class Unlearnable:
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
                     timeout: float | None, signer: HeadLog | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
+        sizes: dict[str, int] = {}
         clients = identify_clients(grid, expected, asks=self.asks,
-                                   extra_config=signer.config() if signer else None)
+                                   extra_config=signer.config() if signer else None,
+                                   sizes=sizes)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
         self.federation = GridFederation(
             grid, clients, app=app, settings=self.recording,
             reply_timeout=timeout if timeout is not None else self.settings.reply_timeout,
-            progress=self.settings.progress,
+            progress=self.settings.progress, sizes=sizes,
         )
         return self.federation
 
