@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
+from fedforget.engine.polling import fast_polling
 from fedforget.errors import ConfigError, HistoryError
 from fedforget.federation import FederationApp, GridFederation, identify_clients
 from fedforget.history import HistoryStore
@@ -154,6 +155,7 @@ class Unlearnable:
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
+        grid = fast_polling(grid)  # a deployment Grid polls every 3 s otherwise
         app = FederationApp(
             strategy=self.strategy,
             train_config=dict(train_config or {}),
