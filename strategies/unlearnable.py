@@ -57,6 +57,7 @@ from fedforget.engine.polling import fast_polling
 from fedforget.errors import ConfigError, HistoryError
 from fedforget.federation import FederationApp, GridFederation, identify_clients
 from fedforget.history import HistoryStore
+from fedforget.identity import NodePins
 from fedforget.measure import EvaluateFnMeasure, Measure
 from fedforget.protocol import WithdrawalAsk
 from fedforget.receipts.issuer import HeadSigner, signing_key
@@ -181,15 +182,17 @@ class Unlearnable:
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
                     timeout: float | None, signer: HeadSigner | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
+        reply_timeout = timeout if timeout is not None else self.settings.reply_timeout
         clients = identify_clients(grid, expected, asks=self.asks,
-                                   extra_config=signer.config() if signer else None)
+                                   extra_config=signer.config() if signer else None,
+                                   pins=NodePins(self.run.nodes, pin=self.settings.node_auth),
+                                   reply_timeout=reply_timeout)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
         self.federation = GridFederation(
             grid, clients, app=app, settings=self.recording,
-            reply_timeout=timeout if timeout is not None else self.settings.reply_timeout,
-            progress=self.settings.progress,
+            reply_timeout=reply_timeout, progress=self.settings.progress,
         )
         return self.federation
 
