@@ -55,6 +55,7 @@ from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
 from fedforget.engine.polling import fast_polling
 from fedforget.errors import ConfigError, HistoryError
+from fedforget.evaluation.on_client import is_deployment_grid
 from fedforget.federation import FederationApp, GridFederation, identify_clients
 from fedforget.history import HistoryStore
 from fedforget.identity import NodePins
@@ -77,6 +78,8 @@ def engine_of(grid: Grid, settings: RunSettings) -> str:
     """The engine a ServerApp runs on, as results record it."""
     if settings.engine:
         return settings.engine
+    if is_deployment_grid(grid):
+        return "deployment"
     return "inprocess" if type(grid).__name__ == "InProcessGrid" else "flower"
 
 

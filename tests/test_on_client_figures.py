@@ -86,3 +86,16 @@ def test_several_forgotten_clients_pool_accuracy_by_examples_and_give_no_pooled_
     assert abs(figures["forgotten_accuracy"]["original"] - expected) < 1e-12
     assert figures["mia_loss_auc"] is None  # an AUC is not pooled from per-client AUCs
     assert set(by_client) == {"client-000", "client-003"}
+
+
+def test_only_a_superlinks_grid_counts_as_a_deployment(tmp_path: Path) -> None:
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedforget.engine.polling import PollingGrid
+    from fedforget.evaluation.on_client import is_deployment_grid
+
+    deployed = HttpGrid.__new__(HttpGrid)  # (no SuperLink needed to tell its type)
+    assert is_deployment_grid(deployed) and is_deployment_grid(PollingGrid(deployed))
+    _, client_app = find_project().load()
+    local = InProcessGrid(client_app, num_nodes=1, run_config={})
+    assert not is_deployment_grid(local) and not is_deployment_grid(None)

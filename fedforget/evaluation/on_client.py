@@ -98,15 +98,19 @@ CLIENT_TASKS.register(MEASURE_TASK, measure_forgotten)
 
 
 def is_deployment_grid(grid: Any) -> bool:
-    """Whether ``grid`` (or the Grid it wraps) is Flower's deployment Grid (a SuperLink's),
-    as opposed to fedforget's in-process Grid or the simulation's in-memory Grid."""
-    seen = 0
-    while grid is not None and seen < 8:
-        module = type(grid).__module__
-        if module.startswith("flwr.") and "inmemory" not in module:
+    """Whether ``grid`` (or the Grid it wraps, as ``.grid``) is Flower's deployment Grid
+    (a SuperLink's), as opposed to fedforget's in-process Grid or the simulation's."""
+    try:
+        from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
+    except ImportError:  # another Flower layout: take it for a deployment unless known
+        return grid is not None and "inmemory" not in type(grid).__module__ and \
+            not type(grid).__module__.startswith("fedforget.")
+    for _ in range(8):
+        if grid is None:
+            return False
+        if isinstance(grid, HttpGrid):
             return True
-        grid = getattr(grid, "grid", None) or getattr(grid, "_grid", None)
-        seen += 1
+        grid = getattr(grid, "grid", None)
     return False
 
 
