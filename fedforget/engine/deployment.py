@@ -386,14 +386,14 @@ class LocalDeployment:
         ``--isolation process`` with a warm ClientApp process per node (default); False:
         Flower's default ``--isolation subprocess`` (a new ``flwr-clientapp`` per message).
     poll_interval : float or None
-        Cap on the SuperNode's idle poll (:mod:`fedforget.engine.supernode`); None runs
-        ``flower-supernode`` itself (it polls every 3 s).
+        The SuperNode's shortest idle poll (:mod:`fedforget.engine.supernode`; it grows to
+        0.5 s while idle); None runs ``flower-supernode`` itself (it polls every 3 s).
     startup_timeout : float
         Seconds to wait for the SuperLink to listen and for each node to connect.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, num_nodes: int, warm: bool = True,
-                 poll_interval: float | None = 0.05, startup_timeout: float = 120.0) -> None:
+                 poll_interval: float | None = 0.02, startup_timeout: float = 120.0) -> None:
         if num_nodes < 0:
             raise ConfigError(f"num_nodes = {num_nodes}: expected 0 or more")
         self.directory = Path(directory).resolve()
@@ -547,14 +547,14 @@ class LocalDeployment:
         if self.poll_interval is None:
             return [flower_bin("flower-supernode"), *flags]
         return [sys.executable, "-m", "fedforget.engine.supernode",
-                "--poll-interval", f"{self.poll_interval:g}", *flags]
+                "--poll-interval", f"{self.poll_interval:g}", *flags]  # grows to 0.5 s idle
 
     def clientapp_command(self, node: LocalNode) -> list[str]:
         """The warm ClientApp process's command line (``warm=True``)."""
         assert node.supernode is not None
         return [sys.executable, "-m", "fedforget.engine.warm_clientapp",
                 "--runtime-api-address", f"127.0.0.1:{node.port}",
-                "--parent-pid", str(node.supernode.pid)]
+                "--parent-pid", str(node.supernode.pid), "--log-level", "INFO"]
 
     def start_node(self, node: LocalNode) -> None:
         """Start ``node``'s SuperNode (and its warm ClientApp process)."""

@@ -16,6 +16,7 @@ Grid, the simulation's InMemoryGrid) are returned unchanged.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 
@@ -23,6 +24,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 __all__ = ["PollingGrid", "fast_polling"]
+
+log = logging.getLogger("fedforget.grid")
 
 
 class PollingGrid(Grid):
@@ -73,7 +76,10 @@ class PollingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; pull replies until all came or ``timeout`` seconds passed."""
+        t0 = time.monotonic()
         pending = set(self.grid.push_messages(messages))
+        t1 = time.monotonic()
+        n = len(pending)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = self.initial_interval
@@ -91,6 +97,8 @@ class PollingGrid(Grid):
             else:
                 time.sleep(wait)
             wait = wait if got else min(self.max_interval, wait * self.growth)
+        log.debug("pushed %d messages in %.3f s; %d replies after %.3f s", n, t1 - t0,
+                  len(replies), time.monotonic() - t1)
         return replies
 
 

@@ -46,7 +46,8 @@ from typing import Any
 
 log = logging.getLogger("fedforget.warm_clientapp")
 
-DEFAULT_POLL_INTERVAL = 0.05
+DEFAULT_POLL_INTERVAL = 0.01
+DEFAULT_MAX_POLL_INTERVAL = 0.5
 CLIENT_APP_TASK = "flwr-clientapp"  # flwr.supercore.constant.TaskType.CLIENT_APP
 
 
@@ -68,13 +69,15 @@ class WarmClientApp:
     root_certificates : str, optional
         CA file of the Runtime API's TLS (when the SuperNode serves it with
         ``--ssl-certfile``); plain HTTP on loopback otherwise.
-    poll_interval : float
-        Seconds between two asks for a task while there is none.
+    poll_interval, max_poll_interval : float
+        Seconds between two asks for a task while there is none: ``poll_interval`` after a
+        task, growing by half per empty ask up to ``max_poll_interval``.
     """
 
     runtime_api_address: str
     root_certificates: str | None = None
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL
     tasks_served: int = 0
     _loaded: _LoadedApp = field(default_factory=_LoadedApp)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -87,6 +90,7 @@ class WarmClientApp:
 
         executor = self._client([RuntimeVersionHttpInterceptor(component_name="SuperExec")])
         request = AcquireTaskRequest(supported_task_types=[CLIENT_APP_TASK])
+        wait = self.poll_interval
         try:
             while not self._stop.is_set():
                 res = executor.AcquireTask(request)
@@ -95,8 +99,10 @@ class WarmClientApp:
                     self.tasks_served += 1
                     if max_tasks is not None and self.tasks_served >= max_tasks:
                         return
+                    wait = self.poll_interval
                     continue
-                self._stop.wait(self.poll_interval)
+                self._stop.wait(wait)
+                wait = min(self.max_poll_interval, wait * 1.5)
         finally:
             executor.close()
 
@@ -116,11 +122,7 @@ class WarmClientApp:
             RuntimeTokenHttpInterceptor,
             RuntimeVersionHttpInterceptor,
         )
-        from flwr.supernode.runtime.run_clientapp import (
-            pull_task_input,
-            push_message,
-            push_task_output,
-        )
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         client = self._client([RuntimeVersionHttpInterceptor(component_name=CLIENT_APP_TASK),
                                RuntimeTokenHttpInterceptor(token)])
@@ -128,11 +130,17 @@ class WarmClientApp:
         heartbeat.start()
         message = reply = context = None
         sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        started = time.perf_counter()
         try:
             message, context, run, fab = pull_task_input(client)
+            pulled = time.perf_counter()
             client_app = self._client_app(run, fab)
+            loaded = time.perf_counter()
             reply = client_app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""
+            log.info("task %s: pulled in %.3f s, app ready in %.3f s, ran in %.3f s",
+                     message.metadata.message_type, pulled - started, loaded - pulled,
+                     time.perf_counter() - loaded)
         except Exception as exc:  # a failing ClientApp must not end the warm process
             code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
             reason = f"{type(exc)}:<'{exc}'>"
@@ -154,6 +162,7 @@ class WarmClientApp:
             push_task_output(client=client, context=context, sub_status=sub_status,
                              details=details)
             client.close()
+            log.info("task done in %.3f s", time.perf_counter() - started)
 
     def _client_app(self, run: Any, fab: Any) -> Any:
         """The ClientApp of ``fab``, loaded once per FAB hash."""
@@ -186,6 +195,54 @@ class WarmClientApp:
             interceptors=interceptors,
             retry_invoker=make_simple_http_retry_invoker(),
         )
+
+
+def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+    """The task's (message, context, run, FAB), as Flower's ``pull_task_input`` pulls them,
+    with a short retry for the message's objects.
+
+    The SuperNode makes the task before it has fetched the message's objects from the
+    SuperLink; a task taken at once (this process polls every few ms) finds them missing,
+    and Flower's pull waits 1 s, then 2 s, ... (``PULL_INITIAL_BACKOFF``) before asking
+    again: 3 s lost per message. Here the retry starts at 10 ms and is capped at 0.2 s.
+    """
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+        PullAppMessagesRequest,
+        PullTaskInputRequest,
+    )
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message,
+        initial_backoff=0.01,
+        backoff_cap=0.2,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
 
 
 def _quiet_heartbeat(client: Any) -> Any:
@@ -244,13 +301,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root-certificates", default=None,
                         help="CA of the Runtime API's TLS, if the SuperNode serves it")
     parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL,
-                        help=f"seconds between asks while idle (default {DEFAULT_POLL_INTERVAL})")
+                        help="seconds between asks after a task (default "
+                             f"{DEFAULT_POLL_INTERVAL}), growing while idle")
+    parser.add_argument("--max-poll-interval", type=float, default=DEFAULT_MAX_POLL_INTERVAL,
+                        help=f"at most this many seconds (default {DEFAULT_MAX_POLL_INTERVAL})")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="stop when this process (the SuperNode) ends")
+    parser.add_argument("--log-level", default="WARNING",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="INFO logs each task's timing (default WARNING)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 < args.poll_interval <= args.max_poll_interval:
+        parser.error(f"--poll-interval {args.poll_interval} --max-poll-interval "
+                     f"{args.max_poll_interval}: expected 0 < interval <= max")
     worker = WarmClientApp(args.runtime_api_address, root_certificates=args.root_certificates,
-                           poll_interval=args.poll_interval)
+                           poll_interval=args.poll_interval,
+                           max_poll_interval=args.max_poll_interval)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if args.parent_pid is not None:
         _watch_parent(args.parent_pid, worker)
