@@ -18,10 +18,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory to write (resumed if it exists)")
     p.add_argument(
         "--engine",
-        choices=("inprocess", "simulation"),
+        choices=("inprocess", "simulation", "deployment"),
         default="inprocess",
-        help="in-process Grid (default) or Flower's simulation engine via `flwr run`",
+        help="in-process Grid (default), Flower's simulation engine via `flwr run`, or a "
+             "running SuperLink with SuperNodes (deployment; see --connection)",
     )
+    p.add_argument("--connection", default=None, metavar="NAME|HOST:PORT",
+                   help="deployment: a connection of $FLWR_HOME/config.toml, or the "
+                        "SuperLink's address (with --root-certificates)")
+    p.add_argument("--root-certificates", default=None, metavar="PEM",
+                   help="deployment: the CA certificate of the SuperLink's TLS, with an "
+                        "address as --connection")
     p.add_argument("--app", default=None, help="Flower app project directory (default: found)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key (repeatable)")
@@ -141,6 +148,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     project = find_project(args.app)
     out = Path(args.out).resolve()
+    connection = _connection(args)
     overrides: dict[str, Any] = parse_assignments(args.set)
     own_app = project.app_keys() == frozenset(RunConfig.keys())
     t0 = time.perf_counter()
@@ -152,7 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {out}",
               file=sys.stderr)
         run_training(cfg, out=out, engine=args.engine, project=project,
-                     progress=not args.quiet)
+                     progress=not args.quiet, connection=connection)
     else:
         if args.command == "demo":
             raise ConfigError(f"`fedforget demo` runs fedforget's own app; {project.root} "
@@ -168,7 +176,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{args.engine} -> {out}", file=sys.stderr)
         settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine)
         run_app(project, run_config={**values, **settings.to_run_config()}, num_nodes=clients,
-                engine=args.engine, progress=not args.quiet)
+                engine=args.engine, progress=not args.quiet, connection=connection)
     elapsed = time.perf_counter() - t0
     summary = _summary(out)
     acc = _final_accuracy(out)
@@ -184,6 +192,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.command == "demo":
         _demo_unlearning(cfg, out, project, quiet=args.quiet)
     return 0
+
+
+def _connection(args: argparse.Namespace) -> Any:
+    """The SuperLink of ``--engine deployment`` (None for the other engines)."""
+    if args.engine != "deployment":
+        if args.connection or args.root_certificates:
+            raise ConfigError(f"--connection/--root-certificates are for --engine deployment "
+                              f"(the engine is {args.engine!r})")
+        return None
+    if args.command == "demo":
+        raise ConfigError("`fedforget demo --engine deployment`: the demo unlearns in this "
+                          "process, which a deployed run's clients are not; use `fedforget "
+                          "train --engine deployment`")
+    if not args.connection:
+        raise ConfigError("--engine deployment needs --connection NAME (of "
+                          "$FLWR_HOME/config.toml) or --connection HOST:PORT with "
+                          "--root-certificates PEM")
+    from fedforget.engine.deployment import SuperLinkTarget
+
+    return SuperLinkTarget.from_cli(args.connection, args.root_certificates)
 
 
 def _num_supernodes(root: Path) -> int:

@@ -3,8 +3,8 @@
 * ``inprocess``: :class:`~fedforget.engine.inprocess.InProcessGrid`, synchronous, in this
   process; for tests and large experiment grids.
 * ``simulation``: Flower's simulation engine (Ray) through ``flwr run``.
-
-Deployment (SuperLink + SuperNodes) runs the same apps with ``flwr run . <connection>``.
+* ``deployment``: a running SuperLink with SuperNodes, through ``flwr run . <connection>``
+  (:mod:`fedforget.engine.deployment`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from fedforget.errors import ConfigError
 from fedforget.settings import PREFIX, RunSettings
 
 if TYPE_CHECKING:
+    from fedforget.engine.deployment import SuperLinkTarget
     from fedforget.results import UnlearningOutcome
 
-ENGINES = ("inprocess", "simulation")
+ENGINES = ("inprocess", "simulation", "deployment")
 
 
 def run_app(
@@ -31,9 +32,11 @@ def run_app(
     num_nodes: int,
     engine: str = "inprocess",
     progress: bool = True,
+    connection: SuperLinkTarget | None = None,
 ) -> None:
     """Run ``project``'s ServerApp with ``run_config`` against ``num_nodes`` ClientApps
-    (node ``i`` gets ``partition-id = i``) on ``engine``."""
+    (node ``i`` gets ``partition-id = i``) on ``engine``; ``deployment`` submits it to the
+    SuperLink ``connection`` (its SuperNodes are the clients)."""
     if engine == "inprocess":
         from fedforget.engine.inprocess import run_inprocess
 
@@ -43,6 +46,14 @@ def run_app(
         from fedforget.engine.simulation import run_simulation
 
         run_simulation(declared_run_config(project, run_config), num_nodes=num_nodes,
+                       project=project, progress=progress)
+    elif engine == "deployment":
+        from fedforget.engine.deployment import run_deployment
+
+        if connection is None:
+            raise ConfigError("engine = 'deployment' needs a SuperLink connection: a name of "
+                              "$FLWR_HOME/config.toml, or an address and its root certificate")
+        run_deployment(declared_run_config(project, run_config), connection=connection,
                        project=project, progress=progress)
     else:
         raise ConfigError(f"engine = {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -73,16 +84,20 @@ def run_training(
     engine: str = "inprocess",
     project: FlowerProject | None = None,
     progress: bool = True,
+    connection: SuperLinkTarget | None = None,
     **settings: Any,
 ) -> None:
     """Train (or resume) fedforget's own app on ``cfg`` into the run directory ``out``.
 
-    ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``).
+    ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``);
+    ``connection``: the SuperLink of the ``deployment`` engine (``out`` is then a path on
+    the SuperLink's machine, where the ServerApp runs).
     """
     run = RunSettings(out_dir=str(Path(out).resolve()), progress=progress, engine=engine,
                       **settings)
     run_app(project or find_project(), run_config={**cfg.to_mapping(), **run.to_run_config()},
-            num_nodes=cfg.num_clients, engine=engine, progress=progress)
+            num_nodes=cfg.num_clients, engine=engine, progress=progress,
+            connection=connection)
 
 
 def run_unlearning(
