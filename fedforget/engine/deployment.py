@@ -348,6 +348,7 @@ class LocalNode:
     supernode: subprocess.Popen[bytes] | None = None
     clientapp: subprocess.Popen[bytes] | None = None
     family: list[int] = field(default_factory=list)
+    log_offset: int = 0  # where this start's lines begin in the log
 
     @property
     def log_path(self) -> Path:
@@ -563,6 +564,7 @@ class LocalDeployment:
         env = flower_env(node.home, FLWR_LOG_LEVEL="INFO")
         command = self.supernode_command(node)
         (node.home / "command.txt").write_text(shlex.join(command) + "\n")
+        node.log_offset = node.log_path.stat().st_size if node.log_path.exists() else 0
         with node.log_path.open("ab") as log_file:
             node.supernode = subprocess.Popen(command, env=env, stdout=log_file,
                                               stderr=subprocess.STDOUT)
@@ -582,12 +584,29 @@ class LocalDeployment:
                     f"SuperNode {node.name} exited with code {code}"
                     + (" (its key is not registered with the SuperLink)"
                        if code == NODE_AUTH_REFUSED else "")
-                    + ":\n" + node.log_path.read_text(errors="replace")[-2000:])
-            if "SuperNode ID:" in node.log_path.read_text(errors="replace"):
+                    + ":\n" + self.node_log(node)[-2000:])
+            if "SuperNode ID:" in self.node_log(node):
                 return
             time.sleep(0.1)
         raise DeploymentError(f"SuperNode {node.name} did not connect within "
                               f"{timeout or self.startup_timeout:g} s")
+
+    @staticmethod
+    def node_log(node: LocalNode) -> str:
+        """What ``node`` logged since it was (re)started."""
+        with node.log_path.open("rb") as fh:
+            fh.seek(node.log_offset)
+            return fh.read().decode(errors="replace")
+
+    def process_ids(self) -> list[int]:
+        """Every live process this deployment started (and their descendants)."""
+        roots = [p.pid for p in [self._superlink] if p is not None]
+        for node in self.nodes:
+            roots += [p.pid for p in (node.supernode, node.clientapp) if p is not None]
+        found = set(roots) | set(self._superlink_family)
+        for pid in roots:
+            found.update(descendants(pid))
+        return sorted(pid for pid in found if alive(pid))
 
     def wait_exit(self, node: LocalNode, *, timeout: float = 60.0) -> int:
         """Wait for ``node``'s SuperNode to exit; return its exit code."""

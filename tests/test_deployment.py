@@ -1,0 +1,290 @@
+"""The deployment engine: credentials, connections, polling, and a real federation on loopback.
+
+The tests marked ``deployment`` start a real ``flower-superlink`` with TLS and SuperNode
+authentication and three real ``flower-supernode`` processes (certificates and keys made
+here, every process stopped by its PID at the end) and train fedforget's app on them.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import small_config
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedforget.engine import declared_run_config, run_training
+from fedforget.engine.apps import find_project
+from fedforget.engine.credentials import make_node_key, make_tls_files
+from fedforget.engine.deployment import (
+    NODE_AUTH_REFUSED,
+    LocalDeployment,
+    SuperLinkTarget,
+    node_config_string,
+    write_connection,
+)
+from fedforget.engine.polling import PollingGrid
+from fedforget.engine.processes import alive
+from fedforget.errors import ConfigError
+from fedforget.history import HistoryStore
+from fedforget.rundir import RunDirectory
+from fedforget.settings import RunSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------- credentials
+def test_node_key_is_an_openssh_p384_pair_readable_by_its_owner_only(tmp_path: Path) -> None:
+    # Execute
+    pair = make_node_key(tmp_path, "node-0")
+    # Assert: what flower-supernode --auth-supernode-private-key loads
+    key = load_ssh_private_key(pair.private_key.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.curve.name == "secp384r1"
+    assert pair.public_key.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert stat.S_IMODE(pair.private_key.stat().st_mode) == 0o600
+
+
+def test_superlink_certificate_is_issued_by_the_ca_for_the_loopback_names(
+        tmp_path: Path) -> None:
+    # Execute
+    files = make_tls_files(tmp_path, hosts=("127.0.0.1", "localhost"))
+    # Assert
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if not
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert stat.S_IMODE(files.server_key.stat().st_mode) == 0o600
+
+
+def test_make_tls_files_refuses_no_hosts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"hosts = \(\): expected at least one address"):
+        make_tls_files(tmp_path, hosts=())
+
+
+# ----------------------------------------------------------------------- connections
+def test_write_connection_is_the_default_tls_connection(tmp_path: Path) -> None:
+    # Execute
+    path = write_connection(tmp_path, "lab", address="10.0.0.5:9093",
+                            root_certificates=tmp_path / "ca.pem")
+    # Assert
+    config = tomllib.loads(path.read_text())
+    assert config["superlink"]["default"] == "lab"
+    assert config["superlink"]["lab"] == {
+        "address": "10.0.0.5:9093", "root-certificates": str(tmp_path / "ca.pem")}
+
+
+def test_target_from_an_address_needs_its_root_certificate(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="without --root-certificates"):
+        SuperLinkTarget.from_cli("10.0.0.5:9093")
+    with pytest.raises(ConfigError, match=r"--root-certificates 'nope.pem': no such file"):
+        SuperLinkTarget.from_cli("10.0.0.5:9093", "nope.pem")
+    with pytest.raises(ConfigError, match="a named connection takes root-certificates"):
+        SuperLinkTarget.from_cli("lab", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"expected host:port"):
+        SuperLinkTarget.from_cli("10.0.0.5:http")
+    pem = tmp_path / "ca.pem"
+    pem.write_text("x")
+    target = SuperLinkTarget.from_cli("10.0.0.5:9093", str(pem))
+    assert (target.address, target.root_certificates) == ("10.0.0.5:9093", pem.resolve())
+    assert SuperLinkTarget.from_cli("lab") == SuperLinkTarget(connection="lab")
+
+
+def test_node_config_string_is_read_back_by_flowers_parser() -> None:
+    from flwr.common.config import parse_config_args
+
+    # Prepare
+    values = {"partition-id": 2, "num-partitions": 3, "state-dir": "/srv/node 2/state"}
+    # Execute
+    text = node_config_string(values)
+    # Assert
+    assert text == 'partition-id=2 num-partitions=3 state-dir="/srv/node 2/state"'
+    assert parse_config_args([text]) == values
+
+
+# ----------------------------------------------------------------------- polling
+class _SlowGrid:
+    """Replies to message i appear at the ``due[i]``-th pull; counts pulls."""
+
+    def __init__(self, due: list[int]) -> None:
+        self.due = due
+        self.pulls = 0
+
+    def push_messages(self, messages: Any) -> list[str]:
+        return [str(i) for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        self.pulls += 1
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                for i in ids if self.due[int(i)] <= self.pulls]
+
+
+def test_polling_grid_returns_every_reply_after_short_waits() -> None:
+    # Prepare: replies come at the 1st, 3rd and 4th pull
+    grid = _SlowGrid([1, 3, 4])
+    polling = PollingGrid(grid, initial_interval=0.001, max_interval=0.002)  # type: ignore[arg-type]
+    # Execute
+    replies = list(polling.send_and_receive(["a", "b", "c"], timeout=5))
+    # Assert: four pulls; no fifth once all three replied
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
+    assert grid.pulls == 4
+
+
+def test_polling_grid_returns_what_came_within_the_timeout() -> None:
+    grid = _SlowGrid([1, 10**9])
+    polling = PollingGrid(grid, initial_interval=0.01, max_interval=0.01)  # type: ignore[arg-type]
+    started = time.monotonic()
+    replies = list(polling.send_and_receive(["a", "b"], timeout=0.2))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["0"]
+    assert 0.2 <= time.monotonic() - started < 2.0
+
+
+def test_supernode_waits_start_short_grow_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedforget.engine import supernode
+
+    # Prepare: record the sleeps instead of sleeping
+    slept: list[float] = []
+    monkeypatch.setattr(supernode.time, "sleep", slept.append)
+    poll = supernode._ShortPoll(0.02, 0.05)
+    # Execute: four idle waits (Flower's 3 s), a reply wait (0.5 s), an idle wait
+    for seconds in (3, 3, 3, 3, 0.5, 3):
+        poll.sleep(seconds)
+    # Assert: 0.02, ×1.5 = 0.03, ×1.5 = 0.045, capped at 0.05; reply wait capped at the
+    # start, and the next idle wait starts again at 0.02
+    assert slept == pytest.approx([0.02, 0.03, 0.045, 0.05, 0.02, 0.02])
+
+
+def test_supernode_patch_refuses_a_bad_interval() -> None:
+    from fedforget.engine.supernode import patch_poll_interval
+
+    with pytest.raises(ConfigError, match=r"poll interval = 0 s, max = 0 s: expected"):
+        patch_poll_interval(0)
+
+
+# ----------------------------------------------------------------------- a federation
+DEPLOYED = {"num-clients": 3, "num-rounds": 3}
+
+
+def _run_config(out: Path, **settings: Any) -> dict[str, Any]:
+    cfg = small_config(**DEPLOYED)
+    run = RunSettings(out_dir=str(out), progress=False, engine="deployment", **settings)
+    return declared_run_config(find_project(ROOT), {**cfg.to_mapping(), **run.to_run_config()})
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A SuperLink (TLS, SuperNode authentication) and three registered SuperNodes."""
+    started: list[int] = []
+    with LocalDeployment(tmp_path_factory.mktemp("federation"), num_nodes=3) as fed:
+        yield fed
+        started = fed.process_ids()
+    assert len(started) >= 1 + 2 * 3  # SuperLink, 3 SuperNodes and their ClientApp processes
+    assert [pid for pid in started if alive(pid)] == []  # all stopped, by PID
+
+
+def _task_lines(node: Any) -> int:
+    return node.log_path.read_text().count("fedforget.warm_clientapp: task done")
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_deployed_training_gives_the_in_process_model(federation: Any, tmp_path: Path) -> None:
+    # Prepare
+    before = [_task_lines(node) for node in federation.nodes]
+    # Execute
+    federation.run(_run_config(tmp_path / "deployed"), project=find_project(ROOT), timeout=900)
+    run_training(small_config(**DEPLOYED), out=tmp_path / "inprocess", progress=False)
+    # Assert: the same final model, bit for bit (clients aggregate in client-id order)
+    with (HistoryStore.open(tmp_path / "deployed") as deployed,
+          HistoryStore.open(tmp_path / "inprocess") as inprocess):
+        assert deployed.last_round == 3
+        assert deployed.clients() == inprocess.clients() == {
+            f"client-00{i}": [1, 2, 3] for i in range(3)}
+        assert deployed.summary()["final_model_digest"] == \
+            inprocess.summary()["final_model_digest"]
+    for before_count, node in zip(before, federation.nodes, strict=True):
+        # the warm process served every message: identify, 3 train rounds, 1 evaluate
+        assert _task_lines(node) - before_count == 1 + 3 + 1
+        assert (node.state_dir / "head.json").is_file()  # the client kept the tree head
+
+
+@pytest.mark.deployment
+def test_a_supernode_with_an_unregistered_key_is_refused(federation: Any) -> None:
+    # Execute
+    stranger = federation.add_node({"partition-id": 0, "num-partitions": 3},
+                                   name="stranger", register=False, wait=False)
+    code = federation.wait_exit(stranger, timeout=120)
+    # Assert
+    assert code == NODE_AUTH_REFUSED == 305
+    federation.stop_node(stranger)
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
+def test_a_node_killed_mid_run_is_dropped_after_the_reply_timeout(
+        federation: Any, tmp_path: Path) -> None:
+    # Prepare: a short reply timeout; node-2 (client-002) dies once round 1 is committed
+    reply_timeout = 5.0
+    out = tmp_path / "run"
+    victim = next(n for n in federation.nodes if n.name == "node-2")
+    outcome: dict[str, Any] = {}
+
+    def submit() -> None:
+        try:
+            outcome["run"] = federation.run(_run_config(out, reply_timeout=reply_timeout),
+                                            project=find_project(ROOT), timeout=900)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=submit)
+    metrics = RunDirectory(out).metrics
+    # Execute
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.05)
+    federation.kill_node(victim)
+    killed_at = time.monotonic()
+    thread.join(timeout=900)
+    # Assert: the run finished; rounds after the kill went on without client-002
+    if "error" in outcome:
+        raise outcome["error"]
+    finished_after = time.monotonic() - killed_at
+    with HistoryStore.open(out) as store:
+        assert store.last_round == 3
+        rounds = [store.round(t) for t in (1, 2, 3)]
+    assert [sorted(p.client_id for p in r.participants) for r in rounds] == [
+        ["client-000", "client-001", "client-002"],
+        ["client-000", "client-001"],
+        ["client-000", "client-001"],
+    ]
+    refused = [[(x.client_id, x.reason) for x in r.refused] for r in rounds[1:]]
+    print(f"killed node: refused {refused}; run finished {finished_after:.1f} s after the kill",
+          file=sys.stderr)
+    assert all(any(cid == "client-002" for cid, _ in r) for r in refused)
+    # Execute: the node restarts with its key and rejoins under its registered node id
+    federation.start_node(victim)
+    federation.wait_connected(victim)
+    assert f"SuperNode ID: {victim.node_id}" in federation.node_log(victim)
+    assert victim.supernode is not None and alive(victim.supernode.pid)
+
+
+def test_pyproject_registers_the_deployment_marker() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    markers = config["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("deployment:") for m in markers), json.dumps(markers)
