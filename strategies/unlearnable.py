@@ -258,6 +258,8 @@ class Unlearnable:
             signer = HeadSigner(store, key)
             federation = self._federation(grid, app, expected, timeout, signer)
             store.set_roster(sorted(set(roster) | set(federation.roster)))
+            if is_deployment_grid(grid):
+                self._mark_deployed()
             if store.last_round == 0 and store.initial_model_digest is None:
                 store.put_initial_model(from_array_record(initial_arrays))
             deliver_receipts(self.run, federation, public_key)
@@ -295,6 +297,17 @@ class Unlearnable:
             store.close()
         self._serve_asked([r for r in asked if r], federation, evaluate_fn, public_key)
         return result
+
+    def _mark_deployed(self) -> None:
+        """Record that this run's clients are SuperNodes (``deployment.json``): its client
+        work can then only be done by them, never re-simulated (``fedforget unlearn``
+        refuses another engine for a method that asks the clients)."""
+        from fedforget.history.records import utc_now
+
+        path = self.run.deployment
+        if not path.exists():
+            path.write_text(json.dumps({"engine": "deployment", "since": utc_now(),
+                                        "node_auth": self.settings.node_auth}, indent=2))
 
     def _record_ask(self, ask: WithdrawalAsk, roster: Collection[str]) -> str | None:
         """Record a client's own withdrawal (bound to the node it came from); its id."""
