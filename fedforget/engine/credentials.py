@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedforget.errors import ConfigError
 
-__all__ = ["NodeKey", "TlsFiles", "make_node_key", "make_tls_files"]
+__all__ = ["NodeKey", "TlsFiles", "main", "make_node_key", "make_tls_files"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +168,32 @@ def make_node_key(directory: str | os.PathLike[str], name: str) -> NodeKey:
     pair.public_key.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return pair
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m fedforget.engine.credentials tls DIR --host H ...`` or
+    ``... node-key DIR NAME``: make a CA and SuperLink certificate, or a node key pair."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedforget.engine.credentials",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    tls = sub.add_parser("tls", help="a CA and a SuperLink certificate signed by it")
+    tls.add_argument("dir", help="where ca.pem, ca.key, superlink.pem, superlink.key go")
+    tls.add_argument("--host", action="append", required=True,
+                     help="an address or DNS name the SuperLink is reached at (repeatable)")
+    tls.add_argument("--days", type=int, default=30, help="validity (default 30 days)")
+    key = sub.add_parser("node-key", help="a SuperNode's EC P-384 key pair, OpenSSH format")
+    key.add_argument("dir", help="where NAME (private, 0600) and NAME.pub go")
+    key.add_argument("name", help="the key's file name, e.g. node-0")
+    args = parser.parse_args(argv)
+    if args.what == "tls":
+        files = make_tls_files(args.dir, hosts=args.host, valid_days=args.days)
+        print(f"{files.ca_cert}\n{files.server_cert}\n{files.server_key}")
+    else:
+        pair = make_node_key(args.dir, args.name)
+        print(f"{pair.private_key}\n{pair.public_key}")
+
+
+if __name__ == "__main__":
+    main()

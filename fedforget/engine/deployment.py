@@ -35,13 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedforget.engine.apps import FlowerProject, find_project
-from fedforget.engine.credentials import NodeKey, TlsFiles, make_node_key, make_tls_files
+from fedforget.engine.credentials import NodeKey, TlsFiles
 from fedforget.engine.processes import (
     alive,
     descendants,
@@ -54,10 +54,15 @@ from fedforget.engine.simulation import write_run_config
 from fedforget.errors import ConfigError, FedForgetError
 
 __all__ = ["CONNECTION", "DeploymentError", "LocalDeployment", "LocalNode", "SuperLinkTarget",
-           "register_node", "run_deployment", "write_connection"]
+           "register_command", "register_node", "run_deployment", "write_connection"]
 
 CONNECTION = "fedforget-local"
-NODE_AUTH_REFUSED = 305  # flwr.supercore.exit.ExitCode.SUPERNODE_NODE_AUTH_ERROR
+# A SuperNode the SuperLink does not activate (its key is not registered, or its node is
+# still online from a previous process) logs Flower's exit code 305
+# (ExitCode.SUPERNODE_CONNECTION_ERROR, "[code: 2004] Failed to activate SuperNode") and
+# ends with process status 1 (a POSIX status cannot be 305).
+NODE_REFUSED_LOG = "Exit Code: 305"
+PRELOAD = ("torch", "flwr_datasets.partitioner")
 _CONNECTION_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -143,8 +148,7 @@ def register_node(public_key: str | os.PathLike[str], *, connection: str,
 
     Runs ``flwr supernode register <public_key> <connection> --format json``.
     """
-    command = [flower_bin("flwr"), "supernode", "register", str(public_key), connection,
-               "--format", "json"]
+    command = register_command(public_key, connection)
     done = subprocess.run(command, env=flower_env(Path(flwr_home)), capture_output=True,
                           text=True, timeout=timeout, check=False)
     payload = _last_json(done.stdout)
@@ -153,6 +157,12 @@ def register_node(public_key: str | os.PathLike[str], *, connection: str,
             f"`{shlex.join(command)}` failed (exit {done.returncode}): "
             f"{(done.stdout + done.stderr).strip()[-2000:]}")
     return int(payload["node-id"])
+
+
+def register_command(public_key: str | os.PathLike[str], connection: str) -> list[str]:
+    """``flwr supernode register <public_key> <connection> --format json``."""
+    return [flower_bin("flwr"), "supernode", "register", str(public_key), connection,
+            "--format", "json"]
 
 
 def _last_json(text: str) -> dict[str, Any] | None:
@@ -391,10 +401,15 @@ class LocalDeployment:
         0.5 s while idle); None runs ``flower-supernode`` itself (it polls every 3 s).
     startup_timeout : float
         Seconds to wait for the SuperLink to listen and for each node to connect.
+    preload : tuple of str
+        Modules the warm ClientApp processes import at start (default: what fedforget's
+        ClientApp imports slowly, torch and flwr-datasets' partitioners, ~10 s here), so
+        that the first message does not pay for them.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, num_nodes: int, warm: bool = True,
-                 poll_interval: float | None = 0.02, startup_timeout: float = 120.0) -> None:
+                 poll_interval: float | None = 0.02, startup_timeout: float = 120.0,
+                 preload: tuple[str, ...] = PRELOAD) -> None:
         if num_nodes < 0:
             raise ConfigError(f"num_nodes = {num_nodes}: expected 0 or more")
         self.directory = Path(directory).resolve()
@@ -402,6 +417,7 @@ class LocalDeployment:
         self.warm = warm
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
+        self.preload = preload
         self.connection = CONNECTION
         self.home = self.directory / "superlink"
         self.nodes: list[LocalNode] = []
@@ -409,6 +425,9 @@ class LocalDeployment:
         self.address = ""
         self._superlink: subprocess.Popen[bytes] | None = None
         self._superlink_family: list[int] = []
+        self.phases: dict[str, float] = {}
+        self.commands: list[list[str]] = []
+        """Every command line this deployment ran, in order (``docs/deploy.md`` shows them)."""
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> LocalDeployment:
@@ -423,23 +442,55 @@ class LocalDeployment:
         self.stop()
 
     def start(self) -> None:
-        """Make the credentials, start the SuperLink, register and start the nodes."""
-        self.tls = make_tls_files(self.directory / "tls")
+        """Make the credentials, start the SuperLink, register and start the nodes.
+
+        The seconds each phase took are kept in :attr:`phases`.
+        """
+        clock = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.phases[name] = now - clock
+            clock = now
+
+        tls_dir = self.directory / "tls"
+        self._run_module("fedforget.engine.credentials",
+                         ["tls", str(tls_dir), "--host", "127.0.0.1", "--host", "localhost"])
+        self.tls = TlsFiles(ca_cert=tls_dir / "ca.pem", server_cert=tls_dir / "superlink.pem",
+                            server_key=tls_dir / "superlink.key")
+        phase("CA and SuperLink certificate made")
         self._start_superlink()
+        phase("SuperLink listening")
         for i in range(self.num_nodes):
             self.add_node({"partition-id": i, "num-partitions": self.num_nodes},
                           name=f"node-{i}", wait=False)
+        phase("node keys made and registered, SuperNodes started")
         for node in self.nodes:
             self.wait_connected(node)
+        phase("every SuperNode connected")
 
     def stop(self) -> None:
         """Stop every node, then the SuperLink (and everything each started), by PID."""
+        started = time.perf_counter()
         for node in self.nodes:
             self.stop_node(node)
         if self._superlink is not None:
             stop_tree(self._superlink, family=self._superlink_family
                       + descendants(self._superlink.pid))
             self._superlink = None
+        self.phases["every process stopped by PID"] = time.perf_counter() - started
+
+    def _run_module(self, module: str, argv: list[str]) -> None:
+        """Run ``python -m module argv`` here, through the module's ``main`` (no new
+        interpreter), and record the command line."""
+        import contextlib
+        import importlib
+        import io
+
+        self.commands.append([sys.executable, "-m", module, *argv])
+        with contextlib.redirect_stdout(io.StringIO()):
+            importlib.import_module(module).main(argv)
 
     def env(self) -> dict[str, str]:
         """The environment of a ``flwr`` command against this SuperLink."""
@@ -489,6 +540,7 @@ class LocalDeployment:
                          root_certificates=self.tls.ca_cert)
         (self.home / "command.txt").write_text(shlex.join(command) + "\n")
         with (self.home / "superlink.log").open("wb") as log_file:
+            self.commands.append(command)
             self._superlink = subprocess.Popen(command, env=self.env(), stdout=log_file,
                                                stderr=subprocess.STDOUT)
         self._wait_listening(port)
@@ -522,10 +574,14 @@ class LocalDeployment:
             raise ConfigError(f"node name {name!r} is taken; expected a new name")
         home = self.directory / "nodes" / name
         home.mkdir(parents=True, exist_ok=True)
-        key = key or make_node_key(self.directory / "keys", name)
+        if key is None:
+            keys = self.directory / "keys"
+            self._run_module("fedforget.engine.credentials", ["node-key", str(keys), name])
+            key = NodeKey(private_key=keys / name, public_key=keys / f"{name}.pub")
         config = {**node_config, "state-dir": str(home / "state")}
         node = LocalNode(name=name, key=key, node_config=config, home=home, port=free_port())
         if register:
+            self.commands.append(register_command(key.public_key, self.connection))
             node.node_id = register_node(key.public_key, connection=self.connection,
                                          flwr_home=self.home)
         self.nodes.append(node)
@@ -555,7 +611,8 @@ class LocalDeployment:
         assert node.supernode is not None
         return [sys.executable, "-m", "fedforget.engine.warm_clientapp",
                 "--runtime-api-address", f"127.0.0.1:{node.port}",
-                "--parent-pid", str(node.supernode.pid), "--log-level", "INFO"]
+                "--parent-pid", str(node.supernode.pid), "--log-level", "INFO",
+                *(["--preload", ",".join(self.preload)] if self.preload else [])]
 
     def start_node(self, node: LocalNode) -> None:
         """Start ``node``'s SuperNode (and its warm ClientApp process)."""
@@ -566,11 +623,13 @@ class LocalDeployment:
         (node.home / "command.txt").write_text(shlex.join(command) + "\n")
         node.log_offset = node.log_path.stat().st_size if node.log_path.exists() else 0
         with node.log_path.open("ab") as log_file:
+            self.commands.append(command)
             node.supernode = subprocess.Popen(command, env=env, stdout=log_file,
                                               stderr=subprocess.STDOUT)
             if self.warm:
                 worker = self.clientapp_command(node)
                 (node.home / "clientapp-command.txt").write_text(shlex.join(worker) + "\n")
+                self.commands.append(worker)
                 node.clientapp = subprocess.Popen(worker, env=env, stdout=log_file,
                                                   stderr=subprocess.STDOUT)
 
@@ -580,11 +639,13 @@ class LocalDeployment:
         while time.monotonic() < deadline:
             code = node.exit_code()
             if code is not None:
+                text = self.node_log(node)
                 raise DeploymentError(
-                    f"SuperNode {node.name} exited with code {code}"
-                    + (" (its key is not registered with the SuperLink)"
-                       if code == NODE_AUTH_REFUSED else "")
-                    + ":\n" + self.node_log(node)[-2000:])
+                    f"SuperNode {node.name} exited with status {code}"
+                    + (" (the SuperLink did not activate it: its key is not registered, or "
+                       "the node is still online from an earlier process)"
+                       if NODE_REFUSED_LOG in text else "")
+                    + ":\n" + text[-2000:])
             if "SuperNode ID:" in self.node_log(node):
                 return
             time.sleep(0.1)
@@ -639,13 +700,3 @@ class LocalDeployment:
         """Every node's state directory, in node order."""
         return [node.state_dir for node in self.nodes]
 
-
-def deployment_commands(federation: LocalDeployment) -> Sequence[str]:
-    """The command lines ``federation`` ran (SuperLink, then each node), for the docs."""
-    out = [(federation.home / "command.txt").read_text().strip()]
-    for node in federation.nodes:
-        for name in ("command.txt", "clientapp-command.txt"):
-            path = node.home / name
-            if path.exists():
-                out.append(path.read_text().strip())
-    return out

@@ -33,6 +33,7 @@ a time, like ``flwr-clientapp``. It uses Flower's runtime internals (pinned ``<2
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"at most this many seconds (default {DEFAULT_MAX_POLL_INTERVAL})")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="stop when this process (the SuperNode) ends")
+    parser.add_argument("--preload", default="", metavar="MODULE[,MODULE...]",
+                        help="modules to import at start (e.g. torch), so that the first "
+                             "message does not pay for them")
     parser.add_argument("--log-level", default="WARNING",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="INFO logs each task's timing (default WARNING)")
@@ -320,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                            poll_interval=args.poll_interval,
                            max_poll_interval=args.max_poll_interval)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for module in filter(None, (m.strip() for m in args.preload.split(","))):
+        importlib.import_module(module)
     if args.parent_pid is not None:
         _watch_parent(args.parent_pid, worker)
     worker.serve()
