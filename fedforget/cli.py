@@ -29,6 +29,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root-certificates", default=None, metavar="PEM",
                    help="deployment: the CA certificate of the SuperLink's TLS, with an "
                         "address as --connection")
+    p.add_argument("--node-auth", action="store_true",
+                   help="deployment: the SuperLink authenticates SuperNodes "
+                        "(--enable-supernode-auth), so each client id is pinned to the "
+                        "first node that claims it")
     p.add_argument("--app", default=None, help="Flower app project directory (default: found)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key (repeatable)")
@@ -160,7 +164,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {out}",
               file=sys.stderr)
         run_training(cfg, out=out, engine=args.engine, project=project,
-                     progress=not args.quiet, connection=connection)
+                     progress=not args.quiet, connection=connection, node_auth=args.node_auth)
     else:
         if args.command == "demo":
             raise ConfigError(f"`fedforget demo` runs fedforget's own app; {project.root} "
@@ -174,7 +178,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         clients = args.clients or _num_supernodes(project.root)
         print(f"fedforget train: app {project.root.name}, {clients} clients, engine "
               f"{args.engine} -> {out}", file=sys.stderr)
-        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine)
+        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine,
+                               node_auth=args.node_auth)
         run_app(project, run_config={**values, **settings.to_run_config()}, num_nodes=clients,
                 engine=args.engine, progress=not args.quiet, connection=connection)
     elapsed = time.perf_counter() - t0
@@ -197,9 +202,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _connection(args: argparse.Namespace) -> Any:
     """The SuperLink of ``--engine deployment`` (None for the other engines)."""
     if args.engine != "deployment":
-        if args.connection or args.root_certificates:
-            raise ConfigError(f"--connection/--root-certificates are for --engine deployment "
-                              f"(the engine is {args.engine!r})")
+        if args.connection or args.root_certificates or args.node_auth:
+            raise ConfigError(f"--connection/--root-certificates/--node-auth are for --engine "
+                              f"deployment (the engine is {args.engine!r})")
         return None
     if args.command == "demo":
         raise ConfigError("`fedforget demo --engine deployment`: the demo unlearns in this "

@@ -8,6 +8,8 @@ here, every process stopped by its PID at the end) and train fedforget's app on 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import stat
 import sys
 import threading
@@ -30,6 +32,7 @@ from fedforget.engine.deployment import (
     LocalDeployment,
     SuperLinkTarget,
     node_config_string,
+    run_deployment,
     write_connection,
 )
 from fedforget.engine.polling import PollingGrid
@@ -176,13 +179,51 @@ def test_supernode_patch_refuses_a_bad_interval() -> None:
 
 
 # ----------------------------------------------------------------------- a federation
-DEPLOYED = {"num-clients": 3, "num-rounds": 3}
+DOC = ROOT / "docs" / "deploy.md"
+DEPLOYED = {"num-clients": 3, "num-rounds": 3}  # for the run-config of federation.run
 
 
-def _run_config(out: Path, **settings: Any) -> dict[str, Any]:
-    cfg = small_config(**DEPLOYED)
-    run = RunSettings(out_dir=str(out), progress=False, engine="deployment", **settings)
-    return declared_run_config(find_project(ROOT), {**cfg.to_mapping(), **run.to_run_config()})
+def doc_blocks(kind: str) -> list[str]:
+    """The ``kind`` (bash, toml) code blocks of docs/deploy.md."""
+    return re.findall(rf"```{kind}\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def doc_commands() -> list[list[str]]:
+    """The commands of the doc's bash blocks, split as a shell would (no expansion);
+    ``export``/``VAR=$!`` lines and a trailing ``&`` left out."""
+    out = []
+    for block in doc_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if not line or line.startswith(("#", "export ")) or re.match(r"^\w+=\$!$", line):
+                continue
+            out.append(shlex.split(line.removesuffix("&").strip()))
+    return out
+
+
+def doc_form(federation: Any, argv: list[str]) -> list[str]:
+    """``argv`` as the doc writes it: ``$DEPLOY`` for the directory, ``python`` and bare
+    console-script names, the doc's ports (SuperLink 9000, legacy 9091/9092, node i 9100+i),
+    ``$SUPERNODE_PID`` for the parent PID."""
+    superlink = next(c for c in federation.commands if "--enable-supernode-auth" in c)
+    ports = {federation.address.rsplit(":", 1)[1]: "9000"}
+    for flag, doc_port in (("--control-api-address", "9091"), ("--fleet-api-address", "9092")):
+        ports[superlink[superlink.index(flag) + 1].rsplit(":", 1)[1]] = doc_port
+    for node in federation.nodes:
+        if node.name.startswith("node-"):
+            ports[str(node.port)] = str(9100 + int(node.name.removeprefix("node-")))
+    bin_dir = str(Path(sys.executable).parent) + "/"
+    out = []
+    for i, token in enumerate(argv):
+        if i and argv[i - 1] == "--parent-pid":
+            out.append("$SUPERNODE_PID")
+            continue
+        token = token.replace(str(federation.directory), "$DEPLOY")
+        token = "python" if token == sys.executable else token.removeprefix(bin_dir)
+        for port, doc_port in ports.items():
+            token = re.sub(rf"(?<![0-9]){port}(?![0-9])", doc_port, token)
+        out.append(token)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +231,34 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A SuperLink (TLS, SuperNode authentication) and three registered SuperNodes."""
     started: list[int] = []
     with LocalDeployment(tmp_path_factory.mktemp("federation"), num_nodes=3) as fed:
+        fed.trained: list[list[str]] = []  # type: ignore[attr-defined]  # fedforget train argv
         yield fed
         started = fed.process_ids()
     assert started  # the SuperLink at least (the nodes some tests killed are gone already)
     assert [pid for pid in started if alive(pid)] == []  # all stopped, by PID
+
+
+def _train(federation: Any, doc_command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the doc's ``fedforget train ...`` through the CLI's main, with ``$DEPLOY`` and
+    the SuperLink's address (the doc's ``127.0.0.1:9000``) those of ``federation``."""
+    from fedforget.cli import main
+
+    monkeypatch.setenv("FLWR_HOME", str(federation.home))
+    argv = [t.replace("$DEPLOY", str(federation.directory)).replace(
+        "127.0.0.1:9000", federation.address) for t in doc_command[1:]]
+    federation.trained.append(doc_command)
+    assert main(argv) == 0
+
+
+def _doc_train_commands() -> list[list[str]]:
+    return [c for c in doc_commands() if c[:2] == ["fedforget", "train"]]
+
+
+def _write_doc_config(federation: Any) -> Path:
+    block = next(b for b in doc_blocks("toml") if b.startswith("# $DEPLOY/deploy.toml"))
+    path = federation.directory / "deploy.toml"
+    path.write_text(block)
+    return path
 
 
 def _task_lines(node: Any) -> int:
@@ -202,14 +267,20 @@ def _task_lines(node: Any) -> int:
 
 @pytest.mark.deployment
 @pytest.mark.slow
-def test_deployed_training_gives_the_in_process_model(federation: Any, tmp_path: Path) -> None:
-    # Prepare
+def test_deployed_training_gives_the_in_process_model(
+        federation: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedforget.config import load_config
+
+    # Prepare: the doc's config and its first `fedforget train` command (a named connection)
+    config = _write_doc_config(federation)
+    named = next(c for c in _doc_train_commands() if "fedforget-local" in c)
+    out = federation.directory / "runs" / "deployed"
     before = [_task_lines(node) for node in federation.nodes]
     # Execute
-    federation.run(_run_config(tmp_path / "deployed"), project=find_project(ROOT), timeout=900)
-    run_training(small_config(**DEPLOYED), out=tmp_path / "inprocess", progress=False)
+    _train(federation, named, monkeypatch)
+    run_training(load_config(config), out=tmp_path / "inprocess", progress=False)
     # Assert: the same final model, bit for bit (clients aggregate in client-id order)
-    with (HistoryStore.open(tmp_path / "deployed") as deployed,
+    with (HistoryStore.open(out) as deployed,
           HistoryStore.open(tmp_path / "inprocess") as inprocess):
         assert deployed.last_round == 3
         assert deployed.clients() == inprocess.clients() == {
@@ -220,6 +291,32 @@ def test_deployed_training_gives_the_in_process_model(federation: Any, tmp_path:
         # the warm process served every message: identify, 3 train rounds, 1 evaluate
         assert _task_lines(node) - before_count == 1 + 3 + 1
         assert (node.state_dir / "head.json").is_file()  # the client kept the tree head
+    pins = json.loads(RunDirectory(out).nodes.read_text())
+    assert pins["node_auth"] is True
+    assert pins["pins"] == {f"client-00{i}": federation.nodes[i].node_id for i in range(3)}
+
+
+@pytest.mark.deployment
+def test_the_deploy_doc_shows_the_commands_the_federation_ran(federation: Any) -> None:
+    # Prepare: what the federation ran (credentials, SuperLink, registration, node 0)
+    ran = [doc_form(federation, c) for c in federation.commands]
+    documented = [c for c in doc_commands() if c[:2] != ["fedforget", "train"]]
+    node0 = [c for c in ran if any("node-0" in t or t.endswith(":9100") for t in c)]
+    # Assert: every documented command ran, as written ...
+    for command in documented:
+        assert command in ran, shlex.join(command)
+    # ... and the doc shows every command that set up the SuperLink and node 0
+    for command in [ran[0], *node0, next(c for c in ran if c[0] == "flower-superlink")]:
+        assert command in documented, shlex.join(command)
+    assert {c[2] for c in documented if c[0] == "python"} == {
+        "fedforget.engine.credentials", "fedforget.engine.supernode",
+        "fedforget.engine.warm_clientapp"}
+    # the doc's config.toml is the one written for the connection
+    connection = next(b for b in doc_blocks("toml") if b.startswith("[superlink]"))
+    written = (federation.home / "config.toml").read_text()
+    assert tomllib.loads(connection) == tomllib.loads(
+        written.replace(str(federation.directory), "$DEPLOY").replace(
+            federation.address, "127.0.0.1:9000"))
 
 
 @pytest.mark.deployment
@@ -239,18 +336,53 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation: Any) -> Non
 
 @pytest.mark.deployment
 @pytest.mark.slow
+def test_a_registered_node_claiming_a_pinned_client_id_is_refused(
+        federation: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedforget.config import load_config
+
+    # Prepare: a registered node says it is client-000, with partition 1's data
+    impostor = federation.add_node(
+        {"client-id": "client-000", "partition-id": 1, "num-partitions": 3}, name="impostor")
+    resume = next(c for c in _doc_train_commands() if "--root-certificates" in c)
+    out = federation.directory / "runs" / "deployed"
+    # Execute: the doc's resume command extends the run of the first test to 4 rounds
+    try:
+        _train(federation, resume, monkeypatch)
+    finally:
+        federation.stop_node(impostor)
+    run_training(load_config(_write_doc_config(federation), **{"num-rounds": 4}),
+                 out=tmp_path / "inprocess", progress=False)
+    # Assert: refused, recorded; the real client-000 trained round 4; no trace of partition 1
+    # beyond client-001's own in the model (it equals the in-process run's)
+    refused = json.loads(RunDirectory(out).nodes.read_text())["refused"]
+    assert [(r["node_id"], r["client_id"]) for r in refused] == [
+        (impostor.node_id, "client-000")]
+    assert "pinned to node" in refused[0]["reason"]
+    with (HistoryStore.open(out) as deployed,
+          HistoryStore.open(tmp_path / "inprocess") as inprocess):
+        assert deployed.last_round == 4
+        assert deployed.clients() == {f"client-00{i}": [1, 2, 3, 4] for i in range(3)}
+        assert deployed.summary()["final_model_digest"] == \
+            inprocess.summary()["final_model_digest"]
+
+
+@pytest.mark.deployment
+@pytest.mark.slow
 def test_a_node_killed_mid_run_is_dropped_after_the_reply_timeout(
         federation: Any, tmp_path: Path) -> None:
-    # Prepare: a short reply timeout; node-2 (client-002) dies once round 1 is committed
+    # Prepare: a short reply timeout; node-2 (client-002) dies once round 1 is committed;
+    # the run goes to the SuperLink's address (a private FLWR_HOME with its CA)
     reply_timeout = 5.0
     out = tmp_path / "run"
     victim = next(n for n in federation.nodes if n.name == "node-2")
+    target = SuperLinkTarget.from_cli(federation.address, str(federation.tls.ca_cert))
     outcome: dict[str, Any] = {}
 
     def submit() -> None:
         try:
-            outcome["run"] = federation.run(_run_config(out, reply_timeout=reply_timeout),
-                                            project=find_project(ROOT), timeout=900)
+            outcome["run"] = run_deployment(_run_config(out, reply_timeout=reply_timeout),
+                                            connection=target, project=find_project(ROOT),
+                                            timeout=900, progress=False)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the test thread
             outcome["error"] = exc
 
@@ -283,6 +415,13 @@ def test_a_node_killed_mid_run_is_dropped_after_the_reply_timeout(
     assert all(("client-002", "no reply") in r for r in refused)
 
 
+def _run_config(out: Path, **settings: Any) -> dict[str, Any]:
+    cfg = small_config(**DEPLOYED)
+    run = RunSettings(out_dir=str(out), progress=False, engine="deployment", node_auth=True,
+                      **settings)
+    return declared_run_config(find_project(ROOT), {**cfg.to_mapping(), **run.to_run_config()})
+
+
 @pytest.mark.deployment
 def test_a_stopped_supernode_rejoins_under_its_registered_node_id(federation: Any) -> None:
     # Prepare
@@ -295,6 +434,14 @@ def test_a_stopped_supernode_rejoins_under_its_registered_node_id(federation: An
     # Assert: the id the registration gave, so the server's client -> node map still holds
     assert f"SuperNode ID: {node.node_id}" in federation.node_log(node)
     assert node.supernode is not None and alive(node.supernode.pid)
+
+
+def test_the_doc_runs_every_train_command_it_shows() -> None:
+    # the two `fedforget train` commands are the ones the tests above run
+    commands = _doc_train_commands()
+    assert len(commands) == 2
+    assert any("fedforget-local" in c for c in commands)
+    assert any("--root-certificates" in c for c in commands)
 
 
 def test_pyproject_registers_the_deployment_marker() -> None:
