@@ -353,6 +353,7 @@ class UnlearningService:
         some = sorted(federation.roster)[:1]
         if some:
             saved = federation.cost
+            federation.cost = Cost()  # train() adds to the counter in place
             federation.train(server_round=0, global_model=store.global_model(0), clients=some,
                              local_epochs=federation.local_epochs)
             federation.cost = saved
