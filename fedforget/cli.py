@@ -23,6 +23,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="in-process Grid (default), Flower's simulation engine via `flwr run`, or a "
              "running SuperLink with SuperNodes (deployment; see --connection)",
     )
+    _add_connection_args(p)
+    p.add_argument("--app", default=None, help="Flower app project directory (default: found)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connection", default=None, metavar="NAME|HOST:PORT",
                    help="deployment: a connection of $FLWR_HOME/config.toml, or the "
                         "SuperLink's address (with --root-certificates)")
@@ -33,10 +41,6 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="deployment: the SuperLink authenticates SuperNodes "
                         "(--enable-supernode-auth), so each client id is pinned to the "
                         "first node that claims it")
-    p.add_argument("--app", default=None, help="Flower app project directory (default: found)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config key (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--json", action="store_true", help="print a JSON object")
     unlearn.add_argument("--quiet", action="store_true", help="no progress display")
     unlearn.add_argument("--app", default=None, help="Flower app project directory")
-    unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
-                         help="in-process Grid (default) or Flower's simulation engine")
+    unlearn.add_argument("--engine", choices=("inprocess", "simulation", "deployment"),
+                         default="inprocess",
+                         help="in-process Grid (default), Flower's simulation engine, or the "
+                              "SuperLink the run was trained on (see --connection)")
+    _add_connection_args(unlearn)
     unlearn.add_argument("--reference", choices=("compute", "cached", "none"),
                          default="compute",
                          help="compute (default, cached per forget set), reuse a cached, or "
@@ -420,7 +427,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             args.dir, client=args.client, method=args.method,
             params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
             app_dir=args.app, progress=not (args.quiet or args.json),
-            reference=args.reference, keys_dir=args.keys,
+            reference=args.reference, keys_dir=args.keys, connection=_connection(args),
+            node_auth=args.node_auth,
         )
     if outcome is None:
         print(f"no-op: {args.client} has no stored contribution in {args.dir}; "

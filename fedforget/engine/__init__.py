@@ -113,6 +113,8 @@ def run_unlearning(
     progress: bool = True,
     reference: str = "compute",
     keys_dir: str | Path | None = None,
+    connection: SuperLinkTarget | None = None,
+    node_auth: bool = False,
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
 
@@ -123,6 +125,10 @@ def run_unlearning(
     without any app when none is found (its figures are then those the server can compute
     alone: distances to a cached reference). Returns None (nothing written) when the
     client never contributed.
+
+    A run that trained on a deployment is unlearned on the deployment (``engine =
+    "deployment"`` and its ``connection``): its clients' work is never simulated here. On
+    another engine only a method that asks no client for work is served, without the app.
     """
     from fedforget.history import HistoryStore
     from fedforget.measure import parameter_measure
@@ -138,6 +144,14 @@ def run_unlearning(
     if project is None:
         project = find_run_app(app_config, app_dir)
     unlearner = get_method(method, params or {})
+    if run.deployed() and engine != "deployment":
+        if unlearner.uses_clients():
+            raise UnlearningError(
+                f"{run.path} was trained on a deployment and {unlearner.name} asks the "
+                f"clients for work: unlearn it on the deployment (--engine deployment "
+                f"--connection ...), not on engine {engine!r}, which would simulate the "
+                "clients here")
+        project = None  # server-side only: nothing of the clients is simulated
     if project is None and unlearner.uses_clients():
         raise UnlearningError(
             f"{unlearner.name} asks the clients for work, and the app that recorded "
@@ -155,10 +169,12 @@ def run_unlearning(
     else:
         settings = RunSettings(out_dir=str(run.path), mode="unlearn",
                                request_id=request.request_id, progress=progress,
-                               reference=reference, engine=engine, keys_dir=str(keys))
+                               reference=reference, engine=engine, keys_dir=str(keys),
+                               node_auth=node_auth)
         try:
             run_app(project, run_config={**app_config, **settings.to_run_config()},
-                    num_nodes=len(roster), engine=engine, progress=progress)
+                    num_nodes=len(roster), engine=engine, progress=progress,
+                    connection=connection)
         except BaseException as exc:
             _fail_if_unserved(run, request.request_id, exc)
             raise
