@@ -106,8 +106,6 @@ def test_after_a_superlink_crash_the_same_command_resumes_into_the_same_run_dire
             time.sleep(0.05)
         # Execute: the server machine crashes mid-training ...
         federation.crash_superlink()
-        first.join(timeout=300)
-        assert failure, "the interrupted run must not report success"
         with HistoryStore.open(run.path) as store:
             interrupted_at = store.last_round
         assert 2 <= interrupted_at < ROUNDS, interrupted_at
@@ -118,6 +116,8 @@ def test_after_a_superlink_crash_the_same_command_resumes_into_the_same_run_dire
         for entry in listed["runs"]:
             if not str(entry["status"]).startswith("finished"):
                 federation.flwr("stop", str(entry["run-id"]), federation.connection)
+        first.join(timeout=300)
+        assert failure, "the interrupted run must not report success"
         # ... and the same command resumes
         federation.run(_run_config(run.path), timeout=600)
         nodes = json.loads(run.nodes.read_text())
