@@ -15,7 +15,10 @@ idle wait starts at ``--poll-interval`` (default 0.02 s) and grows by half per e
 to ``--max-poll-interval`` (default 0.5 s), back to the start once a message was handled; the
 reply wait is capped at ``--poll-interval``. This is done by replacing the ``time`` module
 that this one Flower module sees with a proxy whose ``sleep`` does that; everything else is
-the real ``time``. The price: an idle node asks the SuperLink up to twice a second instead
+the real ``time``. Likewise the retry of a message's objects that are not at the SuperLink
+yet (a node that polls fast may see a message before all its objects are pushed) starts at
+``--poll-interval`` instead of Flower's 1 s (then 2 s, 4 s, ...) and is capped at
+``--max-poll-interval``. The price: an idle node asks the SuperLink up to twice a second instead
 of every 3 s. The stock ``flower-supernode`` works with fedforget unchanged, only slower.
 
 This patches a private detail of Flower (pinned ``<2``): if a Flower release stops using
@@ -26,7 +29,9 @@ the slow loop.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import inspect
 import sys
 import time
 from types import ModuleType
@@ -91,6 +96,13 @@ def patch_poll_interval(initial: float, maximum: float | None = None) -> ModuleT
             "loop cannot be given a shorter poll; run flower-supernode itself"
         )
     module.time = _ShortPoll(initial, maximum)  # type: ignore[attr-defined]
+    pull = getattr(module, "pull_objects", None)
+    if pull is None or "initial_backoff" not in inspect.signature(pull).parameters:
+        raise ConfigError(f"{_MODULE}.pull_objects is not Flower 1.42's (no initial_backoff): "
+                          "this SuperNode loop cannot be given a shorter poll")
+    if not isinstance(pull, functools.partial):
+        module.pull_objects = functools.partial(  # type: ignore[attr-defined]
+            pull, initial_backoff=initial, backoff_cap=maximum)
     return module
 
 
