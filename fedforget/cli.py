@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="flat TOML of run-config keys, e.g. simulations/*.toml (for your "
                             "own app: optional, over its pyproject defaults)")
     _add_engine_args(train)
+    train.add_argument("--withdrawal-method", default="", metavar="NAME",
+                       help="the server's policy for withdrawals the clients ask for "
+                            "themselves (`fedforget client withdraw` on a node): the method "
+                            "that serves them after the rounds (default: record them only)")
+    train.add_argument("--withdrawal-params", default="", metavar="JSON",
+                       help="that method's parameters, a JSON object")
     train.add_argument("--clients", type=int, default=None, metavar="N",
                        help="number of clients (SuperNodes) for an app other than fedforget's "
                             "(default: its pyproject's local-simulation num-supernodes)")
@@ -171,7 +177,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {out}",
               file=sys.stderr)
         run_training(cfg, out=out, engine=args.engine, project=project,
-                     progress=not args.quiet, connection=connection, node_auth=args.node_auth)
+                     progress=not args.quiet, connection=connection, node_auth=args.node_auth,
+                     **_withdrawal_policy(args))
     else:
         if args.command == "demo":
             raise ConfigError(f"`fedforget demo` runs fedforget's own app; {project.root} "
@@ -186,7 +193,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"fedforget train: app {project.root.name}, {clients} clients, engine "
               f"{args.engine} -> {out}", file=sys.stderr)
         settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine,
-                               node_auth=args.node_auth)
+                               node_auth=args.node_auth, **_withdrawal_policy(args))
         run_app(project, run_config={**values, **settings.to_run_config()}, num_nodes=clients,
                 engine=args.engine, progress=not args.quiet, connection=connection)
     elapsed = time.perf_counter() - t0
@@ -224,6 +231,23 @@ def _connection(args: argparse.Namespace) -> Any:
     from fedforget.engine.deployment import SuperLinkTarget
 
     return SuperLinkTarget.from_cli(args.connection, args.root_certificates)
+
+
+def _withdrawal_policy(args: argparse.Namespace) -> dict[str, str]:
+    """``--withdrawal-method``/``--withdrawal-params`` as RunSettings (train only)."""
+    method = getattr(args, "withdrawal_method", "") or ""
+    params = getattr(args, "withdrawal_params", "") or ""
+    if params and not method:
+        raise ConfigError("--withdrawal-params without --withdrawal-method: give the method")
+    if method:
+        from fedforget.settings import RunSettings
+        from fedforget.unlearning import get_method
+
+        policy = RunSettings(withdrawal_method=method,
+                             withdrawal_params=params).withdrawal_policy()
+        assert policy is not None
+        get_method(*policy)  # refuse bad input before anything runs
+    return {"withdrawal_method": method, "withdrawal_params": params}
 
 
 def _num_supernodes(root: Path) -> int:
