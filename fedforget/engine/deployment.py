@@ -398,9 +398,12 @@ class LocalDeployment:
         Flower's default ``--isolation subprocess`` (a new ``flwr-clientapp`` per message).
     poll_interval : float or None
         The SuperNode's shortest idle poll (:mod:`fedforget.engine.supernode`; it grows to
-        0.5 s while idle); None runs ``flower-supernode`` itself (it polls every 3 s).
+        0.25 s while idle); None runs ``flower-supernode`` itself (it polls every 3 s).
     startup_timeout : float
         Seconds to wait for the SuperLink to listen and for each node to connect.
+    database : bool
+        Keep the SuperLink's state in ``superlink/state.db`` (runs and registered nodes
+        survive a restart; default), else in memory.
     preload : tuple of str
         Modules the warm ClientApp processes import at start (default: what fedforget's
         ClientApp imports slowly, torch and flwr-datasets' partitioners, ~10 s here), so
@@ -409,7 +412,7 @@ class LocalDeployment:
 
     def __init__(self, directory: str | os.PathLike[str], *, num_nodes: int, warm: bool = True,
                  poll_interval: float | None = 0.02, startup_timeout: float = 120.0,
-                 preload: tuple[str, ...] = PRELOAD) -> None:
+                 preload: tuple[str, ...] = PRELOAD, database: bool = True) -> None:
         if num_nodes < 0:
             raise ConfigError(f"num_nodes = {num_nodes}: expected 0 or more")
         self.directory = Path(directory).resolve()
@@ -418,6 +421,7 @@ class LocalDeployment:
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
         self.preload = preload
+        self.database = database
         self.connection = CONNECTION
         self.home = self.directory / "superlink"
         self.nodes: list[LocalNode] = []
@@ -523,7 +527,7 @@ class LocalDeployment:
             *self.tls.superlink_args(),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--database", str(self.home / "state.db"),
+            *(["--database", str(self.home / "state.db")] if self.database else []),
             "--host", "127.0.0.1", "--port", str(port),
             # deprecated legacy gRPC listeners, still opened: keep them off shared ports
             "--control-api-address", f"127.0.0.1:{control_port}",
@@ -604,7 +608,7 @@ class LocalDeployment:
         if self.poll_interval is None:
             return [flower_bin("flower-supernode"), *flags]
         return [sys.executable, "-m", "fedforget.engine.supernode",
-                "--poll-interval", f"{self.poll_interval:g}", *flags]  # grows to 0.5 s idle
+                "--poll-interval", f"{self.poll_interval:g}", *flags]  # grows to 0.25 s idle
 
     def clientapp_command(self, node: LocalNode) -> list[str]:
         """The warm ClientApp process's command line (``warm=True``)."""

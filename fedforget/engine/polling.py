@@ -44,7 +44,7 @@ class PollingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, *, initial_interval: float = 0.005,
-                 max_interval: float = 0.25, growth: float = 1.5) -> None:
+                 max_interval: float = 0.1, growth: float = 1.5) -> None:
         if not 0 < initial_interval <= max_interval:
             raise ValueError(f"initial_interval = {initial_interval}, max_interval = "
                              f"{max_interval}: expected 0 < initial <= max")

@@ -12,14 +12,15 @@ Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a
 ClientApp's reply; neither is configurable. A node that has just replied therefore sees
 the next round's message up to 3 s late, which alone costs up to 3 s per round. Here the
 idle wait starts at ``--poll-interval`` (default 0.02 s) and grows by half per empty pull up
-to ``--max-poll-interval`` (default 0.5 s), back to the start once a message was handled; the
+to ``--max-poll-interval`` (default 0.25 s), back to the start once a message was handled; the
 reply wait is capped at ``--poll-interval``. This is done by replacing the ``time`` module
 that this one Flower module sees with a proxy whose ``sleep`` does that; everything else is
 the real ``time``. Likewise the retry of a message's objects that are not at the SuperLink
 yet (a node that polls fast may see a message before all its objects are pushed) starts at
 ``--poll-interval`` instead of Flower's 1 s (then 2 s, 4 s, ...) and is capped at
-``--max-poll-interval``. The price: an idle node asks the SuperLink up to twice a second instead
-of every 3 s. The stock ``flower-supernode`` works with fedforget unchanged, only slower.
+``--max-poll-interval``. The price: an idle node asks the SuperLink up to four times a
+second instead of every 3 s. The stock ``flower-supernode`` works with fedforget unchanged,
+only slower.
 
 This patches a private detail of Flower (pinned ``<2``): if a Flower release stops using
 the ``time`` module there, :func:`patch_poll_interval` raises instead of silently running
@@ -40,7 +41,7 @@ from typing import Any
 from fedforget.errors import ConfigError
 
 DEFAULT_POLL_INTERVAL = 0.02
-DEFAULT_MAX_POLL_INTERVAL = 0.5
+DEFAULT_MAX_POLL_INTERVAL = 0.25
 _MODULE = "flwr.supernode.start_client_internal"
 
 

@@ -48,7 +48,7 @@ from typing import Any
 log = logging.getLogger("fedforget.warm_clientapp")
 
 DEFAULT_POLL_INTERVAL = 0.01
-DEFAULT_MAX_POLL_INTERVAL = 0.5
+DEFAULT_MAX_POLL_INTERVAL = 0.25
 CLIENT_APP_TASK = "flwr-clientapp"  # flwr.supercore.constant.TaskType.CLIENT_APP
 
 
