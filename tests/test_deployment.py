@@ -156,6 +156,29 @@ def test_polling_grid_returns_what_came_within_the_timeout() -> None:
     assert 0.2 <= time.monotonic() - started < 2.0
 
 
+def test_fast_polling_wraps_only_the_deployment_grid() -> None:
+    from fedforget.engine.inprocess import InProcessGrid
+    from fedforget.engine.polling import fast_polling
+
+    grid = InProcessGrid(find_project(ROOT).load()[1], num_nodes=1, run_config={})
+    assert fast_polling(grid) is grid
+
+
+def test_a_warm_process_forgets_the_modules_of_a_previous_fab(tmp_path: Path) -> None:
+    from fedforget.engine.warm_clientapp import _forget_modules_under
+
+    # Prepare: a module imported from an "installed FAB" directory
+    (tmp_path / "fabmod_x1.py").write_text("VALUE = 1\n")
+    sys.path.insert(0, str(tmp_path))
+    import fabmod_x1  # type: ignore[import-not-found]  # noqa: F401
+
+    # Execute
+    _forget_modules_under(tmp_path.resolve())
+    # Assert: a new FAB's module of the same name would be imported afresh
+    assert "fabmod_x1" not in sys.modules
+    assert str(tmp_path) not in sys.path
+
+
 def test_supernode_waits_start_short_grow_and_reset(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedforget.engine import supernode
 
