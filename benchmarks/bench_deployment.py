@@ -81,10 +81,12 @@ def _phase(label: str, seconds: float) -> None:
     print(f"  phase: {label:<46} {seconds:7.2f} s", file=sys.stderr, flush=True)
 
 
-VARIANTS = {
-    # label: LocalDeployment settings
-    "warm, state in memory": {"warm": True, "poll_interval": 0.02, "database": False},
-    "warm, --database": {"warm": True, "poll_interval": 0.02, "database": True},
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # name: (label, LocalDeployment settings)
+    "memory": ("warm ClientApps, SuperLink state in memory",
+               {"warm": True, "poll_interval": 0.02, "database": False}),
+    "database": ("warm ClientApps, SuperLink state in --database (as docs/deploy.md)",
+                 {"warm": True, "poll_interval": 0.02, "database": True}),
 }
 COLD = {"warm": False, "poll_interval": None, "database": True}  # Flower's defaults
 
@@ -147,8 +149,10 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
         _phase(f"{label}: first run", result.phases["first run (FAB installs, data, imports)"])
         if repetitions:
             inprocess()  # warm-up of this process
-            for values in (*result.intervals.values(), *result.digests.values()):
-                values.clear()
+            for found in result.intervals.values():
+                found.clear()
+            for digests in result.digests.values():
+                digests.clear()
             result.overhead.clear()
             result.timings = interleave({"deployed": deployed, "in-process": inprocess},
                                         repetitions=repetitions)
@@ -180,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[_Result] = []
     with scratch_dir("fedforget-bench-deploy-") as scratch:
         try:
-            for label in labels:
-                results.append(_measure(label, VARIANTS[label], scratch / label.replace(" ", "_")
-                                        .replace(",", ""), proj, nodes=args.nodes,
-                                        rounds=rounds, repetitions=repetitions))
+            for name in labels:
+                label, settings = VARIANTS[name]
+                results.append(_measure(label, settings, scratch / name, proj,
+                                        nodes=args.nodes, rounds=rounds,
+                                        repetitions=repetitions))
             if args.cold:
                 results.append(_measure("cold (Flower defaults)", COLD, scratch / "cold", proj,
                                         nodes=args.nodes, rounds=3, repetitions=0))

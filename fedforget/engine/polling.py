@@ -22,8 +22,9 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 __all__ = ["PollingGrid", "fast_polling"]
 
@@ -55,15 +56,15 @@ class PollingGrid(Grid):
         self.max_interval = max_interval
         self.growth = growth
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+    def set_run(self, run: Run) -> None:  # noqa: D102
         self.grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+    def run(self) -> Run:  # noqa: D102
         return self.grid.run
 
-    def create_message(self, content, message_type, dst_node_id, group_id,  # type: ignore[no-untyped-def]  # noqa: D102,E501
-                       ttl=None):
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:  # noqa: D102
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
@@ -122,6 +123,6 @@ def fast_polling(grid: Grid) -> Grid:
     pull = getattr(http_grid, "pull_objects", None)
     if pull is not None and not isinstance(pull, functools.partial) and (
             "initial_backoff" in inspect.signature(pull).parameters):
-        http_grid.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        http_grid.pull_objects = functools.partial(
             pull, initial_backoff=0.005, backoff_cap=0.25)
     return PollingGrid(grid)
