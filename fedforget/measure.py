@@ -172,14 +172,30 @@ class EvaluateFnMeasure:
 class TaskMeasure:
     """The whole protocol for fedforget's own task (data and model from a RunConfig).
 
-    The forgotten clients' training data (members of the attacks) and held-out data
-    (non-members) are rebuilt from the run config: this is what a *simulation* can do, where
-    the server can build every client's partition; a deployment must ask the client instead.
+    In a simulation (fedforget's in-process Grid, Flower's simulation engine) the
+    forgotten clients' training data (members of the attacks) and held-out data
+    (non-members) are rebuilt from the run config, as the server can build every client's
+    partition. In a deployment (``on_clients``; by default: when the federation's Grid is a
+    SuperLink's) the server holds no client data: the forgotten-data figures
+    (``forgotten_accuracy``, ``mia_loss_auc``, ``mia_confidence_auc``) are computed on each
+    forgotten client's node if it consents (:mod:`fedforget.evaluation.on_client`), else
+    reported as not available (None); the shadow-model attack, which needs those data on the
+    server, is not available either (``shadow_attack`` None). Figures on the server's own
+    test set (test accuracy, backdoor success, divergences) are computed as in simulation.
     """
 
-    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
+                 on_clients: bool | None = None) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
+        self.on_clients = on_clients
+
+    def _remote(self, ctx: MeasureContext) -> bool:
+        if self.on_clients is not None:
+            return self.on_clients
+        from fedforget.evaluation.on_client import is_deployment_grid
+
+        return is_deployment_grid(getattr(ctx.federation, "grid", None))
 
     def forgotten_data(self, forget: Collection[str]
                        ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
@@ -223,7 +239,8 @@ class TaskMeasure:
 
         cfg = self.cfg
         test_set = load_test_set(cfg)
-        members, non_members = self.request_data(ctx)
+        remote = self._remote(ctx)
+        members, non_members = (None, None) if remote else self.request_data(ctx)
         shadow = (run_shadow_attack(cfg, test_set)
                   if self.shadow_attack and members is not None and non_members is not None
                   else None)
@@ -240,6 +257,14 @@ class TaskMeasure:
             figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))
         figures["collateral"] = collateral_figures(ctx, cfg, scratch, members, test_set)
         figures["group_accuracy"] = group_accuracy(ctx, cfg, scratch)
+        if remote:  # no client data on the server: ask the forgotten clients' nodes
+            from fedforget.evaluation.on_client import ask_forgotten_figures
+
+            if ctx.federation is not None:
+                figures.update(ask_forgotten_figures(ctx.federation, ctx.models(), ctx.forget))
+            else:
+                figures["forgotten_figures"] = {"source": "not available: no federation",
+                                                "answered": [], "missing": {}}
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
 
