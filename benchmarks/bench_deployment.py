@@ -9,7 +9,7 @@ demo configuration, ``_common.BENCH_CONFIG``, with ``--nodes`` clients) is train
 ``--repetitions`` times on it, interleaved (rotating order) with the in-process engine.
 Variants: the SuperLink's state in memory (Flower's default), or in a SQLite file
 (``--database``, which keeps runs and nodes across a SuperLink restart, as
-``docs/deploy.md`` starts it).
+the README's Deploy section starts it).
 
 A round's time is the interval between two consecutive round commits
 (``RoundRecord.committed_at``) of the same run: it leaves out what a run pays once (FAB
@@ -85,7 +85,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # name: (label, LocalDeployment settings)
     "memory": ("warm ClientApps, SuperLink state in memory",
                {"warm": True, "poll_interval": 0.02, "database": False}),
-    "database": ("warm ClientApps, SuperLink state in --database (as docs/deploy.md)",
+    "database": ("warm ClientApps, SuperLink state in --database (as the README's Deploy section)",
                  {"warm": True, "poll_interval": 0.02, "database": True}),
 }
 COLD = {"warm": False, "poll_interval": None, "database": True}  # Flower's defaults

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import small_config
+from conftest import deploy_doc, small_config
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -204,13 +204,13 @@ def test_supernode_patch_refuses_a_bad_interval() -> None:
 
 
 # ----------------------------------------------------------------------- a federation
-DOC = ROOT / "docs" / "deploy.md"
 DEPLOYED = {"num-clients": 3, "num-rounds": 3}  # for the run-config of federation.run
 
 
 def doc_blocks(kind: str, section: str | None = None) -> list[str]:
-    """The ``kind`` (bash, toml) code blocks of docs/deploy.md (of its ``## section``)."""
-    text = DOC.read_text()
+    """The ``kind`` (bash, toml) code blocks of the README's Deploy section (of its
+    ``## section``)."""
+    text = deploy_doc()
     if section is not None:
         text = text[text.index(f"\n## {section}\n"):]
         text = text[:text.find("\n## ", 1)] if "\n## " in text[1:] else text

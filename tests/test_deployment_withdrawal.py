@@ -2,7 +2,8 @@
 
 One ``flower-superlink`` with TLS and SuperNode authentication and three real SuperNodes on
 loopback (certificates and keys made here; every process stopped by its PID at the end),
-driven by the commands of docs/deploy.md (its "Train" command, then every command after its
+driven by the commands of the README's Deploy section (its "Train" command, then every
+command after its
 ``<!-- withdrawal:`` marker, through fedforget's CLI): train; client-002's operator asks
 to leave on its own node (``fedforget client withdraw --state-dir``); at the node's next
 contact the server records it, bound to that node's authenticated node id, serves it by its
@@ -21,7 +22,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import deploy_doc
 
 from fedforget.cli import main
 from fedforget.config import load_config
@@ -34,7 +35,6 @@ from fedforget.withdrawal import WithdrawalLedger
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
-DOC = ROOT / "docs" / "deploy.md"
 MARK = "<!-- withdrawal:"
 LEAVING = 2  # client-002 asks to leave (and consents to figures on its own data)
 
@@ -51,8 +51,8 @@ def _bash_lines(text: str) -> list[str]:
 
 def doc_withdrawal_commands() -> list[str]:
     """The commands after the doc's withdrawal marker, in order."""
-    text = DOC.read_text()
-    assert MARK in text, f"{DOC} has no {MARK!r} marker"
+    text = deploy_doc()
+    assert MARK in text, f"the README's Deploy section has no {MARK!r} marker"
     return _bash_lines(text.split(MARK, 1)[1])
 
 
@@ -77,9 +77,9 @@ def test_a_client_withdraws_itself_is_unlearned_on_the_supernodes_and_verifies_i
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     withdraw, train_again, unlearn, status, verify = doc_withdrawal_commands()
-    first_train = next(c for c in _bash_lines(DOC.read_text().split(MARK, 1)[0])
+    first_train = next(c for c in _bash_lines(deploy_doc().split(MARK, 1)[0])
                        if c.startswith("fedforget train") and "fedforget-local" in c)
-    config_block = next(b for b in re.findall(r"```toml\n(.*?)```", DOC.read_text(), re.S)
+    config_block = next(b for b in re.findall(r"```toml\n(.*?)```", deploy_doc(), re.S)
                         if b.startswith("# $DEPLOY/deploy.toml"))
     with LocalDeployment(tmp_path / "deploy", num_nodes=0) as federation:
         deploy = federation.directory

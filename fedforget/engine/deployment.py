@@ -21,7 +21,7 @@ Two parts:
 What a SuperNode machine needs: Python with torch, Flower and fedforget installed (the FAB
 carries the project's files, not its dependencies; the SuperLink runs with
 ``--disable-runtime-dependency-installation``), its private key, the CA certificate, and
-its node config. ``docs/deploy.md`` gives the commands; the test
+its node config. the README's Deploy section gives the commands; the test
 ``tests/test_deployment.py`` runs them.
 """
 
@@ -431,7 +431,8 @@ class LocalDeployment:
         self._superlink_family: list[int] = []
         self.phases: dict[str, float] = {}
         self.commands: list[list[str]] = []
-        """Every command line this deployment ran, in order (``docs/deploy.md`` shows them)."""
+        """Every command line this deployment ran, in order (the README's Deploy section
+        shows them)."""
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> LocalDeployment:
