@@ -12,6 +12,7 @@ naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -122,6 +123,13 @@ class RunConfig:
             from fedforget.data.groups import parse_groups
 
             parse_groups(self.groups, self.num_clients)
+        for cid in sorted(self.backdoor_client_ids()):
+            match = re.fullmatch(r"client-(\d+)", cid)
+            if match is None or int(match.group(1)) >= self.num_clients:
+                raise ConfigError(
+                    f"backdoor-clients names {cid!r}, which is not a client of this run; "
+                    f"expected ids client-000..client-{self.num_clients - 1:03d}"
+                )
         if self.sample_count > self.num_clients:
             raise ConfigError(
                 f"sample-count = {self.sample_count} is larger than num-clients = "

@@ -269,6 +269,12 @@ class Unlearnable:
                evaluate_config: ConfigRecord | None, evaluate_fn: EvaluateFn | None) -> Result:
         store = self._open_store()
         try:
+            if num_rounds < store.last_round:
+                raise HistoryError(
+                    f"{self.run.path} holds {store.last_round} rounds; num_rounds = "
+                    f"{num_rounds} would train none and report a model of another length: "
+                    f"ask for {store.last_round} or more (to extend the run), or use a new "
+                    "out-dir")
             roster = store.roster()
             with WithdrawalLedger(self.run.path) as ledger:
                 withdrawn = ledger.withdrawn()
