@@ -58,9 +58,11 @@ def test_pins_refuse_a_second_claimant_only_when_node_ids_are_authenticated() ->
 
 def test_a_node_claiming_a_connected_clients_id_is_refused_and_training_goes_on(
         tmp_path: Path) -> None:
-    # Prepare: 4 nodes plus a fifth whose node config claims client-001's id
+    # Prepare: 4 nodes plus a fifth whose node config claims client-001's id (and holds
+    # client-001's partition, so that it identifies itself like the real one)
     out = tmp_path / "run"
-    configs: list[dict[str, Any]] = [{} for _ in range(4)] + [{"client-id": "client-001"}]
+    configs: list[dict[str, Any]] = [{} for _ in range(4)] + [
+        {"client-id": "client-001", "partition-id": 1}]
     # Execute
     _run(out, [101, 102, 103, 104, 105], configs)
     # Assert: trained all rounds with the four, the impostor (answered second) refused
