@@ -58,7 +58,13 @@ from fedforget.rundir import (
 )
 from fedforget.tensors import decode, encode, sha256_digest
 from fedforget.unlearning import Cost, UnlearningRequest, UnlearningResult, get_method
-from fedforget.unlearning.base import Federation, Unlearner, UnlearningError, first_contribution
+from fedforget.unlearning.base import (
+    Federation,
+    ServerSideTask,
+    Unlearner,
+    UnlearningError,
+    first_contribution,
+)
 from fedforget.withdrawal import WithdrawalLedger, WithdrawalRequest
 
 log = logging.getLogger("fedforget.server")
@@ -157,6 +163,10 @@ class UnlearningService:
         The engine the work runs on, as the result records it.
     reference : str
         ``compute``, ``cached`` or ``none`` (see the module).
+    server_side : ServerSideTask, optional
+        The model and proxy data the server holds, for server-side repairs (FUKD); None
+        takes the measure's ``server_side`` attribute if it has one (fedforget's
+        :class:`~fedforget.measure.TaskMeasure` does), else the server holds none.
     """
 
     def __init__(
@@ -168,8 +178,12 @@ class UnlearningService:
         keys_dir: Path,
         engine: str,
         reference: str = "compute",
+        server_side: ServerSideTask | None = None,
     ) -> None:
         self.run = run
+        # fedforget's TaskMeasure knows the task: its server side serves when none is given
+        self.server_side = (server_side if server_side is not None
+                            else getattr(measure, "server_side", None))
         self.federation = federation
         self.measure = measure
         self.keys_dir = keys_dir
@@ -207,6 +221,8 @@ class UnlearningService:
         unlearning_request = UnlearningRequest(
             store=store, forget=forget, federation=federation, workdir=str(partial),
             current_model=in_service.model, observe=_keep_copies(snapshots),
+            exclude=ledger.withdrawn() | forget,
+            server_side=self.server_side,
         )
         committed = False
         try:
