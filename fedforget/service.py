@@ -236,7 +236,10 @@ class UnlearningService:
             if self.federation is not None and method.uses_clients():
                 self._warm_up(store)
             want = "compute" if method.name == "retrain" else self.reference_policy
-            reference = self._reference(store, forget, want)
+            # the reference forgets every client withdrawn so far, also when the method
+            # forgets one client per request (its result is meant to stand for them all)
+            reference = self._reference(
+                store, forget if method.multi_client else forget | ledger.withdrawn(), want)
             if method.name == "retrain" and reference is not None:
                 result = UnlearningResult(model=reference.model, cost=reference.record.cost,
                                           rounds_affected=reference.record.rounds_affected,
