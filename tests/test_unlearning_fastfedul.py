@@ -85,7 +85,8 @@ def test_code_rule_contracts_the_skew_by_hand(store: HistoryStore) -> None:
 
 def test_paper_rule_grows_the_skew_by_hand(store: HistoryStore) -> None:
     # α = 0.1, factor 1.1 every round: D_3 = 1.21 r_1 + 1.1 r_2
-    #   w: -3.63 - 1.65 = -5.28;  -3.63 + 1.65 = -1.98;   b: -2.42 - 3.3 = -5.72;  -1.21 + 3.3 = 2.09
+    #   w: -3.63 - 1.65 = -5.28;  -3.63 + 1.65 = -1.98
+    #   b: -2.42 - 3.3 = -5.72;  -1.21 + 3.3 = 2.09
     result = run(store, {"lipschitz": 0.1, "rule": "paper"})
     assert_tensors(result.model, tensors([10 - 5.28, 8 - 1.98], [[6 - 5.72, 5 + 2.09]]))
 
