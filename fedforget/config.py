@@ -77,6 +77,9 @@ class RunConfig:
     dirichlet_alpha: float = field(default=0.5, metadata=_range(0, None, low_open=True))
     shards_per_client: int = field(default=2, metadata=_range(1))
     holdout_fraction: float = field(default=0.2, metadata=_range(0, 1, high_open=True))
+    # the server's proxy data (FUKD's distillation set): this fraction of the global test
+    # split, carved out by a seeded permutation and then left out of the test set
+    proxy_fraction: float = field(default=0.0, metadata=_range(0, 1, high_open=True))
     synthetic_samples: int = field(default=600, metadata=_range(10))
     synthetic_features: int = field(default=20, metadata=_range(1))
     synthetic_classes: int = field(default=4, metadata=_range(2))

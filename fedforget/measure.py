@@ -39,6 +39,7 @@ __all__ = [
     "Measure",
     "MeasureContext",
     "TaskMeasure",
+    "TaskServerSide",
     "common_figures",
 ]
 
@@ -157,6 +158,27 @@ class EvaluateFnMeasure:
         return {**figures, **common_figures(ctx), "trace": trace}
 
 
+class TaskServerSide:
+    """What the server holds of fedforget's own task (:class:`~fedforget.unlearning.base.
+    ServerSideTask`): the run's model and the proxy set ``proxy-fraction`` carves out of the
+    global test split (:func:`fedforget.task.load_proxy_set`)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def new_model(self) -> Any:
+        """The run's model, initialised from the run seed."""
+        from fedforget.task import new_model
+
+        return new_model(self.cfg)
+
+    def proxy_data(self) -> ArrayDataset | None:
+        """The proxy set, or None when ``proxy-fraction`` is 0."""
+        from fedforget.task import load_proxy_set
+
+        return load_proxy_set(self.cfg)
+
+
 class TaskMeasure:
     """The whole protocol for fedforget's own task (data and model from a RunConfig).
 
@@ -168,6 +190,7 @@ class TaskMeasure:
     def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
+        self.server_side = TaskServerSide(cfg)  # the service hands it to server-side repairs
 
     def forgotten_data(self, forget: Collection[str]
                        ) -> tuple[ArrayDataset | None, ArrayDataset | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
@@ -30,7 +31,27 @@ def dataset_options(cfg: RunConfig) -> dict[str, object]:
 
 
 def load_test_set(cfg: RunConfig) -> ArrayDataset:
-    """The global test set (server-side evaluation)."""
+    """The global test set (server-side evaluation), without the proxy set
+    (:func:`load_proxy_set`) when ``proxy-fraction`` > 0."""
+    test = _global_test_split(cfg)
+    if cfg.proxy_fraction <= 0:
+        return test
+    return test.subset(np.sort(_proxy_order(cfg, len(test))[_proxy_size(cfg, len(test)):]),
+                       name=test.name)
+
+
+def load_proxy_set(cfg: RunConfig) -> ArrayDataset | None:
+    """The server's proxy data: ``proxy-fraction`` of the global test split, chosen by a
+    permutation seeded from the run seed (``derive_seed(seed, "proxy-set")``); None when
+    ``proxy-fraction`` is 0. Its examples are not in :func:`load_test_set`."""
+    if cfg.proxy_fraction <= 0:
+        return None
+    test = _global_test_split(cfg)
+    size = _proxy_size(cfg, len(test))
+    return test.subset(np.sort(_proxy_order(cfg, len(test))[:size]), name=f"{test.name}/proxy")
+
+
+def _global_test_split(cfg: RunConfig) -> ArrayDataset:
     _, test = load_dataset(
         cfg.dataset,
         seed=cfg.seed,
@@ -39,6 +60,16 @@ def load_test_set(cfg: RunConfig) -> ArrayDataset:
         **dataset_options(cfg),
     )
     return test
+
+
+def _proxy_size(cfg: RunConfig, n: int) -> int:
+    return min(max(1, int(cfg.proxy_fraction * n)), n - 1)
+
+
+def _proxy_order(cfg: RunConfig, n: int) -> np.ndarray:
+    from fedforget.sampling import derive_seed
+
+    return np.random.default_rng(derive_seed(cfg.seed, "proxy-set")).permutation(n)
 
 
 def load_client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:

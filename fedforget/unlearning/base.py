@@ -307,7 +307,7 @@ class Unlearner(ABC, Generic[P]):
 
 METHOD_MODULES = (
     "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga",
-    "fastfedul", "sifu",
+    "fastfedul", "sifu", "fukd",
 )
 """The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
 method is one module and one name here."""
