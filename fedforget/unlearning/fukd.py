@@ -172,24 +172,35 @@ class FUKD(Unlearner[FUKDParams]):
     Params = FUKDParams
 
     def check(self, request: UnlearningRequest) -> None:
-        """Refuse what the retention or the server's task cannot serve."""
+        """Refuse what the retention or the server's task cannot serve.
+
+        A request without ``server_side`` is not refused here: the CLI orders a request
+        before the service that holds the task exists (its pre-check has none). The
+        service checks again with its server side; :meth:`run` then refuses a missing or
+        empty proxy set before anything is changed.
+        """
         super().check(request)
         check_contributions_retained(request.store, request.forget, self.name)
-        if self.params.epochs > 0:
-            side = request.server_side
-            proxy = side.proxy_data() if side is not None else None
-            if proxy is None or len(proxy) == 0:
-                raise UnlearningError(
-                    "fukd distils on a proxy set the server holds, but this request has "
-                    + ("no server-side task" if side is None else "an empty proxy set")
-                    + "; expected fedforget's task with run-config proxy-fraction > 0 (or "
-                    "UnlearningService(server_side=...)), or epochs = 0 for the subtraction "
-                    "alone")
+        if self.params.epochs > 0 and request.server_side is not None:
+            self._proxy(request)
+
+    def _proxy(self, request: UnlearningRequest) -> Any:
+        side = request.server_side
+        proxy = side.proxy_data() if side is not None else None
+        if proxy is None or len(proxy) == 0:
+            raise UnlearningError(
+                "fukd distils on a proxy set the server holds, but this request has "
+                + ("no server-side task" if side is None else "an empty proxy set")
+                + "; expected fedforget's task with run-config proxy-fraction > 0 (or "
+                "UnlearningService(server_side=...)), or epochs = 0 for the subtraction "
+                "alone")
+        return proxy
 
     def run(self, request: UnlearningRequest) -> UnlearningResult:
         """Subtract, then distil."""
         store, params = request.store, self.params
         rounds = check_contributions_retained(store, request.forget, self.name)
+        proxy = self._proxy(request) if params.epochs > 0 else None
         base = final_model(store)
         if not rounds:
             return UnlearningResult(model=base, cost=request.federation.cost,
@@ -207,8 +218,8 @@ class FUKD(Unlearner[FUKDParams]):
             from fedforget.arrays import load_tensors, model_tensors
 
             side = request.server_side
-            assert side is not None
-            proxy = side.proxy_data()
+            if side is None or proxy is None:  # _proxy refused both already
+                raise UnlearningError("fukd: no server-side task to distil with")
             student = load_tensors(side.new_model(), model)
             teacher = load_tensors(side.new_model(), base)
             seed = int(store.run_config.get("seed", 0)) if isinstance(
