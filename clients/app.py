@@ -117,6 +117,7 @@ def train(msg: Message, context: Context) -> Message:
     model = _received_model(msg, cfg)
     task = conf.get(protocol.TASK, TRAIN)
     started = time.perf_counter()
+    metrics: dict[str, int | float | list[int] | list[float]]
     if task != TRAIN:
         metrics = dict(CLIENT_TASKS.get(str(task))(model, train_data, holdout, conf))
     else:

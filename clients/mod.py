@@ -210,11 +210,13 @@ def _epochs_override(context: Context, conf: ConfigRecord | None) -> Iterator[No
         yield
         return
     key = conf.get(protocol.LOCAL_EPOCHS_KEY)
-    if not isinstance(key, str) or key not in context.run_config:
+    epochs = conf.get(protocol.LOCAL_EPOCHS)
+    if (not isinstance(key, str) or key not in context.run_config
+            or isinstance(epochs, bool) or not isinstance(epochs, int)):
         yield
         return
     before = context.run_config[key]
-    context.run_config[key] = conf[protocol.LOCAL_EPOCHS]
+    context.run_config[key] = epochs
     try:
         yield
     finally:

@@ -94,8 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", help="inspect a run's history store")
     hsub = history.add_subparsers(dest="history_command", required=True)
-    verify = hsub.add_parser("verify", help="check every record and blob against its digest")
+    verify = hsub.add_parser(
+        "verify", help="check the run directory read-only: records, blobs, WAL, ledger, "
+        "signed tree heads, receipts, results")
     verify.add_argument("dir")
+    verify.add_argument("--head", metavar="FILE",
+                        help="a signed tree head (e.g. a client's head.json) to check against")
+    verify.add_argument("--key", metavar="PUB",
+                        help="the server's public key (default: DIR/keys/signing.pub)")
     show = hsub.add_parser("show", help="rounds, clients, retention, codec, bytes stored")
     show.add_argument("dir")
     show.add_argument("--json", action="store_true")
@@ -492,11 +498,15 @@ def _summary(directory: str | Path) -> dict[str, Any]:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from fedforget.history.verify import verify_store
 
-    report = verify_store(args.dir)
+    report = verify_store(args.dir, head=args.head, public_key=args.key)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     if report.ok:
         print(
             f"OK: {report.rounds_checked} rounds and {report.blobs_checked} blobs match "
-            f"their digests in {args.dir}"
+            f"their digests in {args.dir}; {report.heads_checked} signed tree heads, "
+            f"{report.receipts_checked} receipts and {report.results_checked} results agree "
+            "with the store"
         )
         return 0
     for problem in report.problems:

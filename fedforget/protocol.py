@@ -120,9 +120,9 @@ class WithdrawalAsk:
 
 def read_ask(record: object, client_id: str, node_id: int) -> WithdrawalAsk | None:
     """The withdrawal request in a reply's :data:`CLIENT_RECORD`, if it carries one."""
-    if not hasattr(record, "get") or record.get(WITHDRAW) is None:  # type: ignore[attr-defined]
+    get = getattr(record, "get", None)
+    if get is None or get(WITHDRAW) is None:
         return None
-    get = record.get  # type: ignore[attr-defined]
     head = get(HEAD)
     return WithdrawalAsk(client_id=client_id, node_id=node_id, reason=str(get(WITHDRAW)),
                          asked_at=str(get(WITHDRAW_ASKED_AT) or ""),

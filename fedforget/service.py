@@ -372,8 +372,7 @@ class UnlearningService:
         some = sorted(federation.roster)[:1]
         if some:
             saved = federation.cost
-            federation.train(server_round=0, global_model=store.global_model(0), clients=some,
-                             local_epochs=federation.local_epochs)
+            federation.train(server_round=0, global_model=store.global_model(0), clients=some)
             federation.cost = saved
 
 

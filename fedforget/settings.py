@@ -183,7 +183,8 @@ def _coerce_all(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _kind(f: dataclasses.Field[Any]) -> type:
     if "kind" in f.metadata:
-        return f.metadata["kind"]  # type: ignore[no-any-return]
+        kind: type = f.metadata["kind"]
+        return kind
     return {"bool": bool, "int": int, "float": float, "str": str}[str(f.type)]
 
 

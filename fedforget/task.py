@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import torch
+from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from fedforget.config import RunConfig
@@ -104,14 +105,14 @@ def new_model(cfg: RunConfig) -> torch.nn.Module:
 
 def build_strategy(cfg: RunConfig) -> Strategy:
     """The run's aggregation strategy (FedAvg or FedProx; clients are sampled by fedforget)."""
-    common = {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": 1,
-              "min_evaluate_nodes": 1, "min_available_nodes": 1}
     if cfg.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    return FedAvg(**common)
+        return FedProx(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                       min_evaluate_nodes=1, min_available_nodes=1, proximal_mu=cfg.proximal_mu)
+    return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                  min_evaluate_nodes=1, min_available_nodes=1)
 
 
-def train_config(cfg: RunConfig) -> dict[str, int | float]:
+def train_config(cfg: RunConfig) -> dict[str, ConfigRecordValues]:
     """The local-training settings the server sends every round."""
     return {"local-epochs": cfg.local_epochs, "learning-rate": cfg.learning_rate,
             "batch-size": cfg.batch_size}

@@ -50,6 +50,6 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=to_array_record(model_tensors(new_model(cfg))),
         num_rounds=cfg.num_rounds,
-        train_config=ConfigRecord(train_config(cfg)),
+        train_config=ConfigRecord(dict(train_config(cfg))),
         evaluate_fn=central_evaluate,
     )

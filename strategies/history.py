@@ -79,7 +79,7 @@ def train_every_shown_node(strategy: Strategy) -> Strategy:
     if not hasattr(strategy, "fraction_train"):
         return strategy
     view = copy.copy(strategy)
-    view.fraction_train = 1.0  # type: ignore[attr-defined]
+    setattr(view, "fraction_train", 1.0)  # noqa: B010 - any strategy of the FedAvg family
     for name in ("min_train_nodes", "min_available_nodes", "min_evaluate_nodes"):
         if hasattr(view, name):
             setattr(view, name, 1)

@@ -1,4 +1,5 @@
-"""Command-line pieces: ``fedforget keys generate`` and ``fedforget receipt verify``.
+"""Command-line pieces: ``fedforget keys generate|rotate|revoke`` and ``fedforget receipt
+verify``.
 
 Hook into the main parser with :func:`add_subcommands` and run with :func:`dispatch`::
 
@@ -11,6 +12,11 @@ Hook into the main parser with :func:`add_subcommands` and run with :func:`dispa
 ``receipt verify`` exits 0 and prints the one-line summary when every check passes;
 otherwise it prints ``FAILED <check>: <what was found and expected>`` to stderr and exits 1
 (2 for unusable arguments or unreadable files).
+
+``keys rotate DIR`` makes a new key current through ``DIR/manifest.json`` (created on the
+first rotation), each version signed by the key before; ``keys revoke DIR --key-id ID --at
+TIME`` revokes a rotated-out key from ``TIME``. Verifiers that trusted an older key follow the
+manifest (``receipt verify --key OLD.pub --manifest DIR/manifest.json``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 from fedforget.receipts.errors import ReceiptError
 from fedforget.receipts.keys import generate_keys, public_key_from_pem
 from fedforget.receipts.manifest import KeyManifest
+from fedforget.receipts.run_keys import revoke_key, rotate_keys
 from fedforget.receipts.tree_head import TreeHead
 from fedforget.receipts.verify import summary_line, verify_receipt
 
@@ -47,6 +54,25 @@ def add_subcommands(subparsers: Any) -> None:
     )
     generate.add_argument("directory", metavar="DIR")
     generate.set_defaults(**{_HANDLER: _cmd_keys_generate})
+    rotate = keys_sub.add_parser(
+        "rotate", help="make a new signing key current through DIR/manifest.json (signed by "
+        "the current key); the old pair moves to DIR/retired/"
+    )
+    rotate.add_argument("directory", metavar="DIR")
+    rotate.add_argument("--revoke-current", action="store_true",
+                        help="also revoke the outgoing key from the rotation time")
+    rotate.add_argument("--at", metavar="TIME", help="RFC 3339 UTC time of the rotation "
+                        "(default: now)")
+    rotate.set_defaults(**{_HANDLER: _cmd_keys_rotate})
+    revoke = keys_sub.add_parser(
+        "revoke", help="revoke a rotated-out key from TIME in a new manifest version"
+    )
+    revoke.add_argument("directory", metavar="DIR")
+    revoke.add_argument("--key-id", required=True, metavar="ID", help="hex key id to revoke")
+    revoke.add_argument("--at", required=True, metavar="TIME",
+                        help="RFC 3339 UTC time from which its signatures are refused (may lie "
+                        "in the past, before a suspected compromise)")
+    revoke.set_defaults(**{_HANDLER: _cmd_keys_revoke})
 
     receipt = subparsers.add_parser("receipt", help="check erasure receipts")
     receipt_sub = receipt.add_subparsers(dest="receipt_command", required=True)
@@ -80,6 +106,29 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
         print(f"FAILED {exc}", file=sys.stderr)
         return 1
     print(f"key id {keys.key_id}: wrote {keys.private_key_path} and {keys.public_key_path}")
+    return 0
+
+
+def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    try:
+        done = rotate_keys(args.directory, revoke_current=args.revoke_current, at=args.at)
+    except ReceiptError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    print(f"rotated {args.directory}: key {done.new_key_id} is current (was {done.old_key_id}"
+          f"{', revoked' if args.revoke_current else ''}); {done.manifest_path} is at version "
+          f"{done.manifest_version}; retired: {', '.join(str(p) for p in done.retired)}")
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    try:
+        manifest = revoke_key(args.directory, args.key_id, at=args.at)
+    except ReceiptError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked key {args.key_id} from {args.at} in {args.directory}/manifest.json "
+          f"(version {manifest.version})")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The erasure-receipt statement: an in-toto Statement v1 with our predicate, and its schema.
 
-Wire form of the payload (canonical JSON; keys of our predicate are kebab-case):
+Wire form of the payload (RFC 8785 canonical JSON; keys of our predicate are kebab-case):
 
 .. code-block:: text
 
@@ -10,7 +10,7 @@ Wire form of the payload (canonical JSON; keys of our predicate are kebab-case):
         {"name": "unlearned-model", "digest": {"sha256": "<hex>"}},
         {"name": "original-model",  "digest": {"sha256": "<hex>"}}
       ],
-      "predicateType": "https://fedforget.dev/erasure-receipt/v1",
+      "predicateType": "https://fedforget.dev/erasure-receipt/v2",
       "predicate": {
         "receipt-id": "...", "issued-at": "<RFC 3339 UTC>", "issuer": "...",
         "signer-key-id": "<hex SHA-256 of the raw Ed25519 public key>",
@@ -81,8 +81,12 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 """``_type`` of an in-toto Statement v1."""
 
-PREDICATE_TYPE = "https://fedforget.dev/erasure-receipt/v1"
-"""The one predicate version this code writes and accepts."""
+PREDICATE_TYPE = "https://fedforget.dev/erasure-receipt/v2"
+"""The one predicate version this code writes and accepts (v1: Python's sorted-key JSON and
+version 1 tree heads; v2: RFC 8785 canonical JSON, version 2 tree heads that also commit to
+the withdrawal ledger)."""
+
+_OLDER_PREDICATES = ("https://fedforget.dev/erasure-receipt/v1",)
 
 UNLEARNED_SUBJECT = "unlearned-model"
 ORIGINAL_SUBJECT = "original-model"
@@ -346,8 +350,14 @@ def parse_statement(payload: bytes) -> ErasureStatement:
     if fields["_type"] != STATEMENT_TYPE:
         raise StatementError(f"_type is {fields['_type']!r}; expected {STATEMENT_TYPE!r}")
     if fields["predicateType"] != PREDICATE_TYPE:
+        older = (
+            " (an older receipt version: its bytes were not RFC 8785 canonical JSON and its "
+            "tree heads did not bind the withdrawal ledger; this fedforget verifies "
+            "version 2 only)" if fields["predicateType"] in _OLDER_PREDICATES else ""
+        )
         raise PredicateVersionError(
             f"predicateType is {fields['predicateType']!r}; expected {PREDICATE_TYPE!r}"
+            + older
         )
     subjects = fields["subject"]
     if not isinstance(subjects, list) or len(subjects) != 2:
