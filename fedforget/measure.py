@@ -185,43 +185,107 @@ class TaskMeasure:
     The forgotten clients' training data (members of the attacks) and held-out data
     (non-members) are rebuilt from the run config: this is what a *simulation* can do, where
     the server can build every client's partition; a deployment must ask the client instead.
+
+    Members are the data each forgotten client *trained on*: a client that planted a
+    backdoor trained on its poisoned copy, so the poisoned examples are members too, and the
+    clean and poisoned subsets are also reported apart (the poisoned ones against held-out
+    examples carrying the same trigger and label). The membership figures are measured on
+    balanced sets (the larger side subsampled to the smaller's size, seeded) with
+    ``resamples`` stratified bootstrap resamples (intervals, and the paired difference to
+    the retrained model marked within noise or not). Three attacks: the loss and confidence
+    thresholds, the shadow-model attack (Shokri et al.: a shadow of the run's model trained
+    on half of the test set, logistic regression) and FedEraser's attack (the original
+    global model as shadow, fitted on the remaining clients' training data against the test
+    set, gradient boosting).
     """
 
-    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
+                 original_model_attack: bool = True, resamples: int = 1000) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
+        self.original_model_attack = original_model_attack
+        self.resamples = resamples
         self.server_side = TaskServerSide(cfg)  # the service hands it to server-side repairs
+
+    def trained_data(self, client_id: str) -> tuple[ArrayDataset, ArrayDataset,
+                                                    np.ndarray] | None:
+        """``client_id``'s (training data as it trained on it, held-out data, mask of the
+        poisoned training examples); None for an id that names no partition of this run."""
+        from fedforget.data import poison
+        from fedforget.data.backdoor import poison_indices
+        from fedforget.sampling import derive_seed
+        from fedforget.task import client_partition, load_client_data
+
+        partition = client_partition(client_id)
+        if partition is None or partition >= self.cfg.num_clients:
+            return None
+        train, held = load_client_data(self.cfg, partition)
+        mask = np.zeros(len(train), dtype=bool)
+        if client_id in self.cfg.backdoor_client_ids():
+            seed = derive_seed(self.cfg.seed, "backdoor", client_id)  # as the ClientApp does
+            train = poison(train, target_label=self.cfg.backdoor_target,
+                           fraction=self.cfg.backdoor_fraction, seed=seed)
+            mask[poison_indices(len(mask), fraction=self.cfg.backdoor_fraction,
+                                seed=seed)] = True
+        return train, held, mask
 
     def forgotten_data(self, forget: Collection[str]
                        ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
-        """The forgotten clients' training data and their held-out data, each pooled;
-        None where there is no example (an id that names no partition of this run)."""
-        from fedforget.task import client_partition, load_client_data
+        """The forgotten clients' training data (as trained on, poisoned examples included)
+        and their held-out data, each pooled; None where there is no example."""
+        members, holdout, _ = self._forgotten(forget)
+        return members, holdout
 
-        parts = [client_partition(cid) for cid in sorted(forget)]
-        splits = [load_client_data(self.cfg, p) for p in parts
-                  if p is not None and p < self.cfg.num_clients]
-        return (_pooled([train for train, _ in splits], "forgotten"),
-                _pooled([held for _, held in splits], "forgotten-holdout"))
+    def _forgotten(self, forget: Collection[str]
+                   ) -> tuple[ArrayDataset | None, ArrayDataset | None, np.ndarray | None]:
+        found = [d for d in (self.trained_data(cid) for cid in sorted(forget)) if d is not None]
+        members = _pooled([t for t, _, _ in found], "forgotten")
+        mask = np.concatenate([m for t, _, m in found if len(t)]) if members is not None else None
+        return members, _pooled([h for _, h, _ in found], "forgotten-holdout"), mask
+
+    def _original_attack(self, ctx: MeasureContext, test_set: ArrayDataset) -> Any:
+        from fedforget.arrays import load_tensors
+        from fedforget.evaluation import OriginalModelAttack
+        from fedforget.sampling import derive_seed
+        from fedforget.task import new_model
+
+        staying = [d for d in (self.trained_data(cid) for cid in ctx.remaining())
+                   if d is not None]
+        members = _pooled([t for t, _, _ in staying], "remaining-train")
+        if members is None:
+            return None
+        return OriginalModelAttack.fit_on_original(
+            original=load_tensors(new_model(self.cfg), ctx.original), members=members,
+            non_members=test_set, seed=derive_seed(self.cfg.seed, "original-attack") % 2**32)
 
     def __call__(self, ctx: MeasureContext) -> dict[str, Any]:  # noqa: D102
+        from fedforget.data import poison
         from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
+        from fedforget.sampling import derive_seed
         from fedforget.task import load_test_set, new_model
 
         cfg = self.cfg
         test_set = load_test_set(cfg)
-        members, non_members = self.forgotten_data(ctx.forget)
-        shadow = (run_shadow_attack(cfg, test_set)
-                  if self.shadow_attack and members is not None and non_members is not None
-                  else None)
+        members, non_members, mask = self._forgotten(ctx.forget)
+        usable = members is not None and non_members is not None
+        shadow = run_shadow_attack(cfg, test_set) if self.shadow_attack and usable else None
+        original_attack = (self._original_attack(ctx, test_set)
+                           if self.original_model_attack and usable else None)
+        backdoor = ctx.forget & cfg.backdoor_client_ids()
+        poisoned_holdout = None
+        if backdoor and non_members is not None:
+            poisoned_holdout = poison(non_members, target_label=cfg.backdoor_target,
+                                      fraction=1.0, seed=0)
         scratch = new_model(cfg)
         common = common_figures(ctx)
         figures = evaluate_unlearning(
             model=scratch, original=ctx.original, unlearned=ctx.unlearned,
             retrained=ctx.retrained, test_set=test_set, forgotten=members, holdout=non_members,
-            backdoor_target=(cfg.backdoor_target if ctx.forget & cfg.backdoor_client_ids()
-                             else None),
-            shadow=shadow,
+            backdoor_target=cfg.backdoor_target if backdoor else None,
+            shadow=shadow, original_attack=original_attack,
+            forgotten_poisoned=mask if backdoor else None, poisoned_holdout=poisoned_holdout,
+            resamples=self.resamples, seed=derive_seed(cfg.seed, "mia-bootstrap") % 2**32,
+            balance=True,
         )
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
