@@ -36,9 +36,9 @@ def load_test_set(cfg: RunConfig) -> ArrayDataset:
     (:func:`load_proxy_set`) when ``proxy-fraction`` > 0."""
     test = _global_test_split(cfg)
     if cfg.proxy_fraction <= 0:
-        return test
-    return test.subset(np.sort(_proxy_order(cfg, len(test))[_proxy_size(cfg, len(test)):]),
-                       name=test.name)
+        return _normalised(cfg, test)
+    return _normalised(cfg, test.subset(
+        np.sort(_proxy_order(cfg, len(test))[_proxy_size(cfg, len(test)):]), name=test.name))
 
 
 def load_proxy_set(cfg: RunConfig) -> ArrayDataset | None:
@@ -49,7 +49,8 @@ def load_proxy_set(cfg: RunConfig) -> ArrayDataset | None:
         return None
     test = _global_test_split(cfg)
     size = _proxy_size(cfg, len(test))
-    return test.subset(np.sort(_proxy_order(cfg, len(test))[:size]), name=f"{test.name}/proxy")
+    return _normalised(cfg, test.subset(np.sort(_proxy_order(cfg, len(test))[:size]),
+                                        name=f"{test.name}/proxy"))
 
 
 def _global_test_split(cfg: RunConfig) -> ArrayDataset:
@@ -74,11 +75,51 @@ def _proxy_order(cfg: RunConfig, n: int) -> np.ndarray:
 
 
 def load_client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """One client's (local train, local held-out) data."""
+    """One client's (local train, local held-out) data.
+
+    With ``client-pool`` P > ``num-clients`` N the train pool is split into P partitions and
+    the run's clients are N of them drawn once (:func:`pool_partitions`); with
+    ``examples-per-client`` the training split keeps that many examples (a seeded subset);
+    ``normalize-mean`` / ``normalize-std`` standardise the inputs.
+    """
+    pool = cfg.client_pool if cfg.client_pool > cfg.num_clients else cfg.num_clients
+    partition = (pool_partitions(cfg)[partition_id]
+                 if pool != cfg.num_clients and 0 <= partition_id < cfg.num_clients
+                 else partition_id)
+    train, held = _client_data(cfg, partition, pool)
+    if cfg.examples_per_client and len(train) > cfg.examples_per_client:
+        from fedforget.sampling import derive_seed
+
+        rng = np.random.default_rng(derive_seed(cfg.seed, "examples-per-client", partition))
+        train = train.subset(np.sort(rng.permutation(len(train))[:cfg.examples_per_client]),
+                             name=train.name)
+    return _normalised(cfg, train), _normalised(cfg, held)
+
+
+def pool_partitions(cfg: RunConfig) -> list[int]:
+    """The ``num-clients`` partitions of the ``client-pool`` the run's clients are, drawn
+    once with ``derive_seed(seed, "client-pool")``, in ascending order (client k is the
+    k-th)."""
+    from fedforget.sampling import derive_seed
+
+    rng = np.random.default_rng(derive_seed(cfg.seed, "client-pool"))
+    return sorted(int(i) for i in rng.choice(cfg.client_pool, cfg.num_clients, replace=False))
+
+
+def _normalised(cfg: RunConfig, data: ArrayDataset) -> ArrayDataset:
+    if cfg.normalize_mean == 0.0 and cfg.normalize_std == 1.0:
+        return data
+    x = ((np.asarray(data.x, np.float32) - np.float32(cfg.normalize_mean))
+         / np.float32(cfg.normalize_std))
+    return ArrayDataset(x=x, y=data.y, num_classes=data.num_classes, name=data.name)
+
+
+def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int
+                 ) -> tuple[ArrayDataset, ArrayDataset]:
     return client_data(
         cfg.dataset,
         partition_id=partition_id,
-        num_partitions=cfg.num_clients,
+        num_partitions=num_partitions,
         partitioner=cfg.partitioner,
         seed=cfg.seed,
         alpha=cfg.dirichlet_alpha,
@@ -113,9 +154,16 @@ def build_strategy(cfg: RunConfig) -> Strategy:
 
 
 def train_config(cfg: RunConfig) -> dict[str, ConfigRecordValues]:
-    """The local-training settings the server sends every round."""
-    return {"local-epochs": cfg.local_epochs, "learning-rate": cfg.learning_rate,
-            "batch-size": cfg.batch_size}
+    """The local-training settings the server sends every round (``momentum`` and
+    ``weight-decay`` only when set, so that a run without them sends what it always did)."""
+    out: dict[str, ConfigRecordValues] = {"local-epochs": cfg.local_epochs,
+                                          "learning-rate": cfg.learning_rate,
+                                          "batch-size": cfg.batch_size}
+    if cfg.momentum:
+        out["momentum"] = cfg.momentum
+    if cfg.weight_decay:
+        out["weight-decay"] = cfg.weight_decay
+    return out
 
 
 def client_partition(client_id: str) -> int | None:
