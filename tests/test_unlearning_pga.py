@@ -508,3 +508,54 @@ def test_pga_on_a_real_run_with_a_derived_radius(trained_run: Path, tmp_path: Pa
     assert any("mean squared distance to 10 random initialisations" in note
                for note in result.notes)
     assert result.cost.client_epochs == 2 + 3
+
+
+def test_post_rounds_leave_out_the_requests_excluded_clients(tmp_path: Path) -> None:
+    # Prepare: the service names a (a pending withdrawal, not in the ledger here) in exclude
+    store = tiny_store(tmp_path / "run")
+    fed = ScriptedFederation(["a", "b", "u"], {"b": (vec(3, -1), 3)}, pga_offset=vec(0, 0))
+
+    # Execute
+    PGA(PGAParams(radius=1.0, post_rounds=2)).unlearn(UnlearningRequest(
+        store=store, forget=frozenset({"u"}), federation=fed, workdir=str(tmp_path / "w"),
+        exclude=frozenset({"a", "u"})))
+
+    # Assert
+    assert [(c["round"], c["clients"]) for c in fed.calls] == [
+        (3, ("u",)), (3, ("b",)), (4, ("b",))]
+
+
+def test_the_distance_stop_ends_the_ascent_once_far_from_the_anchor(data: ArrayDataset) -> None:
+    # Prepare: the anchor is the starting model itself, so the distance to it grows from 0;
+    # a stop distance of 0.05 inside a radius of 5 must stop the ascent early
+    model = trained_logreg(data)
+    reference = reference_of(model)
+
+    # Execute
+    stopped = projected_gradient_ascent(
+        model, data, reference=reference, radius=5.0, epochs=3, learning_rate=0.5,
+        batch_size=16, seed=0, momentum=0.9, stop_distance=0.05, anchor=reference)
+
+    # Assert: it stopped on the first step beyond 0.05 from the anchor, well before 15 steps
+    assert stopped.stop_reason == "distance" and stopped.stopped_early
+    assert 1 <= stopped.steps < 15
+    assert stopped.anchor_distance > 0.05
+    assert stopped.anchor_distance == pytest.approx(stopped.distance, rel=1e-6)  # anchor = ref
+
+
+def test_radius_falls_back_to_the_initial_model_when_the_runs_model_cannot_be_built(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the tiny history's tensors ({"w"}) are not the run config's model's, as for a
+    # user's app; θ_0 = (0, 0) stands in for the random initialisations:
+    # δ = sqrt(|w_ref - θ_0|² / 3), w_ref = (2.875, 4.75): |w_ref|² = 8.265625 + 22.5625
+    store = tiny_store(tmp_path / "run")
+    fed = ScriptedFederation(["a", "b", "u"], {}, pga_offset=vec(0, 0))
+
+    # Execute
+    result = PGA(PGAParams(post_rounds=0)).unlearn(UnlearningRequest(
+        store=store, forget=frozenset({"u"}), federation=fed, workdir=str(tmp_path / "w")))
+
+    # Assert
+    assert fed.calls[0]["config"]["pga-radius"] == pytest.approx(math.sqrt(30.828125 / 3))
+    assert any("θ_0 stands in for the random initialisations" in n for n in result.notes)
