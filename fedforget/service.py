@@ -236,10 +236,10 @@ class UnlearningService:
             if self.federation is not None and method.uses_clients():
                 self._warm_up(store)
             want = "compute" if method.name == "retrain" else self.reference_policy
-            # the reference forgets every client withdrawn so far, also when the method
-            # forgets one client per request (its result is meant to stand for them all)
-            reference = self._reference(
-                store, forget if method.multi_client else forget | ledger.withdrawn(), want)
+            # the reference and the measure cover every client withdrawn so far, also when
+            # the method forgets one client per request (its result stands for them all)
+            measured = forget if method.multi_client else forget | ledger.withdrawn()
+            reference = self._reference(store, measured, want)
             if method.name == "retrain" and reference is not None:
                 result = UnlearningResult(model=reference.model, cost=reference.record.cost,
                                           rounds_affected=reference.record.rounds_affected,
@@ -250,8 +250,8 @@ class UnlearningService:
                 replayed = Path(result.history_dir) if result.history_dir else None
             original = store.global_model(store.last_round)
             metrics = self.measure(MeasureContext(
-                store=store, federation=self.federation, forget=forget,
-                not_remaining=forget | ledger.withdrawn(), original=original,
+                store=store, federation=self.federation, forget=measured,
+                not_remaining=measured | ledger.withdrawn(), original=original,
                 unlearned=result.model,
                 retrained=reference.model if reference is not None else None,
                 method_cost=result.cost,
