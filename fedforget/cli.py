@@ -49,10 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     withdraw.add_argument("dir", help="run directory")
     withdraw.add_argument("--client", required=True, help="stable client id, e.g. client-003")
     withdraw.add_argument("--reason", default="", help="the reason the client gave")
+    withdraw.add_argument("--keys", default=None, metavar="DIR",
+                          help="the server's signing keys (default: DIR/keys)")
 
-    unlearn = sub.add_parser("unlearn", help="remove a withdrawn client's influence")
+    unlearn = sub.add_parser("unlearn", help="remove a withdrawn client's influence (or some "
+                             "of its records, or a class)")
     unlearn.add_argument("dir", help="run directory")
-    unlearn.add_argument("--client", required=True, help="stable client id")
+    unlearn.add_argument("--client", default=None,
+                         help="stable client id (with --forget-class: who asks, default "
+                              "'operator')")
+    size = unlearn.add_mutually_exclusive_group()
+    size.add_argument("--records", default=None, metavar="FILE",
+                      help="forget only these records of the client (a file of record ids, "
+                           "one per line); the client stays")
+    size.add_argument("--forget-class", default=None, metavar="LABELS",
+                      help="forget every example of these labels (e.g. 3 or 3,5) on every "
+                           "client")
     unlearn.add_argument("--method", required=True, help="unlearning method (see --list)")
     unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="a method parameter (repeatable)")
@@ -343,13 +355,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- withdraw
 def _cmd_withdraw(args: argparse.Namespace) -> int:
     from fedforget.history import HistoryStore
+    from fedforget.receipts.issuer import head_log
+    from fedforget.rundir import RunDirectory
     from fedforget.withdrawal import WithdrawalLedger
 
     with HistoryStore.open(args.dir) as store:
         roster = frozenset(store.roster())
         contributed = bool(store.clients().get(args.client))
-    with WithdrawalLedger(args.dir) as ledger:
-        request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+        with WithdrawalLedger(args.dir) as ledger:
+            request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+        if created:  # the ledger change is covered by a signed head
+            head_log(store, RunDirectory(args.dir), Path(args.keys) if args.keys else None)
     verb = "recorded" if created else "already recorded"
     print(f"withdrawal {verb}: {request.request_id} for {request.client_id} "
           f"(state {request.state}, received {request.received_at})")
@@ -386,17 +402,29 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from fedforget.config import parse_assignments
     from fedforget.engine import run_unlearning
+    from fedforget.erasure import ErasureError, read_record_file
 
+    records = read_record_file(args.records) if args.records else None
+    labels = None
+    if args.forget_class is not None:
+        parts = [p.strip() for p in args.forget_class.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ErasureError(f"--forget-class {args.forget_class!r}: expected labels such "
+                               "as 3 or 3,5")
+        labels = [int(p) for p in parts]
+    client = args.client or ("operator" if labels is not None else None)
+    if client is None:
+        raise ConfigError("--client is required (unless --forget-class names the labels)")
     # With --json, stdout carries the JSON object only: what the app prints goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         outcome = run_unlearning(
-            args.dir, client=args.client, method=args.method,
+            args.dir, client=client, method=args.method,
             params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
             app_dir=args.app, progress=not (args.quiet or args.json),
-            reference=args.reference, keys_dir=args.keys,
+            reference=args.reference, keys_dir=args.keys, records=records, labels=labels,
         )
     if outcome is None:
-        print(f"no-op: {args.client} has no stored contribution in {args.dir}; "
+        print(f"no-op: {client} has no stored contribution in {args.dir}; "
               "the model is unchanged and nothing was written")
         return 0
     run = Path(args.dir).resolve()
@@ -422,14 +450,24 @@ def format_comparison(outcome: Any, run: Path) -> str:
     m = outcome.metrics
     cost = outcome.cost
     ref = outcome.reference
+    scope = outcome.scope or {}
+    forgot = ", ".join(outcome.forgotten) or "no whole client"
+    if outcome.kind == "records":
+        forgot = f"{scope.get('records', {}).get(outcome.client_id, '?')} records of " \
+                 f"{outcome.client_id}" + (f" (and {forgot})" if outcome.forgotten else "")
+    elif outcome.kind == "class":
+        forgot = f"class {', '.join(map(str, scope.get('labels', [])))} on every client"
     lines = [
         f"method {outcome.method} (v{outcome.method_version}, "
-        f"{'exact' if outcome.exact else 'approximate'}) forgot {', '.join(outcome.forgotten)}"
+        f"{'exact' if outcome.exact else 'approximate'}) forgot {forgot}"
         f" on engine {outcome.engine}",
         f"{'':24}{'original':>10}{'unlearned':>11}{'retrained':>11}",
     ]
     rows = [("test accuracy", m.get("test_accuracy")),
             ("forgotten-data accuracy", m.get("forgotten_accuracy"))]
+    if m.get("forgotten_class_accuracy"):
+        rows += [("forgotten-class test acc", m["forgotten_class_accuracy"]),
+                 ("other classes test acc", m.get("retained_class_accuracy"))]
     if m.get("backdoor_success"):
         rows.append(("backdoor success", m["backdoor_success"]))
     for label, values in rows:
@@ -491,7 +529,7 @@ def format_comparison(outcome: Any, run: Path) -> str:
 def _summary(directory: str | Path) -> dict[str, Any]:
     from fedforget.history import HistoryStore
 
-    with HistoryStore.open(directory) as store:
+    with HistoryStore.open(directory, read_only=True) as store:
         return store.summary()
 
 

@@ -48,12 +48,14 @@ ACCURACY_KEYS = ("accuracy", "eval_acc", "eval-acc", "acc")
 
 def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                      asks: list[WithdrawalAsk] | None = None,
-                     extra_config: Mapping[str, Any] | None = None) -> dict[str, int]:
+                     extra_config: Mapping[str, Any] | None = None,
+                     sizes: dict[str, int] | None = None) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
 
     Waits until ``expected`` nodes are connected (at most ``timeout`` seconds). Withdrawals
     the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
-    the message (the latest signed tree head, which every client keeps).
+    the message (the latest signed tree head, which every client keeps). The data sizes
+    the clients report (``num-examples``, when their app tells the mod) go into ``sizes``.
     """
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < expected:
@@ -85,6 +87,9 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
         if cid in clients:
             raise HistoryError(f"two nodes report the same client id {cid!r}")
         clients[cid] = node
+        size = record.get(protocol.NUM_EXAMPLES) if isinstance(record, ConfigRecord) else None
+        if sizes is not None and isinstance(size, int) and not isinstance(size, bool):
+            sizes[cid] = size
         ask = read_ask(record, cid, node)
         if ask is not None and asks is not None:
             asks.append(ask)
@@ -137,8 +142,10 @@ class GridFederation:
         settings: RecordingSettings,
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         progress: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.grid = grid
+        self.sizes = dict(sizes or {})
         self.clients = dict(clients)
         self.app = app
         self.settings = settings
@@ -215,6 +222,8 @@ class GridFederation:
             extra_config=head_signer.config if head_signer is not None else None,
             refresh_exclude=refresh_exclude,
             on_ask=on_ask,
+            policy=self.settings.robust_policy(),
+            recorded_sizes=self.sizes,
         )
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

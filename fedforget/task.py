@@ -12,10 +12,11 @@ import re
 import numpy as np
 import torch
 from flwr.app.typing import ConfigRecordValues
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, client_data, load_dataset
+from fedforget.data.groups import group_of, mixed_test_set, shift_group
 from fedforget.models import build_model
 from fedforget.sampling import model_init_seed
 
@@ -32,9 +33,11 @@ def dataset_options(cfg: RunConfig) -> dict[str, object]:
 
 
 def load_test_set(cfg: RunConfig) -> ArrayDataset:
-    """The global test set (server-side evaluation), without the proxy set
-    (:func:`load_proxy_set`) when ``proxy-fraction`` > 0."""
-    test = _global_test_split(cfg)
+    """The global test set (server-side evaluation): with client groups, each example in
+    the accent of a group drawn by the groups' sizes (:mod:`fedforget.data.groups`); without
+    the proxy set (:func:`load_proxy_set`) when ``proxy-fraction`` > 0; standardised with
+    ``normalize-mean`` / ``normalize-std``."""
+    test = _full_test_set(cfg)
     if cfg.proxy_fraction <= 0:
         return _normalised(cfg, test)
     return _normalised(cfg, test.subset(
@@ -47,13 +50,22 @@ def load_proxy_set(cfg: RunConfig) -> ArrayDataset | None:
     ``proxy-fraction`` is 0. Its examples are not in :func:`load_test_set`."""
     if cfg.proxy_fraction <= 0:
         return None
-    test = _global_test_split(cfg)
+    test = _full_test_set(cfg)
     size = _proxy_size(cfg, len(test))
     return _normalised(cfg, test.subset(np.sort(_proxy_order(cfg, len(test))[:size]),
                                         name=f"{test.name}/proxy"))
 
 
-def _global_test_split(cfg: RunConfig) -> ArrayDataset:
+def _full_test_set(cfg: RunConfig) -> ArrayDataset:
+    test = load_plain_test_set(cfg)
+    if cfg.groups:
+        return mixed_test_set(test, cfg.group_sizes(), cfg.group_shift, cfg.seed)
+    return test
+
+
+def load_plain_test_set(cfg: RunConfig) -> ArrayDataset:
+    """The global test set as the data set gives it (no group's accent, no proxy carved
+    out, not standardised)."""
     _, test = load_dataset(
         cfg.dataset,
         seed=cfg.seed,
@@ -74,13 +86,18 @@ def _proxy_order(cfg: RunConfig, n: int) -> np.ndarray:
     return np.random.default_rng(derive_seed(cfg.seed, "proxy-set")).permutation(n)
 
 
+def client_group(cfg: RunConfig, partition_id: int) -> int:
+    """The group of a client (0 without groups)."""
+    return group_of(partition_id, cfg.group_sizes()) if cfg.groups else 0
+
+
 def load_client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """One client's (local train, local held-out) data.
+    """One client's (local train, local held-out) data (in its group's accent).
 
     With ``client-pool`` P > ``num-clients`` N the train pool is split into P partitions and
     the run's clients are N of them drawn once (:func:`pool_partitions`); with
     ``examples-per-client`` the training split keeps that many examples (a seeded subset);
-    ``normalize-mean`` / ``normalize-std`` standardise the inputs.
+    ``normalize-mean`` / ``normalize-std`` standardise the inputs (after the group's accent).
     """
     pool = cfg.client_pool if cfg.client_pool > cfg.num_clients else cfg.num_clients
     partition = (pool_partitions(cfg)[partition_id]
@@ -93,6 +110,10 @@ def load_client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, A
         rng = np.random.default_rng(derive_seed(cfg.seed, "examples-per-client", partition))
         train = train.subset(np.sort(rng.permutation(len(train))[:cfg.examples_per_client]),
                              name=train.name)
+    if cfg.groups:
+        group = client_group(cfg, partition_id)
+        train = shift_group(train, group, cfg.group_shift, cfg.seed)
+        held = shift_group(held, group, cfg.group_shift, cfg.seed)
     return _normalised(cfg, train), _normalised(cfg, held)
 
 
@@ -114,12 +135,12 @@ def _normalised(cfg: RunConfig, data: ArrayDataset) -> ArrayDataset:
     return ArrayDataset(x=x, y=data.y, num_classes=data.num_classes, name=data.name)
 
 
-def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int
+def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int | None = None
                  ) -> tuple[ArrayDataset, ArrayDataset]:
     return client_data(
         cfg.dataset,
         partition_id=partition_id,
-        num_partitions=num_partitions,
+        num_partitions=num_partitions or cfg.num_clients,
         partitioner=cfg.partitioner,
         seed=cfg.seed,
         alpha=cfg.dirichlet_alpha,
@@ -149,6 +170,13 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     if cfg.strategy == "fedprox":
         return FedProx(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                        min_evaluate_nodes=1, min_available_nodes=1, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedmedian":  # robust: the coordinate-wise median of the updates
+        return FedMedian(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                         min_evaluate_nodes=1, min_available_nodes=1)
+    if cfg.strategy == "fedtrimmedavg":  # robust: the mean without the extreme beta
+        return FedTrimmedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                             min_evaluate_nodes=1, min_available_nodes=1,
+                             beta=cfg.trim_beta)
     return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=1)
 

@@ -53,12 +53,14 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
+from fedforget.erasure import FORGET_LABELS, labels_text
 from fedforget.errors import ConfigError, HistoryError
 from fedforget.federation import FederationApp, GridFederation, identify_clients
-from fedforget.history import HistoryStore
+from fedforget.history import HeadLog, HistoryStore
+from fedforget.lock import run_lock
 from fedforget.measure import EvaluateFnMeasure, Measure
 from fedforget.protocol import WithdrawalAsk
-from fedforget.receipts.issuer import HeadSigner, signing_key
+from fedforget.receipts.issuer import head_log, signing_key
 from fedforget.rundir import RunDirectory
 from fedforget.service import UnlearningService, read_model
 from fedforget.settings import RecordingSettings, RunSettings, app_run_config
@@ -106,6 +108,10 @@ class Unlearnable:
     seed, clients_per_round, min_replies, retain_interval, codec, history_fsync
         :class:`fedforget.settings.RecordingSettings` (default: ``fedforget.*`` run-config
         keys, else the defaults).
+    max_update_norm, update_norm_policy, max_examples_factor, num_examples_policy
+        Robust aggregation (:mod:`fedforget.robust`): refuse or clip an update whose norm
+        exceeds the bound, refuse or cap a reported example count above the factor times
+        the size the client reported when it identified itself (0: off).
     """
 
     def __init__(
@@ -124,6 +130,10 @@ class Unlearnable:
         retain_interval: int | None = None,
         codec: str | None = None,
         history_fsync: bool | None = None,
+        max_update_norm: float | None = None,
+        update_norm_policy: str | None = None,
+        max_examples_factor: float | None = None,
+        num_examples_policy: str | None = None,
     ) -> None:
         self.strategy = copy.deepcopy(strategy)
         self.context = context
@@ -131,7 +141,9 @@ class Unlearnable:
         self.recording = RecordingSettings.from_run_config(
             context.run_config, seed=seed, clients_per_round=clients_per_round,
             min_replies=min_replies, retain_interval=retain_interval, codec=codec,
-            history_fsync=history_fsync,
+            history_fsync=history_fsync, max_update_norm=max_update_norm,
+            update_norm_policy=update_norm_policy, max_examples_factor=max_examples_factor,
+            num_examples_policy=num_examples_policy,
         )
         self.app_config = app_run_config(context.run_config)
         self.measure = measure
@@ -156,14 +168,26 @@ class Unlearnable:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
         app = FederationApp(
             strategy=self.strategy,
-            train_config=dict(train_config or {}),
+            train_config={**dict(train_config or {}), **self._erasure_config()},
             local_epochs=self._local_epochs(train_config),
             local_epochs_key=self.local_epochs_key,
         )
-        if self.settings.mode == "unlearn":
-            return self._unlearn(grid, app, evaluate_fn, timeout)
-        return self._train(grid, app, initial_arrays, num_rounds, timeout, evaluate_config,
-                           evaluate_fn)
+        # One writer at a time (re-entrant in this process: fedforget's CLI, running the
+        # in-process engine, already holds it)
+        with run_lock(self.run.path, command=f"fedforget {self.settings.mode} (ServerApp)"):
+            if self.settings.mode == "unlearn":
+                return self._unlearn(grid, app, evaluate_fn, timeout)
+            return self._train(grid, app, initial_arrays, num_rounds, timeout,
+                               evaluate_config, evaluate_fn)
+
+    def _erasure_config(self) -> dict[str, str]:
+        """The train-config entry of the labels forgotten across the federation, once a
+        class-level request is in force (every round from then on trains without them)."""
+        if not self.run.exists():
+            return {}
+        with WithdrawalLedger(self.run.path) as ledger:
+            labels = ledger.scope().labels
+        return {FORGET_LABELS: labels_text(labels)} if labels else {}
 
     def _local_epochs(self, train_config: Mapping[str, Any] | None) -> int:
         key = self.local_epochs_key
@@ -177,17 +201,19 @@ class Unlearnable:
                           "the run config")
 
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
-                    timeout: float | None, signer: HeadSigner | None = None) -> GridFederation:
+                    timeout: float | None, signer: HeadLog | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
+        sizes: dict[str, int] = {}
         clients = identify_clients(grid, expected, asks=self.asks,
-                                   extra_config=signer.config() if signer else None)
+                                   extra_config=signer.config() if signer else None,
+                                   sizes=sizes)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
         self.federation = GridFederation(
             grid, clients, app=app, settings=self.recording,
             reply_timeout=timeout if timeout is not None else self.settings.reply_timeout,
-            progress=self.settings.progress,
+            progress=self.settings.progress, sizes=sizes,
         )
         return self.federation
 
@@ -246,8 +272,8 @@ class Unlearnable:
                     )
             expected = self.min_nodes or (len(set(roster) - withdrawn) if roster else
                                           int(getattr(self.strategy, "min_available_nodes", 1)))
-            key, public_key = signing_key(self._keys_dir())
-            signer = HeadSigner(store, key)
+            _, public_key = signing_key(self.run, self._keys_dir())
+            signer = head_log(store, self.run, self._keys_dir())
             federation = self._federation(grid, app, expected, timeout, signer)
             store.set_roster(sorted(set(roster) | set(federation.roster)))
             if store.last_round == 0 and store.initial_model_digest is None:
@@ -277,6 +303,7 @@ class Unlearnable:
                     evaluate_config=evaluate_config, refresh_exclude=ledger.withdrawn,
                     on_ask=lambda ask: asked.append(self._record_ask(ask, roster_now)),
                 )
+            signer.sign()  # covers withdrawals asked during the last round
             if federation.last_evaluation:
                 self.run.client_evaluation.write_text(
                     json.dumps(federation.last_evaluation, indent=2, sort_keys=True))
@@ -342,9 +369,9 @@ class Unlearnable:
         with WithdrawalLedger(self.run.path) as ledger:
             withdrawn = ledger.withdrawn()
         expected = self.min_nodes or max(1, len(set(roster) - withdrawn))
-        key, public_key = signing_key(self._keys_dir())
+        _, public_key = signing_key(self.run, self._keys_dir())
         with HistoryStore.open(self.run.path) as store:
-            signer = HeadSigner(store, key)
+            signer = head_log(store, self.run, self._keys_dir())
         federation = self._federation(grid, app, expected, timeout, signer)
         deliver_receipts(self.run, federation, public_key)
         for ask in self.asks:

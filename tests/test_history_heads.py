@@ -53,7 +53,7 @@ def test_a_head_per_round_and_per_ledger_change(tmp_path: Path) -> None:
     assert (head.size, head.root, head.ledger_size) == (2, heads[1].root, 1)
     # A resume signs nothing new; the latest head goes to the clients.
     again = HeadLog(store, KEY)
-    assert again.latest == head and "tree-head" in again.config()
+    assert again.latest == head and "fedforget.tree-head" in again.config()
     assert len(read_head_log(tmp_path / "run" / "tree_heads.jsonl")[0]) == 3
     store.close()
 

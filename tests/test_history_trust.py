@@ -43,11 +43,12 @@ def test_the_intact_run_verifies_with_every_check_made(
 ) -> None:
     report = verify_store(run)
     assert report.ok, report.problems
-    # 3 round heads, 1 ledger head, 4 heads the clients saved; 1 receipt; the result and
-    # the cached reference.
-    assert (report.heads_checked, report.receipts_checked, report.results_checked) == (8, 1, 2)
+    # 3 round heads; 3 ledger heads (the unlearn command signs after it records and orders
+    # the request — events 1-2 — the service after it moves it to unlearning and to done);
+    # 4 heads the clients saved; 1 receipt; the result and the cached reference.
+    assert (report.heads_checked, report.receipts_checked, report.results_checked) == (10, 1, 2)
     assert main(["history", "verify", str(run)]) == 0
-    assert "8 signed tree heads, 1 receipts and 2 results agree" in capsys.readouterr().out
+    assert "10 signed tree heads, 1 receipts and 2 results agree" in capsys.readouterr().out
 
 
 def test_deleting_the_last_rounds_rows_is_caught_naming_the_round(run: Path) -> None:
@@ -123,7 +124,7 @@ def test_an_edited_ledger_is_caught(run: Path) -> None:
     # As in the issue; the triggers log the change as a new event, which no head signed.
     sql(run, "UPDATE withdrawals SET state = 'done', client_id = 'client-004'")
     found = problems(run)
-    assert any("withdrawal events 4-4" in p and "client-004" in p
+    assert any("withdrawal events 5-5" in p and "client-004" in p
                and "not covered by any signed tree head" in p for p in found), found
 
 
@@ -131,7 +132,7 @@ def test_an_edited_ledger_behind_the_triggers_is_caught(run: Path) -> None:
     sql(run, "DROP TRIGGER withdrawals_logged_on_update")
     sql(run, "UPDATE withdrawals SET client_id = 'client-004'")
     found = problems(run)
-    assert any("differs from its last logged event 3: client_id is 'client-004', logged "
+    assert any("differs from its last logged event 4: client_id is 'client-004', logged "
                "'client-001'" in p for p in found), found
 
 
@@ -141,7 +142,7 @@ def test_a_deleted_withdrawal_event_is_caught_by_the_ledger_root(run: Path) -> N
     sql(run, "DELETE FROM withdrawal_events")
     sql(run, "DELETE FROM withdrawals")
     found = problems(run)
-    assert any(p.startswith("withdrawal events 1..3 were committed and signed") for p in found), (
+    assert any(p.startswith("withdrawal events 1..4 were committed and signed") for p in found), (
         found)
 
 
@@ -253,7 +254,7 @@ def test_a_withdrawal_signed_after_training_verifies(run: Path) -> None:
         roster = frozenset(store.roster())
     with WithdrawalLedger(run) as ledger:
         ledger.request("client-002", reason="moving", roster=roster)
-    assert any("withdrawal events 4-4" in p for p in problems(run))
+    assert any("withdrawal events 5-5" in p for p in problems(run))
     sign_current_head(run)  # the wiring the server needs after each ledger change
     assert verify_store(run).ok
 

@@ -26,9 +26,10 @@ def sign_current_head(run: Path) -> None:
 
 def built_run(factory: pytest.TempPathFactory) -> Path:
     """3 rounds, 4 clients; client-001 withdrawn and unlearned by retrain (result, receipt,
-    salt, reference, current.json); a head signed over the ledger afterwards."""
+    salt, reference, current.json); the service signs a head after every ledger change, and
+    once more here (a no-op when nothing changed)."""
     if "run" not in _BUILT:
-        from fedforget.engine.unlearning import run_unlearning
+        from fedforget.engine import run_unlearning
 
         out = factory.mktemp("trust") / "run"
         train_small(out)

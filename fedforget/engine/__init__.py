@@ -9,7 +9,8 @@ Deployment (SuperLink + SuperNodes) runs the same apps with ``flwr run . <connec
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +80,17 @@ def run_training(
 
     ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``).
     """
+    from fedforget.lock import run_lock
+
     run = RunSettings(out_dir=str(Path(out).resolve()), progress=progress, engine=engine,
                       **settings)
-    run_app(project or find_project(), run_config={**cfg.to_mapping(), **run.to_run_config()},
-            num_nodes=cfg.num_clients, engine=engine, progress=progress)
+    # In this process, the ServerApp's own lock nests in this one; under Flower's engines
+    # the ServerApp's process takes it.
+    with (run_lock(run.run_dir, command=f"fedforget train ({engine})")
+          if engine == "inprocess" else contextlib.nullcontext()):
+        run_app(project or find_project(),
+                run_config={**cfg.to_mapping(), **run.to_run_config()},
+                num_nodes=cfg.num_clients, engine=engine, progress=progress)
 
 
 def run_unlearning(
@@ -98,8 +106,14 @@ def run_unlearning(
     progress: bool = True,
     reference: str = "compute",
     keys_dir: str | Path | None = None,
+    records: Collection[str] | None = None,
+    labels: Collection[int] | None = None,
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
+
+    With ``records``: forget only those records of ``client`` (it stays); with ``labels``:
+    forget those classes on every client, ``client`` naming who asked (see
+    :func:`fedforget.service.order_unlearning`).
 
     The withdrawal is recorded and ordered (:func:`fedforget.service.order_unlearning`:
     everything that can be refused is refused before anything is written); then the run's
@@ -108,8 +122,13 @@ def run_unlearning(
     without any app when none is found (its figures are then those the server can compute
     alone: distances to a cached reference). Returns None (nothing written) when the
     client never contributed.
+
+    One writer at a time: this process holds the run's lock while it orders the request,
+    and while it serves it when the work runs here (in-process, or without an app); under
+    Flower's simulation engine the ServerApp's process takes the lock for the serving.
     """
     from fedforget.history import HistoryStore
+    from fedforget.lock import run_lock
     from fedforget.measure import parameter_measure
     from fedforget.results import UnlearningOutcome
     from fedforget.rundir import RESULT_FILE, RunDirectory
@@ -117,7 +136,7 @@ def run_unlearning(
     from fedforget.unlearning import UnlearningError, get_method
 
     run = RunDirectory(Path(run_dir).resolve())
-    with HistoryStore.open(run.path) as store:
+    with HistoryStore.open(run.path, read_only=True) as store:
         app_config = dict(store.run_config)
         roster = store.roster()
     if project is None:
@@ -129,34 +148,56 @@ def run_unlearning(
             f"{run.path} was not found (looked at --app, $FEDFORGET_APP_DIR, the working "
             "directory); give it with --app DIR"
         )
-    request = order_unlearning(run, client=client, method=unlearner.name,
-                               params=unlearner.params.to_dict(), reason=reason)
-    if request is None:
-        return None
     keys = Path(keys_dir) if keys_dir else run.default_keys
-    if project is None:
-        UnlearningService(run, federation=None, measure=parameter_measure, keys_dir=keys,
-                          engine="server", reference=reference).serve(request.request_id)
-    else:
-        settings = RunSettings(out_dir=str(run.path), mode="unlearn",
-                               request_id=request.request_id, progress=progress,
-                               reference=reference, engine=engine, keys_dir=str(keys))
-        try:
-            run_app(project, run_config={**app_config, **settings.to_run_config()},
-                    num_nodes=len(roster), engine=engine, progress=progress)
-        except BaseException as exc:
-            _fail_if_unserved(run, request.request_id, exc)
-            raise
+    here = project is None or engine == "inprocess"
+    with run_lock(run.path, command=f"fedforget unlearn --method {unlearner.name}"):
+        request = order_unlearning(run, client=client, method=unlearner.name,
+                                   params=unlearner.params.to_dict(), reason=reason,
+                                   records=records, labels=labels, keys_dir=keys)
+        if request is None:
+            return None
+        if project is None:
+            UnlearningService(run, federation=None, measure=parameter_measure, keys_dir=keys,
+                              engine="server", reference=reference).serve(request.request_id)
+        elif here:
+            _serve_with_app(project, run, request.request_id, app_config, roster, keys,
+                            engine=engine, progress=progress, reference=reference)
+    if not here:
+        assert project is not None
+        _serve_with_app(project, run, request.request_id, app_config, roster, keys,
+                        engine=engine, progress=progress, reference=reference)
     return UnlearningOutcome.read(run.result_dir(request.request_id, unlearner.name)
                                   / RESULT_FILE)
 
 
-def _fail_if_unserved(run: Any, request_id: str, exc: BaseException) -> None:
+def _serve_with_app(project: FlowerProject, run: Any, request_id: str,
+                    app_config: Mapping[str, Any], roster: tuple[str, ...], keys: Path, *,
+                    engine: str, progress: bool, reference: str) -> None:
+    """Run the app in unlearning mode for ``request_id``; a failure before its service
+    recorded one leaves the request ``failed`` with the reason."""
+    settings = RunSettings(out_dir=str(run.path), mode="unlearn", request_id=request_id,
+                           progress=progress, reference=reference, engine=engine,
+                           keys_dir=str(keys))
+    try:
+        run_app(project, run_config={**app_config, **settings.to_run_config()},
+                num_nodes=len(roster), engine=engine, progress=progress)
+    except BaseException as exc:
+        _fail_if_unserved(run, request_id, exc, keys)
+        raise
+
+
+def _fail_if_unserved(run: Any, request_id: str, exc: BaseException, keys: Path) -> None:
     """The app failed before (or without) its unlearning service recording the failure:
-    move the request to ``failed`` with the reason, so that no request is left pending."""
+    move the request to ``failed`` with the reason, so that no request is left pending.
+    (A run directory locked by another command is that command's: nothing is moved.)"""
+    from fedforget.history import HistoryStore
+    from fedforget.lock import RunLockedError
+    from fedforget.receipts.issuer import head_log
     from fedforget.withdrawal import WithdrawalLedger
 
-    with WithdrawalLedger(run.path) as ledger:
+    if isinstance(exc, RunLockedError):
+        return
+    with HistoryStore.open(run.path) as store, WithdrawalLedger(run.path) as ledger:
         request = ledger.get(request_id)
         if (request.state in ("done", "failed")
                 and request.updated_at >= (request.ordered_at or "")):
@@ -165,3 +206,4 @@ def _fail_if_unserved(run: Any, request_id: str, exc: BaseException) -> None:
             ledger.move(request_id, "unlearning", method=request.method)
         ledger.move(request_id, "failed", method=request.method,
                     detail={"error": f"the app failed: {type(exc).__name__}: {exc}"})
+        head_log(store, run, keys)

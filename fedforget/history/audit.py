@@ -52,6 +52,7 @@ from fedforget.receipts.merkle import MerkleAccumulator
 from fedforget.receipts.receipt import client_commitment, receipt_digest
 from fedforget.receipts.tree_head import TreeHead, verify_tree_head
 from fedforget.receipts.verify import VerifiedReceipt, verify_receipt
+from fedforget.results import ReferenceRecord, ResultError, UnlearningOutcome
 from fedforget.rundir import (
     CLIENT_STATE_DIR,
     HEAD_FILE,
@@ -330,11 +331,24 @@ def _check_receipts(run: RunDirectory, conn: sqlite3.Connection, trust: _Trust,
                 report.problems.append(
                     f"{latest} names {target}, but the chain ends at {', '.join(tips) or 'none'}"
                 )
-    # Salts: each opens its receipt's commitment to its client.
+    # Salts: each opens its receipt's commitment to its client — those delivered to a
+    # simulated client's state directory, and those waiting in a request's outbox.
+    salts: list[tuple[Path, str]] = []
     state = run.path / CLIENT_STATE_DIR
     if state.is_dir():
-        for salt_path in sorted(state.glob("*/*.salt")):
-            client = salt_path.parent.name
+        salts += [(p, p.parent.parent.name) for p in sorted(state.glob("*/receipts/*.salt"))]
+    clients_of = (dict(conn.execute("SELECT request_id, client_id FROM withdrawals"))
+                  if _has_withdrawals(conn) else {})
+    for outbox in run.outboxes():
+        client_of_request = clients_of.get(outbox.parent.name)
+        for p in sorted(outbox.glob("*.salt")):
+            if client_of_request is None:
+                report.problems.append(f"salt {p}: its request {outbox.parent.name} is not "
+                                       "in the withdrawal ledger")
+            else:
+                salts.append((p, client_of_request))
+    if salts:
+        for salt_path, client in salts:
             rid = salt_path.stem
             try:
                 salt = bytes.fromhex(salt_path.read_text(encoding="ascii").strip())
@@ -369,18 +383,6 @@ def _read_json(path: Path, report: VerifyReport) -> dict[str, Any] | None:
     return data
 
 
-_REFERENCE_KEYS = ("forgotten", "model_digest", "model_path", "history_dir")
-_RESULT_KEYS = ("forgotten", "model_digest", "model_path", "history_dir", "method", "request",
-                "original_model_digest", "reference", "receipt")
-
-
-def _has_keys(info: dict[str, Any], path: Path, keys: tuple[str, ...],
-              report: VerifyReport) -> bool:
-    missing = [k for k in keys if k not in info]
-    if missing:
-        report.problems.append(f"{path}: lacks the committed field(s) {', '.join(missing)}")
-        return False
-    return True
 
 
 def _check_model_file(run: RunDirectory, relative: object, digest: object, owner: Path,
@@ -436,21 +438,20 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
         if PARTIAL_MARK in ref.name or not ref.is_dir():
             continue
         result = ref / RESULT_FILE
-        info = _read_json(result, report)
         report.results_checked += 1
-        if info is None or not _has_keys(info, result, _REFERENCE_KEYS, report):
+        try:
+            record = ReferenceRecord.read(result)
+        except ResultError as exc:
+            report.problems.append(f"{result}: not a reference record: {exc}")
             continue
-        forgotten = info.get("forgotten")
-        if not isinstance(forgotten, list) or f"reference-{forget_key(forgotten)}" != ref.name:
-            report.problems.append(
-                f"{result}: forgotten {forgotten!r} does not give the directory name {ref.name}"
-            )
-        ok = _check_model_file(run, str(ref.relative_to(run.path) / str(info.get("model_path"))),
-                               info.get("model_digest"), result, report)
-        if ok:
-            references[ref.name] = str(info["model_digest"])
-        if info.get("history_dir"):
-            _check_replayed_history(ref / str(info["history_dir"]), result, report, nested)
+        if f"reference-{forget_key(record.forgotten)}" != ref.name:
+            report.problems.append(f"{result}: forgotten {record.forgotten!r} does not give the "
+                                   f"directory name {ref.name}")
+        if _check_model_file(run, str(ref.relative_to(run.path) / record.model_path),
+                             record.model_digest, result, report):
+            references[ref.name] = record.model_digest
+        if record.history_dir:
+            _check_replayed_history(ref / record.history_dir, result, report, nested)
     named_receipts: set[str] = set()
     results: dict[tuple[str, str], str] = {}
     for result in sorted(unlearned.glob(f"*/*/{RESULT_FILE}")):
@@ -460,30 +461,27 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
                 or PARTIAL_MARK in request_dir.name or method_dir.name.startswith(".")):
             continue
         report.results_checked += 1
-        info = _read_json(result, report)
-        if info is None or not _has_keys(info, result, _RESULT_KEYS, report):
+        try:
+            outcome = UnlearningOutcome.read(result)
+        except ResultError as exc:
+            report.problems.append(f"{result}: not a result record: {exc}")
             continue
-        if _check_model_file(run, info.get("model_path"), info.get("model_digest"), result,
-                             report):
-            results[(request_dir.name, method_dir.name)] = str(info["model_digest"])
-        request: dict[str, Any] = (info["request"] if isinstance(info.get("request"), dict)
-                                   else {})
-        if request.get("request_id") != request_dir.name or info.get("method") != method_dir.name:
+        if _check_model_file(run, outcome.model_path, outcome.model_digest, result, report):
+            results[(request_dir.name, method_dir.name)] = outcome.model_digest
+        if outcome.request_id != request_dir.name or outcome.method != method_dir.name:
             report.problems.append(
-                f"{result}: it records request {request.get('request_id')!r} and method "
-                f"{info.get('method')!r}; its directory says {request_dir.name}/{method_dir.name}"
+                f"{result}: it records request {outcome.request_id!r} and method "
+                f"{outcome.method!r}; its directory says {request_dir.name}/{method_dir.name}"
             )
         row = ledger.get(request_dir.name)
         if row is None:
             report.problems.append(
                 f"{result}: the withdrawal ledger has no request {request_dir.name}")
-        elif row[2] != "done":
+        elif row[2] not in ("done", "unlearning", "failed"):
             report.problems.append(
                 f"{result}: the ledger says request {request_dir.name} of {row[1]} is "
                 f"{row[2]!r}, yet this result is committed")
-        receipt_info: dict[str, Any] = (info["receipt"] if isinstance(info.get("receipt"), dict)
-                                        else {})
-        rid = receipt_info.get("receipt_id")
+        rid = outcome.receipt.receipt_id if outcome.receipt is not None else None
         if rid is None:
             report.problems.append(f"{result}: it names no receipt")
         elif rid not in receipts:
@@ -492,41 +490,35 @@ def _check_results(run: RunDirectory, conn: sqlite3.Connection,
         else:
             named_receipts.add(rid)
             s = receipts[rid][1].statement
-            reference: dict[str, Any] = (
-                info["reference"] if isinstance(info.get("reference"), dict) else {})
             pairs = [
-                ("unlearned model", info.get("model_digest"), s.unlearned_model),
-                ("original model", info.get("original_model_digest"), s.original_model),
-                ("request", request.get("request_id"), s.request_id),
-                ("method", info.get("method"), s.method),
-                ("retrained model", reference.get("model_digest"),
+                ("unlearned model", outcome.model_digest, s.unlearned_model),
+                ("original model", outcome.original_model_digest, s.original_model),
+                ("request", outcome.request_id, s.request_id),
+                ("method", outcome.method, s.method),
+                ("retrained model", outcome.reference.model_digest,
                  None if s.comparison is None else s.comparison.retrained_model_digest),
             ]
             for what, mine, signed in pairs:
                 if mine != signed:
                     report.problems.append(
                         f"{result}: its {what} is {mine!r}; receipt {rid} says {signed!r}")
-        forgotten = info.get("forgotten")
-        reference = info["reference"] if isinstance(info.get("reference"), dict) else {}
-        if not isinstance(forgotten, list) or not all(isinstance(c, str) for c in forgotten):
-            report.problems.append(f"{result}: forgotten is {forgotten!r}; expected client ids")
-        else:
+        forgotten = outcome.forgotten
+        if outcome.reference.model_digest is not None:
             key = f"reference-{forget_key(forgotten)}"
             if key not in references:
                 report.problems.append(
                     f"{result}: no cached reference {key} for the forgotten clients "
                     f"{', '.join(forgotten)}")
-            elif reference.get("model_digest") != references[key]:
+            elif outcome.reference.model_digest != references[key]:
                 report.problems.append(
-                    f"{result}: its reference model is {reference.get('model_digest')!r}; the "
-                    f"cached reference {key} is {references[key]}")
-            if row is not None and row[1] not in forgotten:
-                report.problems.append(
-                    f"{result}: request {request_dir.name} is {row[1]}'s, who is not among "
-                    f"the forgotten clients {', '.join(forgotten)}")
-        if info.get("history_dir"):
-            _check_replayed_history(method_dir / str(info["history_dir"]), result, report,
-                                    nested)
+                    f"{result}: its reference model is {outcome.reference.model_digest!r}; "
+                    f"the cached reference {key} is {references[key]}")
+        if row is not None and row[1] not in forgotten:
+            report.problems.append(
+                f"{result}: request {request_dir.name} is {row[1]}'s, who is not among "
+                f"the forgotten clients {', '.join(forgotten)}")
+        if outcome.history_dir:
+            _check_replayed_history(run.path / outcome.history_dir, result, report, nested)
     for rid, (path, _) in sorted(receipts.items()):
         if rid not in named_receipts:
             report.problems.append(

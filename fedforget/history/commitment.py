@@ -50,20 +50,23 @@ LEDGER_EVENT_FORMAT = "fedforget-withdrawal-event/v1"
 """Value of ``format`` in every ledger event."""
 
 _EVENT_COLUMNS = ("seq", "request_id", "client_id", "received_at", "reason", "state",
-                  "updated_at", "method", "detail", "params", "ordered_at")
+                  "updated_at", "method", "detail", "params", "ordered_at", "kind", "scope")
 
 
 def ledger_event_bytes(row: Sequence[Any]) -> bytes:
     """The canonical bytes of one withdrawal event, ``row`` in the column order
     ``seq, request_id, client_id, received_at, reason, state, updated_at, method, detail,
-    params, ordered_at``.
+    params, ordered_at, kind, scope`` (``kind``: ``client`` for a whole client's withdrawal,
+    ``records`` or ``class`` for an erasure, whose ``scope`` is the JSON of its record ids
+    or labels).
 
     .. code-block:: json
 
         {"client-id": "client-003", "detail": null, "format": "fedforget-withdrawal-event/v1",
-         "method": null, "ordered-at": null, "params": null, "reason": "",
+         "kind": "client", "method": null, "ordered-at": null, "params": null, "reason": "",
          "received-at": "2025-01-31T12:00:00.000001Z", "request-id": "wr-0123456789ab",
-         "seq": 1, "state": "pending", "updated-at": "2025-01-31T12:00:00.000001Z"}
+         "scope": null, "seq": 1, "state": "pending",
+         "updated-at": "2025-01-31T12:00:00.000001Z"}
 
     ``detail`` and ``params`` are the JSON texts stored in the ledger, as strings.
 
@@ -76,13 +79,13 @@ def ledger_event_bytes(row: Sequence[Any]) -> bytes:
         raise HistoryError(
             f"a withdrawal event has {len(row)} columns; expected {len(_EVENT_COLUMNS)}")
     (seq, request_id, client_id, received_at, reason, state, updated_at, method, detail,
-     params, ordered_at) = row
+     params, ordered_at, kind, scope) = row
     for name, value, nullable in (
         ("request_id", request_id, False), ("client_id", client_id, False),
         ("received_at", received_at, False), ("reason", reason, False),
         ("state", state, False), ("updated_at", updated_at, False),
         ("method", method, True), ("detail", detail, True), ("params", params, True),
-        ("ordered_at", ordered_at, True),
+        ("ordered_at", ordered_at, True), ("kind", kind, False), ("scope", scope, True),
     ):
         if not (isinstance(value, str) or (nullable and value is None)):
             raise HistoryError(
@@ -105,6 +108,8 @@ def ledger_event_bytes(row: Sequence[Any]) -> bytes:
             "detail": detail,
             "params": params,
             "ordered-at": ordered_at,
+            "kind": kind,
+            "scope": scope,
         })
     except ValueError as exc:
         raise HistoryError(f"withdrawal event {seq} cannot be written as JSON: {exc}") from exc

@@ -41,6 +41,7 @@ from fedforget.history.commitment import (
 )
 from fedforget.history.records import RoundRecord
 from fedforget.history.store import INDEX_FILENAME, HistoryStore
+from fedforget.protocol import TREE_HEAD
 from fedforget.receipts.errors import ReceiptError
 from fedforget.receipts.manifest import KeyManifest
 from fedforget.receipts.merkle import MerkleAccumulator
@@ -250,4 +251,4 @@ class HeadLog:
         """Train-config entries carrying the latest head to the clients."""
         if self.latest is None:
             return {}
-        return {"tree-head": self.latest.to_json().decode()}
+        return {TREE_HEAD: self.latest.to_json().decode()}

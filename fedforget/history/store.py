@@ -160,6 +160,20 @@ CREATE TABLE withdrawals (
     params      TEXT,
     ordered_at  TEXT
 );
+CREATE TABLE erasures (
+    request_id  TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,        -- 'records' or 'class'
+    client_id   TEXT NOT NULL,
+    scope       TEXT NOT NULL,        -- JSON: the record ids or the labels
+    received_at TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    method      TEXT,
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
+);
 CREATE TABLE withdrawal_events (
     seq         INTEGER PRIMARY KEY,  -- 1, 2, 3, ...: leaf seq - 1 of the ledger tree
     request_id  TEXT NOT NULL,
@@ -171,22 +185,43 @@ CREATE TABLE withdrawal_events (
     method      TEXT,
     detail      TEXT,
     params      TEXT,
-    ordered_at  TEXT
+    ordered_at  TEXT,
+    kind        TEXT NOT NULL,        -- 'client' (withdrawals), 'records' or 'class' (erasures)
+    scope       TEXT
 );
 CREATE TRIGGER withdrawals_logged_on_insert AFTER INSERT ON withdrawals BEGIN
     INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
-                                   updated_at, method, detail, params, ordered_at)
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
     VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
-            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at);
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, 'client',
+            NULL);
 END;
 CREATE TRIGGER withdrawals_logged_on_update AFTER UPDATE ON withdrawals BEGIN
     INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
-                                   updated_at, method, detail, params, ordered_at)
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
     VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
-            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at);
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, 'client',
+            NULL);
 END;
 CREATE TRIGGER withdrawals_never_deleted BEFORE DELETE ON withdrawals BEGIN
     SELECT RAISE(ABORT, 'withdrawal requests are never deleted');
+END;
+CREATE TRIGGER erasures_logged_on_insert AFTER INSERT ON erasures BEGIN
+    INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
+    VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, NEW.kind,
+            NEW.scope);
+END;
+CREATE TRIGGER erasures_logged_on_update AFTER UPDATE ON erasures BEGIN
+    INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
+    VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, NEW.kind,
+            NEW.scope);
+END;
+CREATE TRIGGER erasures_never_deleted BEFORE DELETE ON erasures BEGIN
+    SELECT RAISE(ABORT, 'erasure requests are never deleted');
 END;
 CREATE TRIGGER withdrawal_events_never_updated BEFORE UPDATE ON withdrawal_events BEGIN
     SELECT RAISE(ABORT, 'the withdrawal event log is append-only');

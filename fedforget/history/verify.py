@@ -460,11 +460,18 @@ def _check_ledger(conn: sqlite3.Connection, index: Path, report: VerifyReport) -
         table = {
             r[0]: r for r in conn.execute(
                 "SELECT request_id, client_id, received_at, reason, state, updated_at, method, "
-                "detail, params, ordered_at FROM withdrawals"
+                "detail, params, ordered_at, 'client', NULL FROM withdrawals"
             )
         }
+        table.update({
+            r[0]: r for r in conn.execute(
+                "SELECT request_id, client_id, received_at, reason, state, updated_at, method, "
+                "detail, params, ordered_at, kind, scope FROM erasures"
+            )
+        })
     except sqlite3.Error as exc:
-        report.problems.append(f"index {index}: the withdrawals table cannot be read: {exc}")
+        report.problems.append(f"index {index}: the withdrawals and erasures tables cannot "
+                               f"be read: {exc}")
         return
     for request_id in sorted(set(table) | set(last)):
         entry: tuple[Any, ...] | None = table.get(request_id)
@@ -483,7 +490,8 @@ def _check_ledger(conn: sqlite3.Connection, index: Path, report: VerifyReport) -
             )
         elif tuple(entry) != tuple(event[1:]):
             columns = ("request_id", "client_id", "received_at", "reason", "state",
-                       "updated_at", "method", "detail", "params", "ordered_at")
+                       "updated_at", "method", "detail", "params", "ordered_at", "kind",
+                       "scope")
             changed = [
                 f"{c} is {a!r}, logged {b!r}" for c, a, b in zip(columns, entry, event[1:],
                                                                  strict=True) if a != b

@@ -1,5 +1,5 @@
-"""Command-line pieces: ``fedforget keys generate|rotate|revoke`` and ``fedforget receipt
-verify``.
+"""Command-line pieces: ``fedforget keys generate|rotate|revoke``, ``fedforget receipt
+verify`` and ``fedforget receipt open-record``.
 
 Hook into the main parser with :func:`add_subcommands` and run with :func:`dispatch`::
 
@@ -30,6 +30,7 @@ from typing import Any
 from fedforget.receipts.errors import ReceiptError
 from fedforget.receipts.keys import generate_keys, public_key_from_pem
 from fedforget.receipts.manifest import KeyManifest
+from fedforget.receipts.records import RecordOpening, open_record
 from fedforget.receipts.run_keys import revoke_key, rotate_keys
 from fedforget.receipts.tree_head import TreeHead
 from fedforget.receipts.verify import summary_line, verify_receipt
@@ -88,7 +89,19 @@ def add_subcommands(subparsers: Any) -> None:
     verify.add_argument("--head", metavar="FILE", help="the tree head your client saved")
     verify.add_argument("--salt", metavar="HEX", help="your commitment salt (with --client)")
     verify.add_argument("--client", metavar="ID", help="your client id (with --salt)")
+    verify.add_argument("--record-opening", metavar="FILE",
+                        help="an opening of one record (receipt open-record): check that "
+                             "the receipt covers that record")
     verify.set_defaults(**{_HANDLER: _cmd_receipt_verify})
+    opening = receipt_sub.add_parser(
+        "open-record", help="(client side) prove that a record-level receipt covers one of "
+                            "your records, revealing no other; prints the opening (JSON)")
+    opening.add_argument("--records-salt", required=True, metavar="FILE",
+                         help="the <receipt-id>.records-salt file you received")
+    opening.add_argument("--records", required=True, metavar="FILE",
+                         help="the <receipt-id>.records file (the ids you asked to forget)")
+    opening.add_argument("--record", required=True, metavar="ID", help="the record to open")
+    opening.set_defaults(**{_HANDLER: _cmd_open_record})
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
@@ -158,6 +171,8 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
         manifest_bytes = None if args.manifest is None else _read(args.manifest, "manifest")
         model = None if args.model is None else _read(args.model, "model file")
         head_bytes = None if args.head is None else _read(args.head, "saved head")
+        opening_bytes = (None if args.record_opening is None
+                         else _read(args.record_opening, "record opening"))
     except _UsageError as exc:
         print(f"receipt verify: {exc}", file=sys.stderr)
         return 2
@@ -175,9 +190,31 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
             saved_head=saved_head,
             salt=salt,
             client_id=args.client,
+            record_opening=(None if opening_bytes is None
+                            else RecordOpening.from_json(opening_bytes)),
         )
     except ReceiptError as exc:
         print(f"FAILED {exc}", file=sys.stderr)
         return 1
     print(summary_line(verified))
+    return 0
+
+
+def _cmd_open_record(args: argparse.Namespace) -> int:
+    try:
+        salt_text = _read(args.records_salt, "records salt").decode().strip()
+        ids = [line.strip() for line in _read(args.records, "records").decode().splitlines()
+               if line.strip()]
+        try:
+            salt = bytes.fromhex(salt_text)
+        except ValueError:
+            raise _UsageError(f"{args.records_salt} does not hold a hex salt") from None
+    except _UsageError as exc:
+        print(f"receipt open-record: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(open_record(salt, ids, args.record).to_json())
+    except ReceiptError as exc:
+        print(f"FAILED {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -25,9 +25,15 @@ Wire form of the payload (RFC 8785 canonical JSON; keys of our predicate are keb
                    "seeds": {"name": 7, ...}},
         "comparison": null | {"retrained-model": "sha256:<hex>",
                               "metrics": {"name": "<decimal string>", ...}},
-        "previous-receipt": null | "sha256:<hex of the previous receipt file>"
+        "previous-receipt": null | "sha256:<hex of the previous receipt file>",
+        "scope": {"kind": "records", "records": {"count": 5, "root": "<hex>",
+                                                 "scheme": "..."}}
+                 | {"kind": "class", "labels": [3]}       (only below whole clients)
       }
     }
+
+``scope`` is present only in receipts of record- and class-level requests
+(:mod:`fedforget.erasure`); a whole-client receipt has none, as before.
 
 :func:`parse_statement` checks every field: an unknown field, a missing one, another
 ``_type`` or ``predicateType``, or a value of the wrong form raises.
@@ -115,6 +121,8 @@ _HISTORY_FIELDS = ("consistency", "root", "tree-size")
 _CONSISTENCY_FIELDS = ("from-head", "proof")
 _METHOD_FIELDS = ("name", "parameters", "seeds", "version")
 _COMPARISON_FIELDS = ("metrics", "retrained-model")
+_SCOPE_KINDS = {"records": ("kind", "records"), "class": ("kind", "labels")}
+_RECORDS_FIELDS = ("count", "root", "scheme")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", re.ASCII)
 
 
@@ -246,6 +254,7 @@ class ErasureStatement:
     comparison: Comparison | None
     previous_receipt: str | None
     statement: Mapping[str, Any]
+    scope: Mapping[str, Any] | None = None  # record- or class-level requests only
 
 
 def _subject(data: object, index: int, name: str) -> str:
@@ -332,6 +341,29 @@ def _comparison(data: object) -> Comparison | None:
     return Comparison(digest, metrics)
 
 
+def _scope(data: object) -> Mapping[str, Any]:
+    where = "predicate.scope"
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in _SCOPE_KINDS:
+        raise PredicateError(f"{where}.kind is {kind!r}; expected 'records' or 'class'")
+    fields = require_fields(data, where, PredicateError, _SCOPE_KINDS[kind])
+    if kind == "records":
+        records = require_fields(fields["records"], f"{where}.records", PredicateError,
+                                 _RECORDS_FIELDS)
+        require_int(records["count"], f"{where}.records.count", PredicateError, minimum=1)
+        require_hex64(records["root"], f"{where}.records.root", PredicateError)
+        require_str(records["scheme"], f"{where}.records.scheme", PredicateError)
+    else:
+        labels = fields["labels"]
+        if not isinstance(labels, list) or not labels:
+            raise PredicateError(f"{where}.labels is {labels!r}; expected a list of labels")
+        values = [require_int(v, f"{where}.labels[{i}]", PredicateError)
+                  for i, v in enumerate(labels)]
+        if values != sorted(set(values)):
+            raise PredicateError(f"{where}.labels is {values}; expected increasing labels")
+    return MappingProxyType(dict(fields))
+
+
 def parse_statement(payload: bytes) -> ErasureStatement:
     """Parse and schema-check the payload of an erasure receipt.
 
@@ -368,7 +400,10 @@ def parse_statement(payload: bytes) -> ErasureStatement:
     unlearned = _subject(subjects[0], 0, UNLEARNED_SUBJECT)
     original = _subject(subjects[1], 1, ORIGINAL_SUBJECT)
 
-    p = require_fields(fields["predicate"], "predicate", PredicateError, _PREDICATE_FIELDS)
+    optional = ("scope",) if isinstance(fields["predicate"], dict) and \
+        "scope" in fields["predicate"] else ()
+    p = require_fields(fields["predicate"], "predicate", PredicateError,
+                       _PREDICATE_FIELDS + optional)
     receipt_id = require_str(p["receipt-id"], "predicate.receipt-id", PredicateError)
     issued_at = p["issued-at"]
     parse_utc(issued_at, "predicate.issued-at", PredicateError)
@@ -427,6 +462,7 @@ def parse_statement(payload: bytes) -> ErasureStatement:
         comparison=comparison,
         previous_receipt=previous,
         statement=MappingProxyType(data),
+        scope=_scope(p["scope"]) if optional else None,
     )
 
 

@@ -17,7 +17,8 @@ from torch import nn
 from fedforget.data.array_dataset import ArrayDataset
 from fedforget.registry import Registry
 
-TASK_MODULES = ("fedforget.unlearning.ascent",)
+TASK_MODULES = ("fedforget.unlearning.ascent", "fedforget.evaluation.profile",
+                "fedforget.unlearning.rapid_retrain", "fedforget.unlearning.fucp")
 """The modules that register the shipped client tasks."""
 
 TRAIN = "train"
