@@ -21,6 +21,9 @@ app's own handlers:
 * it keeps the latest signed tree head the server showed in ``head.json`` of the client's
   state directory (node config ``state-dir``; in simulation
   ``<fedforget.out-dir>/client-state/<client-id>``);
+* it refuses (an error reply) the measurement of a forgotten client's own data
+  (:mod:`fedforget.evaluation.on_client`) unless the node's operator consented (node
+  config ``fedforget-consent=true``);
 * when the client's operator asked to leave (:func:`ask_withdrawal`, the command
   ``fedforget client withdraw``), it tells the server in every reply, with the saved head,
   until the receipt arrives; it stores a delivered receipt, its salt and the server's
@@ -40,11 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedforget import protocol
 from fedforget.errors import ConfigError
+from fedforget.evaluation.on_client import CONSENT_KEY, MEASURE_TASK, consents
 from fedforget.fileio import write_atomic
 from fedforget.rundir import HEAD_FILE, RunDirectory
 from fedforget.settings import PREFIX
@@ -53,6 +57,10 @@ log = logging.getLogger("fedforget.clients")
 
 __all__ = ["ask_withdrawal", "client_id_of", "state_dir_of", "unlearning_mod",
            "unlearning_mod_with", "withdrawal_status"]
+
+NO_CONSENT = 0
+"""Error code of the reply to a measurement the node's operator did not consent to
+(Flower's ``ErrorCode.UNKNOWN``: Flower has no code of its own for a refusal)."""
 
 WITHDRAWAL_FILE = "withdrawal.json"
 """The client's own withdrawal request (in its state directory)."""
@@ -118,6 +126,10 @@ def _mod(msg: Message, context: Context, call_next: ClientAppCallable,
         if data_size is not None:
             record[protocol.NUM_EXAMPLES] = int(data_size(context))
         return Message(content=RecordDict({protocol.CLIENT_RECORD: record}), reply_to=msg)
+    if task == MEASURE_TASK and not consents(context.node_config):
+        return Message(Error(code=NO_CONSENT, reason=(
+            f"client {cid} does not consent to figures on its own data (its node config "
+            f"has no {CONSENT_KEY}=true)")), reply_to=msg)
     if task == protocol.DELIVER and conf is not None:
         record = _identity(context, cid)
         record[protocol.DELIVERED] = _store_receipt(context, cid, conf)

@@ -18,14 +18,29 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory to write (resumed if it exists)")
     p.add_argument(
         "--engine",
-        choices=("inprocess", "simulation"),
+        choices=("inprocess", "simulation", "deployment"),
         default="inprocess",
-        help="in-process Grid (default) or Flower's simulation engine via `flwr run`",
+        help="in-process Grid (default), Flower's simulation engine via `flwr run`, or a "
+             "running SuperLink with SuperNodes (deployment; see --connection)",
     )
+    _add_connection_args(p)
     p.add_argument("--app", default=None, help="Flower app project directory (default: found)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connection", default=None, metavar="NAME|HOST:PORT",
+                   help="deployment: a connection of $FLWR_HOME/config.toml, or the "
+                        "SuperLink's address (with --root-certificates)")
+    p.add_argument("--root-certificates", default=None, metavar="PEM",
+                   help="deployment: the CA certificate of the SuperLink's TLS, with an "
+                        "address as --connection")
+    p.add_argument("--node-auth", action="store_true",
+                   help="deployment: the SuperLink authenticates SuperNodes "
+                        "(--enable-supernode-auth), so each client id is pinned to the "
+                        "first node that claims it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="flat TOML of run-config keys, e.g. simulations/*.toml (for your "
                             "own app: optional, over its pyproject defaults)")
     _add_engine_args(train)
+    train.add_argument("--withdrawal-method", default="", metavar="NAME",
+                       help="the server's policy for withdrawals the clients ask for "
+                            "themselves (`fedforget client withdraw` on a node): the method "
+                            "that serves them after the rounds (default: record them only)")
+    train.add_argument("--withdrawal-params", default="", metavar="JSON",
+                       help="that method's parameters, a JSON object")
     train.add_argument("--clients", type=int, default=None, metavar="N",
                        help="number of clients (SuperNodes) for an app other than fedforget's "
                             "(default: its pyproject's local-simulation num-supernodes)")
@@ -72,8 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--json", action="store_true", help="print a JSON object")
     unlearn.add_argument("--quiet", action="store_true", help="no progress display")
     unlearn.add_argument("--app", default=None, help="Flower app project directory")
-    unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
-                         help="in-process Grid (default) or Flower's simulation engine")
+    unlearn.add_argument("--engine", choices=("inprocess", "simulation", "deployment"),
+                         default="inprocess",
+                         help="in-process Grid (default), Flower's simulation engine, or the "
+                              "SuperLink the run was trained on (see --connection)")
+    _add_connection_args(unlearn)
     unlearn.add_argument("--reference", choices=("compute", "cached", "none"),
                          default="compute",
                          help="compute (default, cached per forget set), reuse a cached, or "
@@ -159,6 +183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     project = find_project(args.app)
     out = Path(args.out).resolve()
+    connection = _connection(args)
     overrides: dict[str, Any] = parse_assignments(args.set)
     own_app = project.app_keys() == frozenset(RunConfig.keys())
     t0 = time.perf_counter()
@@ -170,7 +195,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {out}",
               file=sys.stderr)
         run_training(cfg, out=out, engine=args.engine, project=project,
-                     progress=not args.quiet)
+                     progress=not args.quiet, connection=connection, node_auth=args.node_auth,
+                     **_withdrawal_policy(args))
     else:
         if args.command == "demo":
             raise ConfigError(f"`fedforget demo` runs fedforget's own app; {project.root} "
@@ -184,9 +210,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         clients = args.clients or _num_supernodes(project.root)
         print(f"fedforget train: app {project.root.name}, {clients} clients, engine "
               f"{args.engine} -> {out}", file=sys.stderr)
-        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine)
+        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine,
+                               node_auth=args.node_auth, **_withdrawal_policy(args))
         run_app(project, run_config={**values, **settings.to_run_config()}, num_nodes=clients,
-                engine=args.engine, progress=not args.quiet)
+                engine=args.engine, progress=not args.quiet, connection=connection)
     elapsed = time.perf_counter() - t0
     summary = _summary(out)
     acc = _final_accuracy(out)
@@ -202,6 +229,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.command == "demo":
         _demo_unlearning(cfg, out, project, quiet=args.quiet)
     return 0
+
+
+def _connection(args: argparse.Namespace) -> Any:
+    """The SuperLink of ``--engine deployment`` (None for the other engines)."""
+    if args.engine != "deployment":
+        if args.connection or args.root_certificates or args.node_auth:
+            raise ConfigError(f"--connection/--root-certificates/--node-auth are for --engine "
+                              f"deployment (the engine is {args.engine!r})")
+        return None
+    if args.command == "demo":
+        raise ConfigError("`fedforget demo --engine deployment`: the demo unlearns in this "
+                          "process, which a deployed run's clients are not; use `fedforget "
+                          "train --engine deployment`")
+    if not args.connection:
+        raise ConfigError("--engine deployment needs --connection NAME (of "
+                          "$FLWR_HOME/config.toml) or --connection HOST:PORT with "
+                          "--root-certificates PEM")
+    from fedforget.engine.deployment import SuperLinkTarget
+
+    return SuperLinkTarget.from_cli(args.connection, args.root_certificates)
+
+
+def _withdrawal_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """``--withdrawal-method``/``--withdrawal-params`` as RunSettings (train only)."""
+    method = getattr(args, "withdrawal_method", "") or ""
+    params = getattr(args, "withdrawal_params", "") or ""
+    if params and not method:
+        raise ConfigError("--withdrawal-params without --withdrawal-method: give the method")
+    if method:
+        from fedforget.settings import RunSettings
+        from fedforget.unlearning import get_method
+
+        policy = RunSettings(withdrawal_method=method,
+                             withdrawal_params=params).withdrawal_policy()
+        assert policy is not None
+        get_method(*policy)  # refuse bad input before anything runs
+    return {"withdrawal_method": method, "withdrawal_params": params}
 
 
 def _num_supernodes(root: Path) -> int:
@@ -422,6 +486,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
             app_dir=args.app, progress=not (args.quiet or args.json),
             reference=args.reference, keys_dir=args.keys, records=records, labels=labels,
+            connection=_connection(args), node_auth=args.node_auth,
         )
     if outcome is None:
         print(f"no-op: {client} has no stored contribution in {args.dir}; "

@@ -31,6 +31,7 @@ from fedforget import protocol
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, HistoryError
 from fedforget.history import HistoryStore
+from fedforget.identity import NodePins
 from fedforget.progress import RoundProgress
 from fedforget.protocol import WithdrawalAsk, read_ask
 from fedforget.sampling import ClientSampler, client_train_seed
@@ -49,13 +50,20 @@ ACCURACY_KEYS = ("accuracy", "eval_acc", "eval-acc", "acc")
 def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                      asks: list[WithdrawalAsk] | None = None,
                      extra_config: Mapping[str, Any] | None = None,
-                     sizes: dict[str, int] | None = None) -> dict[str, int]:
+                     sizes: dict[str, int] | None = None,
+                     *, pins: NodePins | None = None,
+                     reply_timeout: float | None = None) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
 
-    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds). Withdrawals
+    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds), then for
+    their answers at most ``reply_timeout`` seconds (default ``timeout``). Withdrawals
     the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
     the message (the latest signed tree head, which every client keeps). The data sizes
     the clients report (``num-examples``, when their app tells the mod) go into ``sizes``.
+    the message (the latest signed tree head, which every client keeps). A node claiming a
+    client id that another node already speaks for — in this identification, or by a pin
+    of ``pins`` (:class:`fedforget.identity.NodePins`) — is refused, logged and recorded,
+    and left out; the others go on.
     """
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < expected:
@@ -69,7 +77,10 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
         for node in node_ids
     ]
     clients: dict[str, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    pins = pins if pins is not None else NodePins(None, pin=False)
+    replies = list(grid.send_and_receive(
+        messages, timeout=reply_timeout if reply_timeout is not None else timeout))
+    for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d did not identify itself: %s", node, reply.error.reason)
@@ -84,8 +95,10 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                 node, protocol.CLIENT_RECORD, protocol.CLIENT_ID,
             )
             continue
-        if cid in clients:
-            raise HistoryError(f"two nodes report the same client id {cid!r}")
+        refusal = pins.check(cid, node, clients)
+        if refusal is not None:
+            pins.refuse(refusal)
+            continue
         clients[cid] = node
         size = record.get(protocol.NUM_EXAMPLES) if isinstance(record, ConfigRecord) else None
         if sizes is not None and isinstance(size, int) and not isinstance(size, bool):
@@ -93,6 +106,7 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
         ask = read_ask(record, cid, node)
         if ask is not None and asks is not None:
             asks.append(ask)
+    pins.save()
     return dict(sorted(clients.items()))
 
 

@@ -194,9 +194,16 @@ class TaskServerSide:
 class TaskMeasure:
     """The whole protocol for fedforget's own task (data and model from a RunConfig).
 
-    The forgotten clients' training data (members of the attacks) and held-out data
-    (non-members) are rebuilt from the run config: this is what a *simulation* can do, where
-    the server can build every client's partition; a deployment must ask the client instead.
+    In a simulation (fedforget's in-process Grid, Flower's simulation engine) the
+    forgotten clients' training data (members of the attacks) and held-out data
+    (non-members) are rebuilt from the run config, as the server can build every client's
+    partition. In a deployment (``on_clients``; by default: when the federation's Grid is a
+    SuperLink's) the server holds no client data: the forgotten-data figures
+    (``forgotten_accuracy``, ``mia_loss_auc``, ``mia_confidence_auc``) are computed on each
+    forgotten client's node if it consents (:mod:`fedforget.evaluation.on_client`), else
+    reported as not available (None); the shadow-model attack, which needs those data on the
+    server, is not available either (``shadow_attack`` None). Figures on the server's own
+    test set (test accuracy, backdoor success, divergences) are computed as in simulation.
 
     Members are the data each forgotten client *trained on*: a client that planted a
     backdoor trained on its poisoned copy, so the poisoned examples are members too, and the
@@ -208,16 +215,25 @@ class TaskMeasure:
     thresholds, the shadow-model attack (Shokri et al.: a shadow of the run's model trained
     on half of the test set, logistic regression) and FedEraser's attack (the original
     global model as shadow, fitted on the remaining clients' training data against the test
-    set, gradient boosting).
+    set, gradient boosting; in simulation only).
     """
 
     def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
-                 original_model_attack: bool = True, resamples: int = 1000) -> None:
+                 on_clients: bool | None = None, original_model_attack: bool = True,
+                 resamples: int = 1000) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
+        self.on_clients = on_clients
         self.original_model_attack = original_model_attack
         self.resamples = resamples
         self.server_side = TaskServerSide(cfg)  # the service hands it to server-side repairs
+
+    def _remote(self, ctx: MeasureContext) -> bool:
+        if self.on_clients is not None:
+            return self.on_clients
+        from fedforget.evaluation.on_client import is_deployment_grid
+
+        return is_deployment_grid(getattr(ctx.federation, "grid", None))
 
     def trained_data(self, client_id: str) -> tuple[ArrayDataset, ArrayDataset,
                                                     np.ndarray] | None:
@@ -302,11 +318,15 @@ class TaskMeasure:
 
         cfg = self.cfg
         test_set = load_test_set(cfg)
+        remote = self._remote(ctx)
         request = ctx.request
-        if request is None or request.kind == "client":
+        mask = None
+        if remote:
+            members, non_members = None, None
+        elif request is None or request.kind == "client":
             members, non_members, mask = self._forgotten(ctx.forget)
         else:
-            (members, non_members), mask = self.request_data(ctx), None
+            members, non_members = self.request_data(ctx)
         usable = members is not None and non_members is not None
         shadow = run_shadow_attack(cfg, test_set) if self.shadow_attack and usable else None
         original_attack = (self._original_attack(ctx, test_set)
@@ -332,6 +352,14 @@ class TaskMeasure:
             figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))
         figures["collateral"] = collateral_figures(ctx, cfg, scratch, members, test_set)
         figures["group_accuracy"] = group_accuracy(ctx, cfg, scratch)
+        if remote:  # no client data on the server: ask the forgotten clients' nodes
+            from fedforget.evaluation.on_client import ask_forgotten_figures
+
+            if ctx.federation is not None:
+                figures.update(ask_forgotten_figures(ctx.federation, ctx.models(), ctx.forget))
+            else:
+                figures["forgotten_figures"] = {"source": "not available: no federation",
+                                                "answered": [], "missing": {}}
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
 

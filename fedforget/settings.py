@@ -19,6 +19,9 @@ key                        meaning
 ``fedforget.engine``       (optional) the engine's name in results (fedforget's CLI sets it)
 ``fedforget.withdrawal-    (optional) the method that serves the withdrawals clients ask for
 method``, ``-params``      themselves, after the training rounds (default: record them only)
+``fedforget.node-auth``    (optional) ``true`` when the SuperLink authenticates SuperNodes:
+                           each client id is pinned to the first node id claiming it, and
+                           any other claimant refused (:mod:`fedforget.identity`)
 =========================  ===============================================================
 
 ``flwr run`` accepts only keys the app declares, so an app declares the ones it uses
@@ -81,6 +84,9 @@ class RunSettings:
     # parameters, a JSON object) that serves them after the training rounds; "" = record only
     withdrawal_method: str = ""
     withdrawal_params: str = ""
+    # the SuperLink authenticates SuperNodes (--enable-supernode-auth): node ids are bound to
+    # registered keys, and each client id is pinned to the first node id claiming it
+    node_auth: bool = False
 
     def __post_init__(self) -> None:
         _check(self)

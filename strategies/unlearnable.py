@@ -53,10 +53,13 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
+from fedforget.engine.polling import fast_polling
 from fedforget.erasure import FORGET_LABELS, labels_text
 from fedforget.errors import ConfigError, HistoryError
+from fedforget.evaluation.on_client import is_deployment_grid
 from fedforget.federation import FederationApp, GridFederation, identify_clients
 from fedforget.history import HeadLog, HistoryStore
+from fedforget.identity import NodePins
 from fedforget.lock import run_lock
 from fedforget.measure import EvaluateFnMeasure, Measure
 from fedforget.protocol import WithdrawalAsk
@@ -77,6 +80,8 @@ def engine_of(grid: Grid, settings: RunSettings) -> str:
     """The engine a ServerApp runs on, as results record it."""
     if settings.engine:
         return settings.engine
+    if is_deployment_grid(grid):
+        return "deployment"
     return "inprocess" if type(grid).__name__ == "InProcessGrid" else "flower"
 
 
@@ -166,6 +171,7 @@ class Unlearnable:
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
+        grid = fast_polling(grid)  # a deployment Grid polls every 3 s otherwise
         app = FederationApp(
             strategy=self.strategy,
             train_config={**dict(train_config or {}), **self._erasure_config()},
@@ -203,17 +209,19 @@ class Unlearnable:
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
                     timeout: float | None, signer: HeadLog | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
+        reply_timeout = timeout if timeout is not None else self.settings.reply_timeout
         sizes: dict[str, int] = {}
         clients = identify_clients(grid, expected, asks=self.asks,
                                    extra_config=signer.config() if signer else None,
-                                   sizes=sizes)
+                                   sizes=sizes,
+                                   pins=NodePins(self.run.nodes, pin=self.settings.node_auth),
+                                   reply_timeout=reply_timeout)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
         self.federation = GridFederation(
             grid, clients, app=app, settings=self.recording,
-            reply_timeout=timeout if timeout is not None else self.settings.reply_timeout,
-            progress=self.settings.progress, sizes=sizes,
+            reply_timeout=reply_timeout, progress=self.settings.progress, sizes=sizes,
         )
         return self.federation
 
@@ -276,6 +284,8 @@ class Unlearnable:
             signer = head_log(store, self.run, self._keys_dir())
             federation = self._federation(grid, app, expected, timeout, signer)
             store.set_roster(sorted(set(roster) | set(federation.roster)))
+            if is_deployment_grid(grid):
+                self._mark_deployed()
             if store.last_round == 0 and store.initial_model_digest is None:
                 store.put_initial_model(from_array_record(initial_arrays))
             deliver_receipts(self.run, federation, public_key)
@@ -314,6 +324,17 @@ class Unlearnable:
             store.close()
         self._serve_asked([r for r in asked if r], federation, evaluate_fn, public_key)
         return result
+
+    def _mark_deployed(self) -> None:
+        """Record that this run's clients are SuperNodes (``deployment.json``): its client
+        work can then only be done by them, never re-simulated (``fedforget unlearn``
+        refuses another engine for a method that asks the clients)."""
+        from fedforget.history.records import utc_now
+
+        path = self.run.deployment
+        if not path.exists():
+            path.write_text(json.dumps({"engine": "deployment", "since": utc_now(),
+                                        "node_auth": self.settings.node_auth}, indent=2))
 
     def _record_ask(self, ask: WithdrawalAsk, roster: Collection[str]) -> str | None:
         """Record a client's own withdrawal (bound to the node it came from); its id."""

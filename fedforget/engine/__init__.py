@@ -3,8 +3,8 @@
 * ``inprocess``: :class:`~fedforget.engine.inprocess.InProcessGrid`, synchronous, in this
   process; for tests and large experiment grids.
 * ``simulation``: Flower's simulation engine (Ray) through ``flwr run``.
-
-Deployment (SuperLink + SuperNodes) runs the same apps with ``flwr run . <connection>``.
+* ``deployment``: a running SuperLink with SuperNodes, through ``flwr run . <connection>``
+  (:mod:`fedforget.engine.deployment`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from fedforget.errors import ConfigError
 from fedforget.settings import PREFIX, RunSettings
 
 if TYPE_CHECKING:
+    from fedforget.engine.deployment import SuperLinkTarget
     from fedforget.results import UnlearningOutcome
 
-ENGINES = ("inprocess", "simulation")
+ENGINES = ("inprocess", "simulation", "deployment")
 
 
 def run_app(
@@ -32,9 +33,11 @@ def run_app(
     num_nodes: int,
     engine: str = "inprocess",
     progress: bool = True,
+    connection: SuperLinkTarget | None = None,
 ) -> None:
     """Run ``project``'s ServerApp with ``run_config`` against ``num_nodes`` ClientApps
-    (node ``i`` gets ``partition-id = i``) on ``engine``."""
+    (node ``i`` gets ``partition-id = i``) on ``engine``; ``deployment`` submits it to the
+    SuperLink ``connection`` (its SuperNodes are the clients)."""
     if engine == "inprocess":
         from fedforget.engine.inprocess import run_inprocess
 
@@ -44,6 +47,14 @@ def run_app(
         from fedforget.engine.simulation import run_simulation
 
         run_simulation(declared_run_config(project, run_config), num_nodes=num_nodes,
+                       project=project, progress=progress)
+    elif engine == "deployment":
+        from fedforget.engine.deployment import run_deployment
+
+        if connection is None:
+            raise ConfigError("engine = 'deployment' needs a SuperLink connection: a name of "
+                              "$FLWR_HOME/config.toml, or an address and its root certificate")
+        run_deployment(declared_run_config(project, run_config), connection=connection,
                        project=project, progress=progress)
     else:
         raise ConfigError(f"engine = {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -74,11 +85,14 @@ def run_training(
     engine: str = "inprocess",
     project: FlowerProject | None = None,
     progress: bool = True,
+    connection: SuperLinkTarget | None = None,
     **settings: Any,
 ) -> None:
     """Train (or resume) fedforget's own app on ``cfg`` into the run directory ``out``.
 
-    ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``).
+    ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``);
+    ``connection``: the SuperLink of the ``deployment`` engine (``out`` is then a path on
+    the SuperLink's machine, where the ServerApp runs).
     """
     from fedforget.lock import run_lock
 
@@ -90,7 +104,8 @@ def run_training(
           if engine == "inprocess" else contextlib.nullcontext()):
         run_app(project or find_project(),
                 run_config={**cfg.to_mapping(), **run.to_run_config()},
-                num_nodes=cfg.num_clients, engine=engine, progress=progress)
+                num_nodes=cfg.num_clients, engine=engine, progress=progress,
+                connection=connection)
 
 
 def run_unlearning(
@@ -108,6 +123,8 @@ def run_unlearning(
     keys_dir: str | Path | None = None,
     records: Collection[str] | None = None,
     labels: Collection[int] | None = None,
+    connection: SuperLinkTarget | None = None,
+    node_auth: bool = False,
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
 
@@ -126,6 +143,10 @@ def run_unlearning(
     One writer at a time: this process holds the run's lock while it orders the request,
     and while it serves it when the work runs here (in-process, or without an app); under
     Flower's simulation engine the ServerApp's process takes the lock for the serving.
+
+    A run that trained on a deployment is unlearned on the deployment (``engine =
+    "deployment"`` and its ``connection``): its clients' work is never simulated here. On
+    another engine only a method that asks no client for work is served, without the app.
     """
     from fedforget.history import HistoryStore
     from fedforget.lock import run_lock
@@ -142,6 +163,14 @@ def run_unlearning(
     if project is None:
         project = find_run_app(app_config, app_dir)
     unlearner = get_method(method, params or {})
+    if run.deployed() and engine != "deployment":
+        if unlearner.uses_clients():
+            raise UnlearningError(
+                f"{run.path} was trained on a deployment and {unlearner.name} asks the "
+                f"clients for work: unlearn it on the deployment (--engine deployment "
+                f"--connection ...), not on engine {engine!r}, which would simulate the "
+                "clients here")
+        project = None  # server-side only: nothing of the clients is simulated
     if project is None and unlearner.uses_clients():
         raise UnlearningError(
             f"{unlearner.name} asks the clients for work, and the app that recorded "
@@ -161,26 +190,30 @@ def run_unlearning(
                               engine="server", reference=reference).serve(request.request_id)
         elif here:
             _serve_with_app(project, run, request.request_id, app_config, roster, keys,
-                            engine=engine, progress=progress, reference=reference)
+                            engine=engine, progress=progress, reference=reference,
+                            connection=connection, node_auth=node_auth)
     if not here:
         assert project is not None
         _serve_with_app(project, run, request.request_id, app_config, roster, keys,
-                        engine=engine, progress=progress, reference=reference)
+                        engine=engine, progress=progress, reference=reference,
+                        connection=connection, node_auth=node_auth)
     return UnlearningOutcome.read(run.result_dir(request.request_id, unlearner.name)
                                   / RESULT_FILE)
 
 
 def _serve_with_app(project: FlowerProject, run: Any, request_id: str,
                     app_config: Mapping[str, Any], roster: tuple[str, ...], keys: Path, *,
-                    engine: str, progress: bool, reference: str) -> None:
+                    engine: str, progress: bool, reference: str,
+                    connection: SuperLinkTarget | None, node_auth: bool) -> None:
     """Run the app in unlearning mode for ``request_id``; a failure before its service
     recorded one leaves the request ``failed`` with the reason."""
     settings = RunSettings(out_dir=str(run.path), mode="unlearn", request_id=request_id,
                            progress=progress, reference=reference, engine=engine,
-                           keys_dir=str(keys))
+                           keys_dir=str(keys), node_auth=node_auth)
     try:
         run_app(project, run_config={**app_config, **settings.to_run_config()},
-                num_nodes=len(roster), engine=engine, progress=progress)
+                num_nodes=len(roster), engine=engine, progress=progress,
+                connection=connection)
     except BaseException as exc:
         _fail_if_unserved(run, request_id, exc, keys)
         raise
