@@ -136,8 +136,8 @@ def _setting(conf: ConfigRecord, key: str, kind: type[int] | type[float]) -> int
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local data with the server's settings (or run
     the client-side procedure the config names)."""
-    torch.set_num_threads(1)
     cfg = run_config_of(context)
+    torch.set_num_threads(cfg.torch_threads)
     conf = _record(msg, protocol.CONFIG_RECORD, ConfigRecord) or ConfigRecord()
     all_train, holdout = local_data(context, cfg)
     train_data = training_data(context, all_train, conf)
@@ -160,6 +160,9 @@ def train(msg: Message, context: Context) -> Message:
             seed=int(_setting(conf, protocol.SEED, int)),
             proximal_mu=(float(_setting(conf, "proximal-mu", float))
                          if "proximal-mu" in conf else 0.0),
+            momentum=float(_setting(conf, "momentum", float)) if "momentum" in conf else 0.0,
+            weight_decay=(float(_setting(conf, "weight-decay", float))
+                          if "weight-decay" in conf else 0.0),
         )
         metrics = {"num-examples": result.num_examples, "train-loss": result.loss}
     metrics["train-seconds"] = time.perf_counter() - started
@@ -171,8 +174,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_holdout(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's held-out split."""
-    torch.set_num_threads(1)
     cfg = run_config_of(context)
+    torch.set_num_threads(cfg.torch_threads)
     _, holdout = local_data(context, cfg)
     result = evaluate(_received_model(msg, cfg), holdout)
     content = RecordDict(

@@ -79,6 +79,16 @@ class RunConfig:
     dirichlet_alpha: float = field(default=0.5, metadata=_range(0, None, low_open=True))
     shards_per_client: int = field(default=2, metadata=_range(1))
     holdout_fraction: float = field(default=0.2, metadata=_range(0, 1, high_open=True))
+    # the server's proxy data (FUKD's distillation set): this fraction of the global test
+    # split, carved out by a seeded permutation and then left out of the test set
+    proxy_fraction: float = field(default=0.0, metadata=_range(0, 1, high_open=True))
+    # paper protocols: the first N training examples of each client's (shuffled) split
+    # (0: all of them); clients drawn once from a pool of that many partitions (0: the pool
+    # is num-clients); inputs standardised as (x - mean) / std everywhere (test set too)
+    examples_per_client: int = field(default=0, metadata=_range(0))
+    client_pool: int = field(default=0, metadata=_range(0))
+    normalize_mean: float = 0.0
+    normalize_std: float = field(default=1.0, metadata=_range(0, None, low_open=True))
     synthetic_samples: int = field(default=600, metadata=_range(10))
     synthetic_features: int = field(default=20, metadata=_range(1))
     synthetic_classes: int = field(default=4, metadata=_range(2))
@@ -89,6 +99,9 @@ class RunConfig:
     local_epochs: int = field(default=1, metadata=_range(1))
     learning_rate: float = field(default=0.1, metadata=_range(0, None, low_open=True))
     batch_size: int = field(default=32, metadata=_range(1))
+    momentum: float = field(default=0.0, metadata=_range(0, 1, high_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0))
+    torch_threads: int = field(default=1, metadata=_range(1))  # per client process
     # server strategy
     strategy: str = field(default="fedavg", metadata=_choice(STRATEGIES))
     proximal_mu: float = field(default=0.01, metadata=_range(0))
@@ -134,6 +147,11 @@ class RunConfig:
             raise ConfigError(
                 f"sample-count = {self.sample_count} is larger than num-clients = "
                 f"{self.num_clients}; expected 0 (use sample-fraction) or 1..{self.num_clients}"
+            )
+        if self.client_pool and self.client_pool < self.num_clients:
+            raise ConfigError(
+                f"client-pool = {self.client_pool} is smaller than num-clients = "
+                f"{self.num_clients}; expected 0 (no pool) or >= {self.num_clients}"
             )
         if self.min_replies > self.num_clients:
             raise ConfigError(

@@ -43,6 +43,7 @@ __all__ = [
     "Measure",
     "MeasureContext",
     "TaskMeasure",
+    "TaskServerSide",
     "common_figures",
 ]
 
@@ -169,6 +170,27 @@ class EvaluateFnMeasure:
         return {**figures, **common_figures(ctx), "trace": trace}
 
 
+class TaskServerSide:
+    """What the server holds of fedforget's own task (:class:`~fedforget.unlearning.base.
+    ServerSideTask`): the run's model and the proxy set ``proxy-fraction`` carves out of the
+    global test split (:func:`fedforget.task.load_proxy_set`)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def new_model(self) -> Any:
+        """The run's model, initialised from the run seed."""
+        from fedforget.task import new_model
+
+        return new_model(self.cfg)
+
+    def proxy_data(self) -> ArrayDataset | None:
+        """The proxy set, or None when ``proxy-fraction`` is 0."""
+        from fedforget.task import load_proxy_set
+
+        return load_proxy_set(self.cfg)
+
+
 class TaskMeasure:
     """The whole protocol for fedforget's own task (data and model from a RunConfig).
 
@@ -182,13 +204,29 @@ class TaskMeasure:
     reported as not available (None); the shadow-model attack, which needs those data on the
     server, is not available either (``shadow_attack`` None). Figures on the server's own
     test set (test accuracy, backdoor success, divergences) are computed as in simulation.
+
+    Members are the data each forgotten client *trained on*: a client that planted a
+    backdoor trained on its poisoned copy, so the poisoned examples are members too, and the
+    clean and poisoned subsets are also reported apart (the poisoned ones against held-out
+    examples carrying the same trigger and label). The membership figures are measured on
+    balanced sets (the larger side subsampled to the smaller's size, seeded) with
+    ``resamples`` stratified bootstrap resamples (intervals, and the paired difference to
+    the retrained model marked within noise or not). Three attacks: the loss and confidence
+    thresholds, the shadow-model attack (Shokri et al.: a shadow of the run's model trained
+    on half of the test set, logistic regression) and FedEraser's attack (the original
+    global model as shadow, fitted on the remaining clients' training data against the test
+    set, gradient boosting; in simulation only).
     """
 
     def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
-                 on_clients: bool | None = None) -> None:
+                 on_clients: bool | None = None, original_model_attack: bool = True,
+                 resamples: int = 1000) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
         self.on_clients = on_clients
+        self.original_model_attack = original_model_attack
+        self.resamples = resamples
+        self.server_side = TaskServerSide(cfg)  # the service hands it to server-side repairs
 
     def _remote(self, ctx: MeasureContext) -> bool:
         if self.on_clients is not None:
@@ -197,17 +235,56 @@ class TaskMeasure:
 
         return is_deployment_grid(getattr(ctx.federation, "grid", None))
 
-    def forgotten_data(self, forget: Collection[str]
-                       ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
-        """The forgotten clients' training data and their held-out data, each pooled;
-        None where there is no example (an id that names no partition of this run)."""
+    def trained_data(self, client_id: str) -> tuple[ArrayDataset, ArrayDataset,
+                                                    np.ndarray] | None:
+        """``client_id``'s (training data as it trained on it, held-out data, mask of the
+        poisoned training examples); None for an id that names no partition of this run."""
+        from fedforget.data import poison
+        from fedforget.data.backdoor import poison_indices
+        from fedforget.sampling import derive_seed
         from fedforget.task import client_partition, load_client_data
 
-        parts = [client_partition(cid) for cid in sorted(forget)]
-        splits = [load_client_data(self.cfg, p) for p in parts
-                  if p is not None and p < self.cfg.num_clients]
-        return (_pooled([train for train, _ in splits], "forgotten"),
-                _pooled([held for _, held in splits], "forgotten-holdout"))
+        partition = client_partition(client_id)
+        if partition is None or partition >= self.cfg.num_clients:
+            return None
+        train, held = load_client_data(self.cfg, partition)
+        mask = np.zeros(len(train), dtype=bool)
+        if client_id in self.cfg.backdoor_client_ids():
+            seed = derive_seed(self.cfg.seed, "backdoor", client_id)  # as the ClientApp does
+            train = poison(train, target_label=self.cfg.backdoor_target,
+                           fraction=self.cfg.backdoor_fraction, seed=seed)
+            mask[poison_indices(len(mask), fraction=self.cfg.backdoor_fraction,
+                                seed=seed)] = True
+        return train, held, mask
+
+    def forgotten_data(self, forget: Collection[str]
+                       ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
+        """The forgotten clients' training data (as trained on, poisoned examples included)
+        and their held-out data, each pooled; None where there is no example."""
+        members, holdout, _ = self._forgotten(forget)
+        return members, holdout
+
+    def _forgotten(self, forget: Collection[str]
+                   ) -> tuple[ArrayDataset | None, ArrayDataset | None, np.ndarray | None]:
+        found = [d for d in (self.trained_data(cid) for cid in sorted(forget)) if d is not None]
+        members = _pooled([t for t, _, _ in found], "forgotten")
+        mask = np.concatenate([m for t, _, m in found if len(t)]) if members is not None else None
+        return members, _pooled([h for _, h, _ in found], "forgotten-holdout"), mask
+
+    def _original_attack(self, ctx: MeasureContext, test_set: ArrayDataset) -> Any:
+        from fedforget.arrays import load_tensors
+        from fedforget.evaluation import OriginalModelAttack
+        from fedforget.sampling import derive_seed
+        from fedforget.task import new_model
+
+        staying = [d for d in (self.trained_data(cid) for cid in ctx.remaining())
+                   if d is not None]
+        members = _pooled([t for t, _, _ in staying], "remaining-train")
+        if members is None:
+            return None
+        return OriginalModelAttack.fit_on_original(
+            original=load_tensors(new_model(self.cfg), ctx.original), members=members,
+            non_members=test_set, seed=derive_seed(self.cfg.seed, "original-attack") % 2**32)
 
     def request_data(self, ctx: MeasureContext
                      ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
@@ -234,24 +311,42 @@ class TaskMeasure:
                         "forgotten-holdout"))
 
     def __call__(self, ctx: MeasureContext) -> dict[str, Any]:  # noqa: D102
+        from fedforget.data import poison
         from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
+        from fedforget.sampling import derive_seed
         from fedforget.task import load_test_set, new_model
 
         cfg = self.cfg
         test_set = load_test_set(cfg)
         remote = self._remote(ctx)
-        members, non_members = (None, None) if remote else self.request_data(ctx)
-        shadow = (run_shadow_attack(cfg, test_set)
-                  if self.shadow_attack and members is not None and non_members is not None
-                  else None)
+        request = ctx.request
+        mask = None
+        if remote:
+            members, non_members = None, None
+        elif request is None or request.kind == "client":
+            members, non_members, mask = self._forgotten(ctx.forget)
+        else:
+            members, non_members = self.request_data(ctx)
+        usable = members is not None and non_members is not None
+        shadow = run_shadow_attack(cfg, test_set) if self.shadow_attack and usable else None
+        original_attack = (self._original_attack(ctx, test_set)
+                           if self.original_model_attack and usable else None)
+        backdoor = ctx.forget & cfg.backdoor_client_ids()
+        poisoned_holdout = None
+        if backdoor and non_members is not None and mask is not None:
+            poisoned_holdout = poison(non_members, target_label=cfg.backdoor_target,
+                                      fraction=1.0, seed=0)
         scratch = new_model(cfg)
         common = common_figures(ctx)
         figures = evaluate_unlearning(
             model=scratch, original=ctx.original, unlearned=ctx.unlearned,
             retrained=ctx.retrained, test_set=test_set, forgotten=members, holdout=non_members,
-            backdoor_target=(cfg.backdoor_target if ctx.forget & cfg.backdoor_client_ids()
-                             else None),
-            shadow=shadow,
+            backdoor_target=cfg.backdoor_target if backdoor else None,
+            shadow=shadow, original_attack=original_attack,
+            forgotten_poisoned=mask if backdoor and mask is not None else None,
+            poisoned_holdout=poisoned_holdout,
+            resamples=self.resamples, seed=derive_seed(cfg.seed, "mia-bootstrap") % 2**32,
+            balance=True,
         )
         if ctx.kind == "class" and ctx.request is not None:
             figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))

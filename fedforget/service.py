@@ -68,7 +68,13 @@ from fedforget.rundir import (
 )
 from fedforget.tensors import decode, encode, sha256_digest
 from fedforget.unlearning import Cost, UnlearningRequest, UnlearningResult, get_method
-from fedforget.unlearning.base import Federation, Unlearner, UnlearningError, first_contribution
+from fedforget.unlearning.base import (
+    Federation,
+    ServerSideTask,
+    Unlearner,
+    UnlearningError,
+    first_contribution,
+)
 from fedforget.withdrawal import WithdrawalLedger, WithdrawalRequest
 
 log = logging.getLogger("fedforget.server")
@@ -167,6 +173,10 @@ class UnlearningService:
         The engine the work runs on, as the result records it.
     reference : str
         ``compute``, ``cached`` or ``none`` (see the module).
+    server_side : ServerSideTask, optional
+        The model and proxy data the server holds, for server-side repairs (FUKD); None
+        takes the measure's ``server_side`` attribute if it has one (fedforget's
+        :class:`~fedforget.measure.TaskMeasure` does), else the server holds none.
     """
 
     def __init__(
@@ -178,8 +188,12 @@ class UnlearningService:
         keys_dir: Path,
         engine: str,
         reference: str = "compute",
+        server_side: ServerSideTask | None = None,
     ) -> None:
         self.run = run
+        # fedforget's TaskMeasure knows the task: its server side serves when none is given
+        self.server_side = (server_side if server_side is not None
+                            else getattr(measure, "server_side", None))
         self.federation = federation
         self.measure = measure
         self.keys_dir = keys_dir
@@ -220,6 +234,8 @@ class UnlearningService:
             store=store, forget=forget, federation=federation, workdir=str(partial),
             current_model=in_service.model, observe=_keep_copies(snapshots),
             scope=scope, kind=request.kind,
+            exclude=ledger.withdrawn() | forget,
+            server_side=self.server_side,
         )
         committed = False
         staged = None
@@ -237,7 +253,10 @@ class UnlearningService:
             if self.federation is not None and method.uses_clients():
                 self._warm_up(store)
             want = "compute" if method.name == "retrain" else self.reference_policy
-            reference = self._reference(store, forget, want, scope)
+            # the reference and the measure cover every client withdrawn so far, also when
+            # the method forgets one client per request (its result stands for them all)
+            measured = forget if method.multi_client else forget | ledger.withdrawn()
+            reference = self._reference(store, measured, want, scope)
             if method.name == "retrain" and reference is not None:
                 result = UnlearningResult(model=reference.model, cost=reference.record.cost,
                                           rounds_affected=reference.record.rounds_affected,
@@ -248,8 +267,8 @@ class UnlearningService:
                 replayed = Path(result.history_dir) if result.history_dir else None
             original = store.global_model(store.last_round)
             metrics = self.measure(MeasureContext(
-                store=store, federation=self.federation, forget=forget,
-                not_remaining=forget | ledger.withdrawn(), original=original,
+                store=store, federation=self.federation, forget=measured,
+                not_remaining=measured | ledger.withdrawn(), original=original,
                 unlearned=result.model,
                 retrained=reference.model if reference is not None else None,
                 method_cost=result.cost,

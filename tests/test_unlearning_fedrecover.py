@@ -402,3 +402,17 @@ def test_exact_replay_on_a_real_run_equals_retraining(trained_run: Path, tmp_pat
     assert fed.calls == [(2, ("client-000", "client-002", "client-003"))] + [
         (3, ("client-000", "client-002", "client-003"))]
     assert result.cost.client_epochs == 6
+
+
+def test_abnormality_threshold_over_updates_by_hand() -> None:
+    # Round A: updates (1, -3), (2, 0.5): ∞-norms 3, 2; round B: (0.1, 0.2), (-4, 1): 0.2, 4
+    rounds = [[np.array([1.0, -3.0]), np.array([2.0, 0.5])],
+              [np.array([0.1, 0.2]), np.array([-4.0, 1.0])]]
+    # α = 0.5 of 2 updates: the j = ceil(2 · 0.5) = 1st smallest: τ_A = 2, τ_B = 0.2 -> 2
+    assert abnormality_threshold(rounds, 0.5, "updates") == 2.0
+    # α = 0: the largest ∞-norm, max(3, 4) = 4
+    assert abnormality_threshold(rounds, 0.0, "updates") == 4.0
+    # over coordinates, α = 0.5 of 4: the 2nd smallest, A: 1, B: 0.2 -> 1
+    assert abnormality_threshold(rounds, 0.5, "coordinates") == 1.0
+    with pytest.raises(ConfigError, match="threshold-basis = 'x' is not allowed"):
+        FedRecoverParams(threshold_basis="x")

@@ -114,7 +114,7 @@ def test_residuals_by_hand(store: HistoryStore) -> None:
 
 def test_noise_off_gives_the_deterministic_subtraction(store: HistoryStore, tmp_path: Path) -> None:
     # Execute
-    result = run({"noise": False}, request(store, {"u"}, tmp_path))
+    result = run({"noise": False, "weights": "unit"}, request(store, {"u"}, tmp_path))
     # Assert
     assert_tensors(result.model, NOISELESS)
     assert result.rounds_affected == [1, 2]
@@ -136,14 +136,16 @@ def test_noise_is_seeded_with_the_derived_sensitivity(store: HistoryStore, tmp_p
     noise = {"w": rng.normal(0.0, sigma, 2), "b": rng.normal(0.0, sigma, (1, 2))}
     expected = {k: NOISELESS[k] + noise[k] for k in NOISELESS}
     # Execute
-    result = run({"noise-seed": 7}, request(store, {"u"}, tmp_path))
-    again = run({"noise-seed": 7}, request(store, {"u"}, tmp_path))
-    other = run({"noise-seed": 8}, request(store, {"u"}, tmp_path))
+    unit = {"weights": "unit"}
+    result = run({"noise-seed": 7, **unit}, request(store, {"u"}, tmp_path))
+    again = run({"noise-seed": 7, **unit}, request(store, {"u"}, tmp_path))
+    other = run({"noise-seed": 8, **unit}, request(store, {"u"}, tmp_path))
     # Assert
     assert_tensors(result.model, expected, atol=1e-4)
     assert all(np.array_equal(result.model[k], again.model[k]) for k in NOISELESS)
     assert not np.array_equal(result.model["w"], other.model["w"])
     assert any(f"sigma = {sigma:.6g}" in note for note in result.notes)
+    assert any("(epsilon, delta) figure is nominal" in note for note in result.notes)
 
 
 def test_empirical_noise_std_matches_sigma(tmp_path: Path) -> None:
@@ -158,11 +160,11 @@ def test_empirical_noise_std_matches_sigma(tmp_path: Path) -> None:
     sigma = 4.8448053
     samples = []
     with build_store(tmp_path / "run", theta0, rounds) as store:
-        base = run({"noise": False}, request(store, {"u"}, tmp_path)).model
+        base = run({"noise": False, "weights": "unit"}, request(store, {"u"}, tmp_path)).model
         # Without u the model is θ_0 + 1 = 1 everywhere (θ_1 = 2, residual -1).
         np.testing.assert_array_equal(base["w"], np.ones(size, np.float32))
         for seed in range(12):
-            noisy = run({"noise-seed": seed, "sensitivity": 1.0},
+            noisy = run({"noise-seed": seed, "sensitivity": 1.0, "weights": "unit"},
                         request(store, {"u"}, tmp_path)).model
             samples.append(noisy["w"].astype(np.float64) - base["w"])
     pooled = np.concatenate(samples)  # 49152 draws: the sample std is within ~0.3% of σ
@@ -206,8 +208,46 @@ def test_a_contribution_in_a_round_not_retained_is_refused(tmp_path: Path) -> No
         ({"sensitivity": -1}, "sensitivity = -1.0 is out of range; expected >= 0"),
         ({"noise-seed": -2}, "noise-seed = -2 is out of range; expected >= -1"),
         ({"noise": "yes"}, "noise = 'yes': expected true or false"),
+        ({"sigma": -0.5}, "sigma = -0.5 is out of range; expected >= 0"),
+        ({"weights": "sum"}, "weights = 'sum' is not allowed; expected one of 'paper', 'unit'"),
     ],
 )
 def test_bad_parameters_are_refused(params: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         get_method("fedrecovery", params)
+
+
+# The paper's weights on the same history: g_t = θ_t - θ_{t-1}
+#   g_1 = w [5, 5],     b [[2, 3]]   ‖g_1‖² = 25 + 25 + 4 + 9 = 63
+#   g_2 = w [3.5, 0.5], b [[3, 1]]   ‖g_2‖² = 12.25 + 0.25 + 9 + 1 = 22.5
+#   g_3 = w [0.5, 0.5], b [[1, 1]]   ‖g_3‖² = 0.25 + 0.25 + 1 + 1 = 2.5
+#   Σ = 88: p_1 = 63/88, p_2 = 22.5/88 (p_3 = 2.5/88, r_3 = 0)
+#   θ~ = θ_3 + p_1 r_1 + p_2 r_2:
+#     w: 10 - 3·63/88 - 1.5·22.5/88 = 10 - 222.75/88;  8 - 3·63/88 + 1.5·22.5/88 = 8 - 155.25/88
+#     b: 6 - 2·63/88 - 3·22.5/88 = 6 - 193.5/88;       5 - 63/88 + 3·22.5/88 = 5 + 4.5/88
+PAPER = tensors([10 - 222.75 / 88, 8 - 155.25 / 88], [[6 - 193.5 / 88, 5 + 4.5 / 88]])
+
+
+def test_paper_weights_average_the_residuals(store: HistoryStore, tmp_path: Path) -> None:
+    # Execute
+    result = run({"noise": False}, request(store, {"u"}, tmp_path))
+    # Assert
+    assert_tensors(result.model, PAPER, atol=1e-5)
+    assert any("p_t = |g_t|^2 / sum_j |g_j|^2 (1: 0.7159, 2: 0.2557)" in n for n in result.notes)
+
+
+def test_sigma_set_directly_and_the_weighted_sensitivity(store: HistoryStore,
+                                                         tmp_path: Path) -> None:
+    # Prepare: σ = 0.25 given; the derived S = 2 · max(63/88 · sqrt(23), 22.5/88 · sqrt(22.5))
+    rng = np.random.default_rng(3)
+    noise = {"w": rng.normal(0.0, 0.25, 2), "b": rng.normal(0.0, 0.25, (1, 2))}
+    derived_s = 2 * max(63 / 88 * math.sqrt(23), 22.5 / 88 * math.sqrt(22.5))
+    sigma = derived_s * math.sqrt(2 * math.log(1.25 / 1e-5)) / 0.5
+    # Execute
+    direct = run({"noise-seed": 3, "sigma": 0.25}, request(store, {"u"}, tmp_path))
+    calibrated = run({"noise-seed": 3, "epsilon": 0.5}, request(store, {"u"}, tmp_path))
+    # Assert
+    assert_tensors(direct.model, {k: PAPER[k] + noise[k] for k in PAPER}, atol=1e-5)
+    assert any("no (epsilon, delta) figure is claimed" in n for n in direct.notes)
+    assert any(f"sigma = {sigma:.6g}" in n and "nominal (the sensitivity is a heuristic" in n
+               for n in calibrated.notes)

@@ -92,6 +92,12 @@ def test_unlearn_json_reports_method_model_cost_and_metrics(
         "kl_to_retrained", "js_to_retrained", "client_impact", "client_accuracy",
         "speedup_wall", "speedup_client_epochs", "storage_bytes", "trace",
         "collateral", "group_accuracy",
+        # issue 12: the clean and poisoned members apart, FedEraser's attack, bootstrap
+        # intervals and the within-noise comparison, divergences on the forgotten data
+        "forgotten_accuracy_clean", "forgotten_accuracy_poisoned", "mia_loss_auc_clean",
+        "mia_loss_auc_poisoned", "original_model_attack", "mia_intervals",
+        "mia_vs_retrained", "mia_sizes", "kl_to_retrained_forgotten",
+        "js_to_retrained_forgotten",
     }
     assert result["cost"]["client_epochs"] > 0
     with WithdrawalLedger(run) as ledger:

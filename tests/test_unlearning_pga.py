@@ -21,6 +21,7 @@ from fedforget.history import HistoryStore, ParticipantUpdate
 from fedforget.models import build_model
 from fedforget.sampling import client_train_seed, derive_seed
 from fedforget.task import load_client_data, load_test_set, new_model
+from fedforget.tensors import decode
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning.ascent import (
     TASK,
@@ -213,7 +214,16 @@ def test_config_keys_round_trip_and_errors_name_the_key() -> None:
 
     # Assert
     assert kwargs == {"radius": 1.5, "epochs": 2, "learning_rate": 0.02, "batch_size": 8,
-                      "seed": 3, "clip_grad_norm": None, "min_accuracy": 0.4}
+                      "seed": 3, "clip_grad_norm": None, "min_accuracy": 0.4,
+                      "momentum": 0.0, "stop_distance": None, "anchor": None}
+    anchored = ascent_kwargs({**config, **ascent_config(
+        radius=1.5, learning_rate=0.02, clip_grad_norm=0.0, min_accuracy=0.0, momentum=0.9,
+        stop_distance=0.7, anchor={"w": np.array([1.0, -2.0], np.float32)})})
+    assert anchored["momentum"] == 0.9 and anchored["stop_distance"] == 0.7
+    np.testing.assert_array_equal(anchored["anchor"]["w"], [1.0, -2.0])
+    with pytest.raises(ConfigError, match="pga-stop-distance = 0.7 with no anchor model"):
+        ascent_config(radius=1.0, learning_rate=0.1, clip_grad_norm=0, min_accuracy=0,
+                      stop_distance=0.7)
     with pytest.raises(ConfigError, match="pga-radius = None"):
         ascent_kwargs({k: v for k, v in config.items() if k != "pga-radius"})
     with pytest.raises(ConfigError, match=r"pga-radius = -1\.0 is out of range"):
@@ -322,6 +332,7 @@ def test_ascent_asked_of_the_client_then_post_rounds_of_the_others(tmp_path: Pat
     method = PGA(PGAParams(radius=1.0, ascent_epochs=2, ascent_learning_rate=0.05,
                            post_rounds=2))
     w_ref = np.array([21 / 8 + 0.25, 26 / 8 + 1.5])
+    # u's last local model (round 2): θ_1 + Δu = (21/8 + 5, 26/8 + 5); τ = 0.5 × δ = 0.5
 
     # Execute
     result = method.unlearn(UnlearningRequest(store=store, forget=frozenset({"u"}),
@@ -330,8 +341,11 @@ def test_ascent_asked_of_the_client_then_post_rounds_of_the_others(tmp_path: Pat
     # Assert
     assert [(c["round"], c["clients"], c["task"], c["epochs"]) for c in fed.calls] == [
         (3, ("u",), "pga", 2), (3, ("a", "b"), "train", None), (4, ("a", "b"), "train", None)]
-    assert fed.calls[0]["config"] == {"pga-radius": 1.0, "pga-learning-rate": 0.05,
-                                      "pga-clip-grad-norm": 1.0, "pga-min-accuracy": 0.0}
+    config = dict(fed.calls[0]["config"])
+    anchor = decode(config.pop("pga-anchor"))
+    assert config == {"pga-radius": 1.0, "pga-learning-rate": 0.05, "pga-clip-grad-norm": 5.0,
+                      "pga-min-accuracy": 0.0, "pga-momentum": 0.9, "pga-stop-distance": 0.5}
+    np.testing.assert_allclose(anchor["w"], [21 / 8 + 5, 26 / 8 + 5], rtol=1e-6)
     np.testing.assert_allclose(fed.calls[0]["model"]["w"], w_ref, rtol=1e-6)
     np.testing.assert_allclose(result.model["w"], w_ref + [0.3, 0.4] + [5.0, -1.0], rtol=1e-6)
     assert result.model["w"].dtype == np.float32
@@ -388,7 +402,7 @@ def test_refusals_before_any_work(tmp_path: Path) -> None:
     assert fed.calls == []
 
 
-def test_derived_radius_is_a_third_of_the_mean_distance_to_random_inits() -> None:
+def test_derived_radius_is_the_root_of_a_third_of_the_mean_squared_distance() -> None:
     # Prepare
     cfg = RunConfig.from_mapping({"seed": 4, "dataset": "synthetic", "model": "logreg",
                                   "synthetic-samples": 60})
@@ -403,8 +417,9 @@ def test_derived_radius_is_a_third_of_the_mean_distance_to_random_inits() -> Non
         norms.append(math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2))
                                    for v in init.values())))
 
-    # Execute / Assert
-    assert derive_radius(reference, cfg) == pytest.approx(np.mean(norms) / 3, rel=1e-12)
+    # Execute / Assert: the authors' sqrt(mean ||w_ref - w_rand||^2 / 3)
+    expected = math.sqrt(np.mean(np.square(norms)) / 3)
+    assert derive_radius(reference, cfg) == pytest.approx(expected, rel=1e-12)
 
 
 def test_parameters_are_validated_by_name() -> None:
@@ -490,5 +505,57 @@ def test_pga_on_a_real_run_with_a_derived_radius(trained_run: Path, tmp_path: Pa
     metrics = fed.replies["client-002"]
     assert radius > 0 and 0 < float(metrics["pga-distance"]) <= radius * (1 + 1e-5)
     assert float(metrics["train-loss"]) > loss_ref
-    assert any("a third of the mean distance" in note for note in result.notes)
+    assert any("mean squared distance to 10 random initialisations" in note
+               for note in result.notes)
     assert result.cost.client_epochs == 2 + 3
+
+
+def test_post_rounds_leave_out_the_requests_excluded_clients(tmp_path: Path) -> None:
+    # Prepare: the service names a (a pending withdrawal, not in the ledger here) in exclude
+    store = tiny_store(tmp_path / "run")
+    fed = ScriptedFederation(["a", "b", "u"], {"b": (vec(3, -1), 3)}, pga_offset=vec(0, 0))
+
+    # Execute
+    PGA(PGAParams(radius=1.0, post_rounds=2)).unlearn(UnlearningRequest(
+        store=store, forget=frozenset({"u"}), federation=fed, workdir=str(tmp_path / "w"),
+        exclude=frozenset({"a", "u"})))
+
+    # Assert
+    assert [(c["round"], c["clients"]) for c in fed.calls] == [
+        (3, ("u",)), (3, ("b",)), (4, ("b",))]
+
+
+def test_the_distance_stop_ends_the_ascent_once_far_from_the_anchor(data: ArrayDataset) -> None:
+    # Prepare: the anchor is the starting model itself, so the distance to it grows from 0;
+    # a stop distance of 0.05 inside a radius of 5 must stop the ascent early
+    model = trained_logreg(data)
+    reference = reference_of(model)
+
+    # Execute
+    stopped = projected_gradient_ascent(
+        model, data, reference=reference, radius=5.0, epochs=3, learning_rate=0.5,
+        batch_size=16, seed=0, momentum=0.9, stop_distance=0.05, anchor=reference)
+
+    # Assert: it stopped on the first step beyond 0.05 from the anchor, well before 15 steps
+    assert stopped.stop_reason == "distance" and stopped.stopped_early
+    assert 1 <= stopped.steps < 15
+    assert stopped.anchor_distance > 0.05
+    assert stopped.anchor_distance == pytest.approx(stopped.distance, rel=1e-6)  # anchor = ref
+
+
+def test_radius_falls_back_to_the_initial_model_when_the_runs_model_cannot_be_built(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the tiny history's tensors ({"w"}) are not the run config's model's, as for a
+    # user's app; θ_0 = (0, 0) stands in for the random initialisations:
+    # δ = sqrt(|w_ref - θ_0|² / 3), w_ref = (2.875, 4.75): |w_ref|² = 8.265625 + 22.5625
+    store = tiny_store(tmp_path / "run")
+    fed = ScriptedFederation(["a", "b", "u"], {}, pga_offset=vec(0, 0))
+
+    # Execute
+    result = PGA(PGAParams(post_rounds=0)).unlearn(UnlearningRequest(
+        store=store, forget=frozenset({"u"}), federation=fed, workdir=str(tmp_path / "w")))
+
+    # Assert
+    assert fed.calls[0]["config"]["pga-radius"] == pytest.approx(math.sqrt(30.828125 / 3))
+    assert any("θ_0 stands in for the random initialisations" in n for n in result.notes)

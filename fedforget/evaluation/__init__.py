@@ -5,6 +5,8 @@
 * :mod:`~fedforget.evaluation.divergence`: parameter distance (L2, cosine) and prediction
   divergence (KL, JS);
 * :mod:`~fedforget.evaluation.impact`: the accuracy change of each remaining client;
+* :mod:`~fedforget.evaluation.stats`: bootstrap intervals of the membership figures and
+  whether a difference to retraining is within noise;
 * :mod:`~fedforget.evaluation.suite`: everything at once, JSON-ready; the run's shadow
   attack; the accuracy trace of an unlearning run.
 """
@@ -24,14 +26,25 @@ from fedforget.evaluation.errors import EvaluationError
 from fedforget.evaluation.impact import ImpactReport, client_impact
 from fedforget.evaluation.membership import (
     AttackResult,
+    OriginalModelAttack,
     ShadowAttack,
     attack_features,
+    attack_result,
     confidence_threshold_auc,
     loss_threshold_auc,
     per_example_loss,
     precision_recall,
     roc_auc,
     shadow_attack,
+)
+from fedforget.evaluation.stats import (
+    Comparison,
+    Interval,
+    balanced,
+    paired_comparison,
+    percentile_interval,
+    stratified_bootstrap,
+    within_noise_across_seeds,
 )
 from fedforget.evaluation.suite import (
     SHADOW_EPOCHS,
@@ -46,6 +59,9 @@ __all__ = [
     "KL_EPSILON",
     "SHADOW_EPOCHS",
     "AttackResult",
+    "Comparison",
+    "Interval",
+    "OriginalModelAttack",
     "EvaluationError",
     "ImpactReport",
     "PredictionDivergence",
@@ -53,6 +69,8 @@ __all__ = [
     "accuracy",
     "accuracy_trace",
     "attack_features",
+    "attack_result",
+    "balanced",
     "client_impact",
     "confidence_threshold_auc",
     "cosine_distance",
@@ -61,6 +79,8 @@ __all__ = [
     "kl_divergence",
     "l2_distance",
     "loss_threshold_auc",
+    "paired_comparison",
+    "percentile_interval",
     "per_example_loss",
     "precision_recall",
     "prediction_divergence",
@@ -68,4 +88,6 @@ __all__ = [
     "run_shadow_attack",
     "shadow_attack",
     "shadow_halves",
+    "stratified_bootstrap",
+    "within_noise_across_seeds",
 ]

@@ -18,8 +18,11 @@ https://arxiv.org/abs/1709.01604): the per-example cross-entropy
 :math:`\ell(x, y) = -\ln p_\theta(y \mid x)` (score :math:`-\ell`, a low loss means member),
 and the maximum confidence :math:`\max_k p_\theta(k \mid x)`. The third is the shadow-model
 attack of Shokri et al. ("Membership Inference Attacks Against Machine Learning Models",
-S&P 2017, https://arxiv.org/abs/1610.05820) as FedEraser evaluates it: see
-:func:`shadow_attack`.
+S&P 2017, https://arxiv.org/abs/1610.05820), with a shadow model trained on data the
+attacker owns: see :func:`shadow_attack`. The fourth is FedEraser's own evaluation, whose
+shadow is the original global model: see :class:`OriginalModelAttack`. Both classifiers
+are evaluated on balanced member and non-member sets by the suite, where a model that
+learned nothing about the members gives a precision near 0.5.
 """
 
 from __future__ import annotations
@@ -241,6 +244,12 @@ class ShadowAttack:
             A data set is empty, or the target predicts another number of classes than
             the shadow.
         """
+        prob_in, prob_out = self.scores(target_model, members, non_members)
+        return attack_result(prob_in, prob_out, self.threshold)
+
+    def scores(self, target_model: nn.Module, members: ArrayDataset, non_members: ArrayDataset
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The attack's membership probability of every member and non-member."""
         target_in = attack_features(target_model, members)
         target_out = attack_features(target_model, non_members)
         if self.num_classes != target_in.shape[1]:
@@ -248,12 +257,72 @@ class ShadowAttack:
                 f"the shadow model predicts {self.num_classes} classes and the target "
                 f"{target_in.shape[1]}; expected the same"
             )
-        prob_in = self.classifier.predict_proba(target_in)[:, 1]
-        prob_out = self.classifier.predict_proba(target_out)[:, 1]
-        guesses = np.concatenate([prob_in >= self.threshold, prob_out >= self.threshold])
-        truth = np.concatenate([np.ones(len(prob_in), bool), np.zeros(len(prob_out), bool)])
-        precision, recall = precision_recall(guesses, truth)
-        return AttackResult(precision=precision, recall=recall, auc=roc_auc(prob_in, prob_out))
+        return (self.classifier.predict_proba(target_in)[:, 1],
+                self.classifier.predict_proba(target_out)[:, 1])
+
+
+def attack_result(prob_in: np.ndarray, prob_out: np.ndarray, threshold: float) -> AttackResult:
+    """Precision and recall of the calls ``prob >= threshold``, and the AUC of ``prob``."""
+    guesses = np.concatenate([prob_in >= threshold, prob_out >= threshold])
+    truth = np.concatenate([np.ones(len(prob_in), bool), np.zeros(len(prob_out), bool)])
+    precision, recall = precision_recall(guesses, truth)
+    return AttackResult(precision=precision, recall=recall, auc=roc_auc(prob_in, prob_out))
+
+
+@dataclass(frozen=True)
+class OriginalModelAttack(ShadowAttack):
+    r"""FedEraser's membership attack: the original global model is the shadow.
+
+    FedEraser (Liu et al., IWQoS 2021) evaluates unlearning with an attack whose shadow
+    model is the trained global model itself: the attacker knows which examples the
+    federation trained on and which it did not, learns from the global model's outputs on
+    both, and asks whether the unlearned model still treats the forgotten client's data as
+    members. Here:
+
+    1. features: the original model's softmax vectors sorted in decreasing order
+       (:func:`attack_features`) on ``members`` (data it trained on: the remaining clients'
+       training data) and ``non_members`` (data it never saw), balanced to equal sizes by a
+       seeded subsample of the larger side;
+    2. classifier: scikit-learn's ``GradientBoostingClassifier`` (FedEraser uses XGBoost,
+       a gradient-boosted tree ensemble), seeded;
+    3. applied like :class:`ShadowAttack` to any target model (:meth:`attack`).
+
+    The attack is fitted on clients that *stay*, so it never saw the forgotten examples.
+    """
+
+    @classmethod
+    def fit_on_original(
+        cls,
+        *,
+        original: nn.Module,
+        members: ArrayDataset,
+        non_members: ArrayDataset,
+        seed: int,
+        threshold: float = 0.5,
+    ) -> OriginalModelAttack:
+        """Fit the gradient-boosted attack on ``original``'s outputs (see the class).
+
+        Raises
+        ------
+        EvaluationError
+            ``threshold`` is not in (0, 1), or a data set is empty.
+        """
+        from sklearn.ensemble import GradientBoostingClassifier
+
+        from fedforget.evaluation.stats import balanced
+
+        if not 0.0 < threshold < 1.0:
+            raise EvaluationError(f"threshold = {threshold!r} is out of range; expected 0 < t < 1")
+        keep_in, keep_out = balanced(len(members), len(non_members), seed=seed)
+        features_in = attack_features(original, members.subset(keep_in))
+        features_out = attack_features(original, non_members.subset(keep_out))
+        features = np.concatenate([features_in, features_out])
+        labels = np.concatenate([np.ones(len(features_in), np.int64),
+                                 np.zeros(len(features_out), np.int64)])
+        classifier = GradientBoostingClassifier(random_state=seed)
+        classifier.fit(features, labels)
+        return cls(classifier=classifier, num_classes=int(features.shape[1]),
+                   threshold=threshold)
 
 
 def shadow_attack(

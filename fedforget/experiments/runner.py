@@ -19,10 +19,10 @@ every step is seeded, the resumed experiment gives the same figures as an uninte
 
 Every method of a training run starts from the trained model: before a method's first
 request the runner clears the run's in-service pointer (``unlearned/current.json``), which
-the previous method moved. With several clients in ``forget``, a method that forgets several
-clients at once gets one request for all of them (the earlier ones recorded as pending
-withdrawals); a method that forgets one client per request gets them one after another, each
-starting from the previous result.
+the previous method moved. With several clients in ``forget``, every withdrawal is recorded
+before any is served (so no leaving client is asked to train for another's request); a method
+that forgets several clients at once gets one request for all of them; a method that forgets
+one client per request gets them one after another, each starting from the previous result.
 """
 
 from __future__ import annotations
@@ -199,15 +199,14 @@ def _run_cell(spec: ExperimentSpec, cell: Cell, run_dir: Path, project: FlowerPr
     method = get_method(cell.method.method, cell.method.params)
     # every method starts from the trained model
     RunDirectory(run_dir).current.unlink(missing_ok=True)
-    if method.multi_client:
-        with HistoryStore.open(run_dir) as store:
-            roster = frozenset(store.roster())
-        with WithdrawalLedger(run_dir) as ledger:
-            for client in spec.forget[:-1]:
-                ledger.request(client, reason=f"experiment {spec.name}", roster=roster)
-        requests: Sequence[str] = spec.forget[-1:]
-    else:
-        requests = spec.forget
+    # every withdrawal of the experiment is recorded before any is served: a method that
+    # forgets one client per request must not ask a client that is leaving too
+    with HistoryStore.open(run_dir) as store:
+        roster = frozenset(store.roster())
+    with WithdrawalLedger(run_dir) as ledger:
+        for client in spec.forget[:-1]:
+            ledger.request(client, reason=f"experiment {spec.name}", roster=roster)
+    requests: Sequence[str] = spec.forget[-1:] if method.multi_client else spec.forget
     outcome: UnlearningOutcome | None = None
     t0 = time.perf_counter()
     for client in requests:

@@ -10,6 +10,9 @@ subtract     remove stored weighted contributions (FedAccum-like)  no     none (
 fedrecovery  FedRecovery (Zhang et al., TIFS 2023)                 no     none
 fedrecover   FedRecover (Cao et al., S&P 2023)                     no     some rounds
 pga          projected gradient ascent (Halimi et al., 2022)       no     the leaving client
+fastfedul    Fast-FedUL skew recursion (Huynh et al., 2024)        no     none
+fukd         subtraction + server distillation (Wu et al., 2022)   no     none (proxy data)
+sifu         certified rollback + noise (Fraboni et al., 2024)     no     T - T~ rounds
 ===========  ====================================================  =====  ==================
 """
 

@@ -14,17 +14,34 @@ reference model, starting from :math:`w_{\\text{ref}}`:
     \\mathcal{P}_\\Omega(w) = w_{\\text{ref}} + (w - w_{\\text{ref}})
         \\min\\Bigl(1, \\frac{\\delta}{\\lVert w - w_{\\text{ref}} \\rVert_2}\\Bigr),
 
-the norm taken over all parameters together. As in the authors' released code, each
-mini-batch gradient is clipped to a maximal norm before the step (cross-entropy is unbounded
-above, and one step of plain ascent can be huge). The paper stops early once the (clean)
-validation accuracy falls below a threshold; here the accuracy on ``validation`` (by default
-the ascent data) is checked before the first step and after every step.
+the norm taken over all parameters together. As in the authors' released code
+(https://github.com/IBM/federated-unlearning, ``federated_unlearning.ipynb``):
+
+* the step is SGD with momentum (``pga-momentum``; the authors use 0.9 with learning rate
+  0.01), the momentum buffer kept across projections;
+* each mini-batch gradient is clipped to a maximal norm before the step (``clip_grad_norm_``,
+  the authors use 5): cross-entropy is unbounded above, and one step of plain ascent can be
+  huge;
+* **distance stop**: after every step, the ascent ends once the model is farther than
+  ``pga-stop-distance`` from the client's own last local model :math:`w_u^{T}` (the
+  *anchor*, sent by the server in ``pga-anchor``): :math:`\\lVert w - w_u^{T} \\rVert_2 >
+  \\tau` means the model has moved far enough from what the client contributed. The
+  authors compare the *squared* distance with 2.2 (their ``get_distance`` returns
+  :math:`\\lVert\\cdot\\rVert^2`); here :math:`\\tau` is an ℓ2 distance (their 2.2 is
+  :math:`\\tau = \\sqrt{2.2} \\approx 1.48`).
+
+The paper also stops early once the (clean) validation accuracy falls below a threshold
+(not in the authors' code); here, when ``pga-min-accuracy`` > 0, the accuracy on
+``validation`` (by default the ascent data) is checked before the first step and after
+every step.
 
 On the wire (a Flower train message whose config has ``task = "pga"``): the message's
 arrays are :math:`w_{\\text{ref}}`, the starting point *and* the centre of the ball; the
 settings are ``local-epochs``, ``batch-size`` and ``seed`` (as for training) and the keys
-of :data:`CONFIG_KEYS`, parsed by :func:`ascent_kwargs`. The reply carries the final model
-and :meth:`AscentResult.metrics`.
+of :data:`CONFIG_KEYS` (the last three optional, off when absent), parsed by
+:func:`ascent_kwargs`. ``pga-anchor`` is the anchor model as bytes of
+:func:`fedforget.tensors.encode` (fp32). The reply carries the final model and
+:meth:`AscentResult.metrics`.
 """
 
 from __future__ import annotations
@@ -52,7 +69,11 @@ RADIUS = "pga-radius"
 LEARNING_RATE = "pga-learning-rate"
 CLIP_GRAD_NORM = "pga-clip-grad-norm"
 MIN_ACCURACY = "pga-min-accuracy"
-CONFIG_KEYS = (RADIUS, LEARNING_RATE, CLIP_GRAD_NORM, MIN_ACCURACY)
+MOMENTUM = "pga-momentum"
+STOP_DISTANCE = "pga-stop-distance"
+ANCHOR = "pga-anchor"
+CONFIG_KEYS = (RADIUS, LEARNING_RATE, CLIP_GRAD_NORM, MIN_ACCURACY, MOMENTUM, STOP_DISTANCE,
+               ANCHOR)
 """The PGA-specific train config keys (beyond ``local-epochs``, ``batch-size``, ``seed``)."""
 
 
@@ -69,11 +90,15 @@ class AscentResult:
     steps : int
         Ascent steps taken.
     stopped_early : bool
-        Whether the accuracy check stopped the ascent.
+        Whether the accuracy check or the distance stop ended the ascent.
     distance : float
         :math:`\\lVert w - w_{\\text{ref}} \\rVert_2` of the final model.
     accuracy : float
         Accuracy of the final model on the validation data (NaN if never checked).
+    anchor_distance : float
+        :math:`\\lVert w - w_u^{T} \\rVert_2` of the final model (NaN without an anchor).
+    stop_reason : str
+        ``""`` (all epochs ran), ``"accuracy"`` or ``"distance"``.
     """
 
     num_examples: int
@@ -82,6 +107,8 @@ class AscentResult:
     stopped_early: bool
     distance: float
     accuracy: float = math.nan
+    anchor_distance: float = math.nan
+    stop_reason: str = ""
 
     def metrics(self) -> dict[str, float | int]:
         """The reply's metrics (kebab-case keys; NaN accuracy left out)."""
@@ -94,26 +121,48 @@ class AscentResult:
         }
         if not math.isnan(self.accuracy):
             out["pga-accuracy"] = self.accuracy
+        if not math.isnan(self.anchor_distance):
+            out["pga-anchor-distance"] = self.anchor_distance
+        if self.stop_reason:
+            out["pga-stopped-by-distance"] = int(self.stop_reason == "distance")
         return out
 
 
 def ascent_config(
-    *, radius: float, learning_rate: float, clip_grad_norm: float, min_accuracy: float
-) -> dict[str, float]:
-    """The PGA keys of a train message's config (server side)."""
-    return {
+    *, radius: float, learning_rate: float, clip_grad_norm: float, min_accuracy: float,
+    momentum: float = 0.0, stop_distance: float = 0.0,
+    anchor: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, float | bytes]:
+    """The PGA keys of a train message's config (server side).
+
+    ``anchor`` (the client's last local model) and ``stop_distance`` > 0 turn the distance
+    stop on; both or neither are given.
+    """
+    if (anchor is None) != (stop_distance <= 0):
+        raise ConfigError(
+            f"{STOP_DISTANCE} = {stop_distance!r} with "
+            f"{'no' if anchor is None else 'an'} anchor model; expected both or neither")
+    out: dict[str, float | bytes] = {
         RADIUS: float(radius),
         LEARNING_RATE: float(learning_rate),
         CLIP_GRAD_NORM: float(clip_grad_norm),
         MIN_ACCURACY: float(min_accuracy),
+        MOMENTUM: float(momentum),
     }
+    if anchor is not None:
+        from fedforget.tensors import encode
+
+        out[STOP_DISTANCE] = float(stop_distance)
+        out[ANCHOR] = encode({k: np.asarray(v, np.float32) for k, v in anchor.items()}, "fp32")
+    return out
 
 
 def ascent_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments of :func:`projected_gradient_ascent` from a train config (client side).
 
     Reads ``local-epochs``, ``batch-size``, ``fedforget.seed`` and :data:`CONFIG_KEYS`; a
-    ``pga-clip-grad-norm`` or ``pga-min-accuracy`` of 0 turns that feature off.
+    ``pga-clip-grad-norm``, ``pga-min-accuracy``, ``pga-momentum`` or
+    ``pga-stop-distance`` of 0 (or, for the last three, absent) turns that feature off.
 
     Raises
     ------
@@ -127,8 +176,21 @@ def ascent_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"train config {key} = {value!r}: expected a number from the server")
         return float(value)
 
+    def optional(key: str) -> float:
+        return number(key) if key in config else 0.0
+
     clip = number(CLIP_GRAD_NORM)
     min_accuracy = number(MIN_ACCURACY)
+    stop = optional(STOP_DISTANCE)
+    anchor = None
+    if stop:
+        blob = config.get(ANCHOR)
+        if not isinstance(blob, bytes):
+            raise ConfigError(f"train config {STOP_DISTANCE} = {stop!r} but {ANCHOR} = "
+                              f"{type(blob).__name__}; expected the anchor model's bytes")
+        from fedforget.tensors import decode
+
+        anchor = decode(blob)
     return {
         "radius": number(RADIUS),
         "epochs": int(number("local-epochs")),
@@ -137,6 +199,9 @@ def ascent_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         "seed": int(number(SEED)),
         "clip_grad_norm": clip or None,
         "min_accuracy": min_accuracy or None,
+        "momentum": optional(MOMENTUM),
+        "stop_distance": stop or None,
+        "anchor": anchor,
     }
 
 
@@ -153,6 +218,9 @@ def projected_gradient_ascent(
     clip_grad_norm: float | None = None,
     min_accuracy: float | None = None,
     validation: ArrayDataset | None = None,
+    momentum: float = 0.0,
+    stop_distance: float | None = None,
+    anchor: Mapping[str, torch.Tensor | np.ndarray] | None = None,
 ) -> AscentResult:
     """Maximise the cross-entropy on ``data`` in place, within the ball around ``reference``.
 
@@ -187,6 +255,13 @@ def projected_gradient_ascent(
         None: never.
     validation : ArrayDataset or None
         Data of the accuracy check; None: ``data``.
+    momentum : float
+        SGD momentum in [0, 1) (``pga-momentum``); the buffer survives the projections.
+    stop_distance : float or None
+        :math:`\\tau`: stop once :math:`\\lVert w - w_u^T \\rVert_2 > \\tau` after a step
+        (``pga-stop-distance``); None: never. Needs ``anchor``.
+    anchor : mapping of str to tensor or array, optional
+        :math:`w_u^T`, the client's last local model, by parameter name.
 
     Returns
     -------
@@ -202,6 +277,12 @@ def projected_gradient_ascent(
            "a number > 0 or None")
     _check(min_accuracy is None or 0 <= min_accuracy <= 1, MIN_ACCURACY, min_accuracy,
            "a number in [0, 1] or None")
+    _check(0 <= momentum < 1, MOMENTUM, momentum, "a number in [0, 1)")
+    _check(stop_distance is None or (stop_distance > 0 and math.isfinite(stop_distance)),
+           STOP_DISTANCE, stop_distance, "a finite number > 0 or None")
+    _check((stop_distance is None) == (anchor is None), ANCHOR,
+           "given" if anchor is not None else None,
+           f"an anchor model exactly when {STOP_DISTANCE} is set")
     n = len(data)
     if n == 0:
         raise DataError(f"cannot run gradient ascent on data set {data.name!r}: no examples")
@@ -213,21 +294,29 @@ def projected_gradient_ascent(
     params = [p for _, p in named]
     centre = [torch.as_tensor(np.asarray(reference[name]), dtype=p.dtype).reshape(p.shape)
               for name, p in named]
+    anchor_list = None
+    if anchor is not None:
+        lacking = [name for name, _ in named if name not in anchor]
+        if lacking:
+            raise ConfigError(f"the anchor model lacks parameters {lacking}")
+        anchor_list = [torch.as_tensor(np.asarray(anchor[name]), dtype=torch.float64)
+                       .reshape(p.shape) for name, p in named]
     x, y = _as_tensor(data.x), _as_tensor(data.y)
     check_data = validation if validation is not None else data
-    optimizer = torch.optim.SGD(params, lr=learning_rate)
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
 
     distance = project_to_ball(params, centre, radius)
     accuracy = math.nan
-    stopped = False
+    reason = ""
     if min_accuracy is not None:
         accuracy = evaluate(model, check_data).accuracy
-        stopped = accuracy < min_accuracy
+        reason = "accuracy" if accuracy < min_accuracy else ""
+    anchor_distance = _distance(params, anchor_list) if anchor_list is not None else math.nan
     steps = 0
     model.train()
     for _ in range(epochs):
-        if stopped:
+        if reason:
             break
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
@@ -240,14 +329,27 @@ def projected_gradient_ascent(
             optimizer.step()
             distance = project_to_ball(params, centre, radius)
             steps += 1
+            if anchor_list is not None and stop_distance is not None:
+                anchor_distance = _distance(params, anchor_list)
+                if anchor_distance > stop_distance:
+                    reason = "distance"
+                    break
             if min_accuracy is not None:
                 accuracy = evaluate(model, check_data).accuracy
                 if accuracy < min_accuracy:
-                    stopped = True
+                    reason = "accuracy"
                     break
     final = evaluate(model, data)
-    return AscentResult(num_examples=n, loss=final.loss, steps=steps, stopped_early=stopped,
-                        distance=distance, accuracy=accuracy)
+    return AscentResult(num_examples=n, loss=final.loss, steps=steps,
+                        stopped_early=bool(reason), distance=distance, accuracy=accuracy,
+                        anchor_distance=anchor_distance, stop_reason=reason)
+
+
+@torch.no_grad()
+def _distance(params: list[nn.Parameter], other: list[torch.Tensor]) -> float:
+    """:math:`\\lVert w - v \\rVert_2` over all tensors, in float64."""
+    return math.sqrt(sum(float(((p.detach().double() - o) ** 2).sum())
+                         for p, o in zip(params, other, strict=True)))
 
 
 @torch.no_grad()

@@ -94,6 +94,24 @@ class Federation(Protocol):
         ...
 
 
+class ServerSideTask(Protocol):
+    """What the server itself holds of the learning task, for methods that repair or
+    distil on the server (FUKD): a fresh model to load tensors into and a proxy data set.
+
+    fedforget's own task provides it (:class:`fedforget.measure.TaskServerSide`, from the
+    run config's ``proxy-fraction``); a user's app may pass its own.
+    """
+
+    def new_model(self) -> Any:
+        """A fresh ``torch.nn.Module`` of the run's architecture."""
+        ...
+
+    def proxy_data(self) -> Any:
+        """The server's proxy data set (an :class:`fedforget.data.ArrayDataset`), or None
+        when the server holds none."""
+        ...
+
+
 # ------------------------------------------------------------------------- results
 @dataclass
 class UnlearningResult:
@@ -122,6 +140,11 @@ class UnlearningRequest:
     keeps a copy; it should do nothing slower than that, since it runs inside the method's
     measured wall time. Methods that write a replayed history
     (``UnlearningResult.history_dir``) report nothing: their rounds are in that history.
+
+    ``exclude`` names clients that must not be asked to train, beyond ``forget`` (the
+    service fills it with every client withdrawn so far, so that a method forgetting one
+    client per request never asks an earlier or a pending leaver). ``server_side``, when
+    set, is what a server-side repair may use (:class:`ServerSideTask`).
     """
 
     store: HistoryStore
@@ -134,6 +157,8 @@ class UnlearningRequest:
     # force); the clients leave them out of every round they train (fedforget.erasure)
     scope: ErasureScope = field(default_factory=ErasureScope)
     kind: str = "client"  # the size of the request served: client, records or class
+    exclude: frozenset[str] = frozenset()
+    server_side: ServerSideTask | None = None
 
     def report(self, server_round: int, model: Mapping[str, np.ndarray]) -> None:
         """Hand ``model``, the global model after ``server_round``, to the observer, if any.
@@ -263,7 +288,7 @@ class Unlearner(ABC, Generic[P]):
 
 METHOD_MODULES = (
     "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga",
-    "rapid_retrain", "fucp", "repair",
+    "rapid_retrain", "fucp", "repair", "fastfedul", "sifu", "fukd",
 )
 """The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
 method is one module and one name here."""

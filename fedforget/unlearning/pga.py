@@ -20,16 +20,49 @@ in FL?", 2022, https://arxiv.org/abs/2207.05521.
    to it: :math:`w_{\\text{ref}} = M + (w_{\\text{ref}}(T) - \\theta_T)`.
 2. **Ascent** (:mod:`fedforget.unlearning.ascent`, run by the leaving client from
    :math:`w_{\\text{ref}}`): maximise its loss within :math:`\\lVert w - w_{\\text{ref}}
-   \\rVert_2 \\le \\delta`. With ``radius`` 0, :math:`\\delta` is a third of the mean distance
-   from :math:`w_{\\text{ref}}` to 10 random initialisations of the run's model, as in the
-   authors' code. The server projects the reply onto the ball again (it does not trust the
-   client to have done so).
+   \\rVert_2 \\le \\delta`, SGD with momentum and clipped gradients, stopping once
+   :math:`\\lVert w - w_u^{T} \\rVert_2 > \\tau` (the distance stop of the authors' code,
+   :math:`w_u^{T}` the client's own last local model). The server projects the reply onto
+   the ball again (it does not trust the client to have done so).
 3. **Post-training**: ``post_rounds`` ordinary FedAvg rounds :math:`T+1, \\dots` with the
-   run's client sampling minus the leaving client and every client that withdrew before
-   (read from the run's withdrawal ledger: a withdrawn client is never asked to train again).
+   run's client sampling minus the leaving client and every client excluded from training
+   (``request.exclude``, filled by the service with every withdrawn client, and the run's
+   withdrawal ledger: a withdrawn client is never asked to train again).
+
+**The radius.** With ``radius`` 0, as the authors' code computes it,
+
+.. math::
+
+    \\delta = \\sqrt{\\tfrac13 \\cdot \\tfrac{1}{10} \\sum_{i=1}^{10}
+        \\lVert w_{\\text{ref}} - w^{(i)}_{\\text{rand}} \\rVert_2^2}
+
+over 10 random initialisations :math:`w^{(i)}_{\\text{rand}}` of the run's model (their
+``get_distance`` returns the *squared* norm, its mean over 10 fresh models divided by 3 is
+their ``threshold``, and they project onto the sphere of radius ``sqrt(threshold)``). The
+random models need fedforget's own task (a :class:`~fedforget.config.RunConfig` in the
+history); for another app the one random initialisation the history holds, :math:`\\theta_0`,
+stands in for the ten (a deviation, noted in the result).
+
+**The distance stop.** :math:`\\tau` = ``stop_distance``; 0 derives it as
+``stop_fraction`` × :math:`\\delta`. The authors' threshold is an absolute 2.2 on the
+squared distance for their MNIST CNN (:math:`\\tau = 1.48`, about 0.13 of their radius of
+about 11.7 for that network at initialisation scale); an absolute value does not carry
+over between models, so the default is a fraction of the radius (see
+:class:`PGAParams`). :math:`w_u^{T}` is :math:`\\theta_{t_u-1} + \\Delta_{t_u,u}` of the
+client's last round :math:`t_u` (shifted like :math:`w_{\\text{ref}}` when the model in
+service is not :math:`\\theta_T`); when that round's updates were not retained the stop is
+off (noted).
+
+Defaults: the authors' ascent (5 epochs, learning rate 0.01, momentum 0.9, gradient norm
+clipped at 5) and their 10 post-training rounds. Deviations from the authors' code: the
+reference is weighted by example counts (theirs has equal parties); the radius's random
+models are seeded from the run seed; post-training rounds follow the run's client sampling
+and local epochs (theirs: every remaining party, one epoch of at most 50 mini-batches); the
+stop threshold is relative to the radius by default.
 
 The ascent message is sent as round :math:`T + 1` (the leaving client's seed for a round it
-takes no other part in).
+takes no other part in). The starting point is the model in service before this request
+(``request.current_model``, after earlier unlearning), else :math:`\\theta_T`.
 """
 
 from __future__ import annotations
@@ -40,11 +73,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedforget.config import RunConfig
-from fedforget.errors import ConfigError
+from fedforget.errors import ConfigError, FedForgetError
 from fedforget.history import HistoryStore
 from fedforget.sampling import ClientSampler, derive_seed
 from fedforget.unlearning import ascent
 from fedforget.unlearning.base import (
+    Federation,
     MethodParams,
     RetentionError,
     TensorDict,
@@ -61,13 +95,13 @@ from fedforget.unlearning.base import (
 RADIUS_SAMPLES = 10
 """Random initialisations averaged when the radius is derived."""
 RADIUS_FRACTION = 1.0 / 3.0
-"""Fraction of their mean distance taken as the radius."""
+"""Fraction of the mean *squared* distance taken as the squared radius (authors' code)."""
 _F32_EPS = float(np.finfo(np.float32).eps)
 
 
 @dataclass(frozen=True)
 class PGAParams(MethodParams):
-    """PGA's parameters.
+    """PGA's parameters (defaults: the authors' code, see the module docstring).
 
     Attributes
     ----------
@@ -77,10 +111,18 @@ class PGAParams(MethodParams):
         Passes of the leaving client over its data, ``>= 1``.
     ascent_learning_rate : float
         :math:`\\eta_u > 0`.
+    ascent_momentum : float
+        SGD momentum of the ascent, in [0, 1).
     ascent_clip_grad_norm : float
         Maximal norm of each ascent mini-batch gradient; 0: no clipping.
     ascent_min_accuracy : float
         Stop the ascent once the client's validation accuracy is below this; 0: never.
+    stop_distance : float
+        :math:`\\tau`: stop the ascent once the model is farther than this (ℓ2) from the
+        client's own last local model; 0 derives ``stop_fraction`` × :math:`\\delta`.
+    stop_fraction : float
+        :math:`\\tau / \\delta` when ``stop_distance`` is 0; 0 with ``stop_distance`` 0 turns
+        the distance stop off.
     post_rounds : int
         Ordinary rounds without the client after the ascent, ``>= 0``.
     post_epochs : int
@@ -88,11 +130,14 @@ class PGAParams(MethodParams):
     """
 
     radius: float = 0.0
-    ascent_epochs: int = 1
+    ascent_epochs: int = 5
     ascent_learning_rate: float = 0.01
-    ascent_clip_grad_norm: float = 1.0
+    ascent_momentum: float = 0.9
+    ascent_clip_grad_norm: float = 5.0
     ascent_min_accuracy: float = 0.0
-    post_rounds: int = 2
+    stop_distance: float = 0.0
+    stop_fraction: float = 0.5
+    post_rounds: int = 10
     post_epochs: int = 0
 
     def validate(self) -> None:
@@ -101,9 +146,12 @@ class PGAParams(MethodParams):
         check_range("ascent-epochs", self.ascent_epochs, low=1)
         check_range("ascent-learning-rate", self.ascent_learning_rate, low=0, low_open=True,
                     high=math.inf, high_open=True)
+        check_range("ascent-momentum", self.ascent_momentum, low=0, high=1, high_open=True)
         check_range("ascent-clip-grad-norm", self.ascent_clip_grad_norm, low=0,
                     high=math.inf, high_open=True)
         check_range("ascent-min-accuracy", self.ascent_min_accuracy, low=0, high=1)
+        check_range("stop-distance", self.stop_distance, low=0, high=math.inf, high_open=True)
+        check_range("stop-fraction", self.stop_fraction, low=0, high=math.inf, high_open=True)
         check_range("post-rounds", self.post_rounds, low=0)
         check_range("post-epochs", self.post_epochs, low=0)
 
@@ -139,6 +187,27 @@ def reference_model(
     return {k: np.asarray(v, dtype=np.float32) for k, v in ref.items()}
 
 
+def anchor_model(
+    store: HistoryStore, client: str, *, current: TensorDict | None = None
+) -> tuple[TensorDict | None, int | None]:
+    """:math:`w_u^{t_u}`, ``client``'s local model of its last round :math:`t_u`, and
+    :math:`t_u`; ``(None, t_u)`` when that round's updates were not retained (``(None,
+    None)`` when it never took part). Shifted by :math:`M - \\theta_T` when the model in
+    service :math:`M` is given, as the reference is."""
+    rounds = store.clients().get(client)
+    if not rounds:
+        return None, None
+    t_u = max(rounds)
+    if not store.is_retained(t_u):
+        return None, t_u
+    anchor = weighted_sum([(1.0, store.global_model(t_u - 1)),
+                           (1.0, store.client_update(t_u, client))], store.global_model(t_u - 1))
+    if current is not None:
+        final = store.global_model(store.last_round)
+        anchor = weighted_sum([(1.0, current), (1.0, anchor), (-1.0, final)], final)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in anchor.items()}, t_u
+
+
 def distance(a: TensorDict, b: TensorDict) -> float:
     """:math:`\\lVert a - b \\rVert_2` over all tensors, in float64."""
     return math.sqrt(sum(float(np.sum((np.asarray(a[k], np.float64) - b[k]) ** 2)) for k in a))
@@ -165,9 +234,15 @@ def _withdrawn(store: HistoryStore) -> frozenset[str]:
         return ledger.withdrawn()
 
 
+def radius_from_distances(distances: list[float]) -> float:
+    """:math:`\\delta = \\sqrt{\\overline{d^2} / 3}` (RADIUS_FRACTION = 1/3, authors' code)."""
+    return math.sqrt(RADIUS_FRACTION * float(np.mean(np.square(distances))))
+
+
 def derive_radius(reference: TensorDict, run_config: RunConfig) -> float:
-    """:math:`\\delta` = RADIUS_FRACTION × the mean distance from ``reference`` to
-    RADIUS_SAMPLES random initialisations of the run's model (seeds derived from the run's)."""
+    """:math:`\\delta` from RADIUS_SAMPLES random initialisations of the run's model (seeds
+    derived from the run's): :math:`\\sqrt{\\overline{\\lVert w_{ref} - w_{rand}
+    \\rVert^2} / 3}`."""
     from fedforget.arrays import model_tensors
     from fedforget.models import build_model
     from fedforget.task import load_test_set
@@ -186,7 +261,40 @@ def derive_radius(reference: TensorDict, run_config: RunConfig) -> float:
                 f"history's {sorted(reference)}; cannot derive the radius, set radius > 0"
             )
         distances.append(distance(tensors, reference))
-    return RADIUS_FRACTION * float(np.mean(distances))
+    return radius_from_distances(distances)
+
+
+def _radius(store: HistoryStore, reference: TensorDict) -> tuple[float, str]:
+    """The derived radius and how it was derived (RunConfig's model, else θ_0)."""
+    try:
+        cfg = RunConfig.from_mapping(store.run_config)
+    except ConfigError:
+        cfg = None
+    if cfg is not None:
+        try:
+            return derive_radius(reference, cfg), (
+                f"sqrt(mean squared distance to {RADIUS_SAMPLES} random initialisations / 3)")
+        except FedForgetError:
+            pass
+    theta0 = {k: v for k, v in store.global_model(0).items() if k in reference}
+    return radius_from_distances([distance(theta0, reference)]), (
+        "sqrt(squared distance to the history's initial model θ_0 / 3): the run's model "
+        "could not be rebuilt, so θ_0 stands in for the random initialisations")
+
+
+def _post_sampler(store: HistoryStore, federation: Federation) -> ClientSampler | None:
+    """The run's client sampler: the federation's, else one from a fedforget RunConfig,
+    else None (every remaining client trains)."""
+    sampler = getattr(federation, "sampler", None)
+    if callable(sampler):
+        made = sampler(len(federation.roster))
+        if isinstance(made, ClientSampler):
+            return made
+    try:
+        cfg = RunConfig.from_mapping(store.run_config)
+    except ConfigError:
+        return None
+    return ClientSampler(seed=cfg.seed, count=cfg.clients_per_round())
 
 
 # -------------------------------------------------------------------------- method
@@ -195,9 +303,9 @@ class PGA(Unlearner[PGAParams]):
     """Projected gradient ascent by the leaving client, then ordinary rounds (Halimi et al.)."""
 
     name = "pga"
+    version = "2"
     multi_client = False
     Params = PGAParams
-
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a client that no longer answers, or a history that cannot give w_ref."""
@@ -212,13 +320,6 @@ class PGA(Unlearner[PGAParams]):
                 f"{client!r} is not in the federation's roster; expected a client that still "
                 "answers (use another method for a client that has gone)"
             )
-        try:
-            RunConfig.from_mapping(store.run_config)
-        except ConfigError as exc:
-            raise UnlearningError(
-                f"pga follows the run's client sampling and model, but the history's run "
-                f"config is not a fedforget run config: {exc}"
-            ) from exc
         if first_contribution(store, [client]) is None:
             return
         last = store.last_round
@@ -233,6 +334,7 @@ class PGA(Unlearner[PGAParams]):
     def run(self, request: UnlearningRequest) -> UnlearningResult:
         """Reference, ascent by the leaving client, post-training rounds."""
         store, federation = request.store, request.federation
+        params = self.params
         (client,) = request.forget
         last = store.last_round
         current = request.current_model
@@ -244,21 +346,35 @@ class PGA(Unlearner[PGAParams]):
                 cost=federation.cost, rounds_affected=[],
                 notes=[f"client {client!r} never took part; the model is unchanged"],
             )
-        cfg = RunConfig.from_mapping(store.run_config)
         w_ref = reference_model(store, client, current=current)
-        radius = self.params.radius or derive_radius(w_ref, cfg)
-        notes = [f"reference: the other clients' models of round {last} "
-                 f"(weighted by example counts); radius δ = {radius:.6g}"
-                 + ("" if self.params.radius else " (a third of the mean distance to "
-                    f"{RADIUS_SAMPLES} random initialisations)")]
+        notes = [f"started from the {'model in service' if current is not None else 'θ_T'}; "
+                 f"reference: the other clients' models of round {last} (weighted by "
+                 "example counts)"]
+        if params.radius:
+            radius = params.radius
+            notes.append(f"radius δ = {radius:.6g} (set)")
+        else:
+            radius, how = _radius(store, w_ref)
+            notes.append(f"radius δ = {radius:.6g} = {how}")
+        anchor, t_u = anchor_model(store, client, current=current)
+        stop = params.stop_distance or params.stop_fraction * radius
+        if stop and anchor is None:
+            notes.append(f"distance stop off: the updates of {client!r}'s last round {t_u} "
+                         "were not retained, so its last local model is unknown")
+            stop = 0.0
+        elif stop:
+            notes.append(f"distance stop τ = {stop:.6g} from {client!r}'s local model of "
+                         f"round {t_u}" + ("" if params.stop_distance else
+                                           f" ({params.stop_fraction} × δ)"))
 
         replies = federation.train(
             server_round=last + 1, global_model=w_ref, clients=[client],
-            local_epochs=self.params.ascent_epochs, task=ascent.TASK,
+            local_epochs=params.ascent_epochs, task=ascent.TASK,
             extra_config=ascent.ascent_config(
-                radius=radius, learning_rate=self.params.ascent_learning_rate,
-                clip_grad_norm=self.params.ascent_clip_grad_norm,
-                min_accuracy=self.params.ascent_min_accuracy,
+                radius=radius, learning_rate=params.ascent_learning_rate,
+                clip_grad_norm=params.ascent_clip_grad_norm,
+                min_accuracy=params.ascent_min_accuracy, momentum=params.ascent_momentum,
+                stop_distance=stop, anchor=anchor if stop else None,
             ),
         )
         if client not in replies:
@@ -281,14 +397,29 @@ class PGA(Unlearner[PGAParams]):
         request.report(last, model)  # the ascent's model takes θ_T's place
         metrics = dict(reply.metrics)
         notes.append(f"ascent by {client!r}: {metrics.get('pga-steps', '?')} steps, "
-                     f"loss {metrics.get('train-loss', '?')}, stopped early: "
-                     f"{bool(metrics.get('pga-stopped-early', 0))}")
+                     f"loss {metrics.get('train-loss', '?')}, distance to the reference "
+                     f"{found:.6g}, stopped early: {bool(metrics.get('pga-stopped-early', 0))}"
+                     + (" (distance stop)" if metrics.get("pga-stopped-by-distance") else ""))
+        model = self._post_train(request, model, notes)
+        return UnlearningResult(model=model, cost=federation.cost,
+                                rounds_affected=list(range(first, last + 1)), notes=notes)
 
-        sampler = ClientSampler(seed=cfg.seed, count=cfg.clients_per_round())
+    def _post_train(self, request: UnlearningRequest, model: TensorDict,
+                    notes: list[str]) -> TensorDict:
+        """``post_rounds`` FedAvg rounds of the clients not excluded."""
+        rounds = self.params.post_rounds
+        if not rounds:
+            return model
+        store, federation = request.store, request.federation
+        last = store.last_round
+        exclude = request.forget | request.exclude | _withdrawn(store)
+        sampler = _post_sampler(store, federation)
         epochs = self.params.post_epochs or None
-        exclude = request.forget | (_withdrawn(store) if self.params.post_rounds else frozenset())
-        for t in range(last + 1, last + 1 + self.params.post_rounds):
-            chosen = sampler.sample(t, federation.roster, exclude=exclude)
+        for t in range(last + 1, last + 1 + rounds):
+            if sampler is not None:
+                chosen = sampler.sample(t, federation.roster, exclude=exclude)
+            else:
+                chosen = [c for c in federation.roster if c not in exclude]
             updates = federation.train(server_round=t, global_model=model, clients=chosen,
                                        local_epochs=epochs, task="train")
             replied = [updates[c] for c in chosen if c in updates]
@@ -299,7 +430,7 @@ class PGA(Unlearner[PGAParams]):
             model = weighted_sum(((u.num_examples / total, u.local_model) for u in replied),
                                  model)
             request.report(t, model)
-        if self.params.post_rounds:
-            notes.append(f"post-training rounds {last + 1}..{last + self.params.post_rounds}")
-        return UnlearningResult(model=model, cost=federation.cost,
-                                rounds_affected=list(range(first, last + 1)), notes=notes)
+        left_out = sorted(exclude - request.forget)
+        notes.append(f"post-training rounds {last + 1}..{last + rounds}"
+                     + (f" without the withdrawn clients {left_out}" if left_out else ""))
+        return model
