@@ -30,9 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import demo_config, describe, environment, interleave, project, scratch_dir
+from _common import demo_config, describe, environment, interleave, project, scratch_dir, train
 
-from fedforget.engine import run_training
 from fedforget.history import HistoryStore
 
 SHORT = 2
@@ -65,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def run() -> None:
                 out = scratch / f"{engine}-{num_rounds}-{next(counter)}"
-                run_training(demo_config(num_rounds=num_rounds, out_dir=out), engine=engine,
-                             project=proj)
+                train(demo_config(num_rounds=num_rounds), out, engine=engine, project=proj)
                 with HistoryStore.open(out) as store:
                     summary = store.summary()
                     stamps = [_parse_time(r.committed_at) for r in store.rounds()]
