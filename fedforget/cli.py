@@ -341,7 +341,7 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 
     with HistoryStore.open(args.dir) as store:
         roster = frozenset(store.roster())
-        contributed = bool(store.clients().get(args.client))
+        contributed = bool(store.client_rounds(args.client))
     with WithdrawalLedger(args.dir) as ledger:
         request, created = ledger.request(args.client, reason=args.reason, roster=roster)
     verb = "recorded" if created else "already recorded"

@@ -655,7 +655,9 @@ class HistoryStore:
         """The federation's client ids (those that ever took part, if none was recorded)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
         ids = set(json.loads(row[0])) if row is not None else set()
-        return tuple(sorted(ids | set(self.clients())))
+        # The distinct ids come from the participants_by_client index, not a list per client.
+        ids.update(c for (c,) in self._db.execute("SELECT DISTINCT client_id FROM participants"))
+        return tuple(sorted(ids))
 
     def fork(self, directory: str | os.PathLike[str], *, upto_round: int) -> HistoryStore:
         """A new store in ``directory`` holding this store's rounds ``1..upto_round``.
@@ -1125,6 +1127,13 @@ class HistoryStore:
             )
         where = f"round {t}, client {client_id!r}"
         return decode(_read_range(self._location(digest, pack, offset, nbytes), where))
+
+    def client_rounds(self, client_id: str) -> list[int]:
+        """The rounds ``client_id`` participated in (ascending), from the per-client index
+        (no scan of the other clients' rows)."""
+        return [t for (t,) in self._db.execute(
+            "SELECT round FROM participants WHERE client_id = ? ORDER BY round", (client_id,)
+        )]
 
     def clients(self) -> dict[str, list[int]]:
         """Client id -> the rounds it participated in (ascending), ids sorted."""

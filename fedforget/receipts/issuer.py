@@ -179,7 +179,7 @@ def sign_receipt(
             reason=outcome.reason,
             client_id=outcome.client_id,
             client_salt=salt,
-            rounds_affected=store.clients().get(outcome.client_id, []),
+            rounds_affected=store.client_rounds(outcome.client_id),
             history=commit_history((r.canonical_bytes() for r in store.rounds()),
                                    saved_head=saved_head),
             method=outcome.method,
