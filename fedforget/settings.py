@@ -48,6 +48,10 @@ MODES = ("train", "unlearn")
 REFERENCE_POLICIES = ("compute", "cached", "none")
 CODECS = ("fp32", "fp16", "bf16")
 DEFAULT_REPLY_TIMEOUT = 300.0
+WEIGHTED_MEAN = "weighted-mean"
+"""The ``aggregation`` a history records (next to its :class:`RecordingSettings`) when every
+global model is the example-weighted mean of the clients' models (Flower's FedAvg and
+FedProx); server-side methods may then read only what their update rule needs."""
 
 
 def app_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

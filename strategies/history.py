@@ -46,6 +46,7 @@ from fedforget.errors import ClientReplyError, RoundFailedError
 from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
 from fedforget.history.records import RefusedReply
 from fedforget.sampling import ClientSampler, client_train_seed
+from fedforget.settings import WEIGHTED_MEAN
 from fedforget.tensors import tensors_digest
 
 log = logging.getLogger("fedforget.strategies")
@@ -154,6 +155,19 @@ def _plain_fedavg_aggregation(strategy: Strategy) -> bool:
         and type(strategy).aggregate_train is FedAvg.aggregate_train
         and strategy.weighted_by_key == "num-examples"
     )
+
+
+
+def aggregation_kind(strategy: Strategy) -> str:
+    """How ``strategy`` aggregates, as the history records it (``aggregation`` of the
+    recording settings): ``weighted-mean`` for Flower's FedAvg arithmetic weighted by
+    example count (FedAvg, FedProx: every global model is
+    :math:`\\sum_k n_k \theta_{t,k} / \\sum_k n_k`, which server-side methods may rely on),
+    else the strategy's class (``flwr.serverapp.strategy.FedMedian``)."""
+    if _plain_fedavg_aggregation(strategy):
+        return WEIGHTED_MEAN
+    kind = type(strategy)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 class _NodeSubsetGrid(Grid):

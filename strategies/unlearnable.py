@@ -62,6 +62,7 @@ from fedforget.receipts.issuer import HeadSigner, signing_key
 from fedforget.rundir import RunDirectory
 from fedforget.service import UnlearningService, read_model
 from fedforget.settings import RecordingSettings, RunSettings, app_run_config
+from fedforget.strategies.history import aggregation_kind
 from fedforget.withdrawal import WithdrawalLedger
 
 log = logging.getLogger("fedforget.server")
@@ -206,7 +207,9 @@ class Unlearnable:
                                     codec=self.recording.codec,
                                     retain_interval=self.recording.retain_interval,
                                     fsync=fsync)
-        store.set_recording(self.recording.to_dict())
+        # the aggregation lets server-side methods read only what their rule needs
+        store.set_recording({**self.recording.to_dict(),
+                             "aggregation": aggregation_kind(self.strategy)})
         return store
 
     def _check_same_training(self, store: HistoryStore) -> None:

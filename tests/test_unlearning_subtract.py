@@ -370,3 +370,26 @@ def test_shortcut_and_general_rule_agree_on_a_random_fedavg_history(
         assert fast.model[k].dtype == np.float32
         np.testing.assert_allclose(fast.model[k], general.model[k], rtol=0, atol=atol)
         assert np.abs(fast.model[k] - stored[k]).max() > 10 * atol  # something changed
+
+
+def test_a_recorded_flower_run_is_served_by_the_shortcut_as_by_the_general_rule(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    # Prepare: fedforget's app records FedAvg as a weighted-mean aggregation.
+    with HistoryStore.open(trained_run) as store:
+        assert store.recording["aggregation"] == "weighted-mean"
+        federation = RepairFederation({}, {})
+        forget = {"client-001"}
+        # Execute
+        fast = run({}, request(store, forget, federation, tmp_path / "1"))
+        general = run({"shortcut": "off"}, request(store, forget, federation, tmp_path / "2"))
+        original = store.global_model(store.last_round)
+    # Assert: the shortcut read fewer blobs, and both rules give the same model up to the
+    # float32 rounding of the stored models (|θ| < 1 here: ulp 2^-23 per term, a few terms
+    # per round, three rounds: well under 2e-6).
+    assert "weighted-mean shortcut" in fast.notes[1]
+    assert "every participant's update" in general.notes[1]
+    assert fast.rounds_affected == general.rounds_affected == [1, 2, 3]
+    for k, v in original.items():
+        np.testing.assert_allclose(fast.model[k], general.model[k], rtol=0, atol=2e-6)
+        assert np.abs(fast.model[k] - v).max() > 1e-4

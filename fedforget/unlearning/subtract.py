@@ -60,6 +60,7 @@ import numpy as np
 from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore
 from fedforget.history.views import BlobViews, StoredBlob
+from fedforget.settings import WEIGHTED_MEAN
 from fedforget.tensors import StoredTensor
 from fedforget.unlearning.base import (
     MethodParams,
@@ -74,9 +75,6 @@ from fedforget.unlearning.base import (
 )
 
 SHORTCUT_CHOICES = ("auto", "on", "off")
-WEIGHTED_MEAN = "weighted-mean"
-"""The ``aggregation`` a history records when every global model is the example-weighted
-mean of the clients' models (Flower's FedAvg and FedProx)."""
 
 _CHUNK = 32768  # elements per step of the in-place sum: its float64 scratch stays in cache
 _GROUP = 8  # blobs open at once
