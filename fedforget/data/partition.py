@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fedforget.cache import FederationCache
 from fedforget.data.array_dataset import ArrayDataset, check_fraction
 from fedforget.data.datasets import load_dataset
 from fedforget.errors import ConfigError, DataError
@@ -98,7 +99,24 @@ def partition_indices(
     )
     if min_partition_size is None:
         min_partition_size = min(10, max(1, n // (10 * num_partitions)))
+    if partitioner == "iid":
+        # IidPartitioner's contiguous shards of the shuffled rows (``Dataset.shard``: the
+        # first N mod K parts one longer), computed without loading ``datasets`` and pyarrow
+        # (some 200 MB of a process); tests check it against flwr-datasets.
+        order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+        return [np.sort(p) for p in np.array_split(order, num_partitions)]
+    return _flower_partition(labels, num_partitions=num_partitions, partitioner=partitioner,
+                             seed=seed, alpha=alpha, shards_per_partition=shards_per_partition,
+                             min_partition_size=min_partition_size,
+                             self_balancing=self_balancing)
 
+
+def _flower_partition(labels: np.ndarray, *, num_partitions: int, partitioner: str, seed: int,
+                      alpha: float, shards_per_partition: int, min_partition_size: int,
+                      self_balancing: bool) -> list[np.ndarray]:
+    """The partition by one of Flower Datasets' partitioners (see
+    :func:`partition_indices`)."""
+    n = int(labels.shape[0])
     import datasets
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -229,21 +247,17 @@ def client_data(
     pool, _ = load_dataset(
         name, seed=seed, data_path=data_path, test_fraction=test_fraction, **options
     )
-    return _client_data_cached(
-        pool,
-        partition_id,
-        num_partitions,
-        partitioner,
-        seed,
-        alpha,
-        shards_per_partition,
-        min_partition_size,
-        holdout_fraction,
-    )
+    args = (pool, partition_id, num_partitions, partitioner, seed, alpha,
+            shards_per_partition, min_partition_size, holdout_fraction)
+    # Every client of the federation (and of one more, e.g. the previous run of a grid)
+    # stays cached: a round of a large federation re-derives nothing.
+    return _CLIENT_DATA.get(args, lambda: _client_data(*args), capacity=2 * num_partitions)
 
 
-@functools.lru_cache(maxsize=256)
-def _client_data_cached(
+_CLIENT_DATA: FederationCache[tuple[ArrayDataset, ArrayDataset]] = FederationCache(minimum=64)
+
+
+def _client_data(
     pool: ArrayDataset,
     partition_id: int,
     num_partitions: int,

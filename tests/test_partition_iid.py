@@ -1,0 +1,42 @@
+"""The IID partition computed with NumPy is Flower Datasets' IidPartitioner's."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from fedforget.data.partition import _flower_partition, partition_indices
+
+
+@pytest.mark.parametrize(("n", "k", "seed"), [(10, 3, 0), (101, 7, 5), (400, 4, 7),
+                                               (1000, 1000, 2)])
+def test_iid_without_datasets_equals_flower_datasets(n: int, k: int, seed: int) -> None:
+    # Prepare
+    labels = np.arange(n) % 4
+    # Execute
+    ours = partition_indices(labels, num_partitions=k, partitioner="iid", seed=seed)
+    flowers = _flower_partition(labels, num_partitions=k, partitioner="iid", seed=seed,
+                                alpha=0.5, shards_per_partition=2, min_partition_size=1,
+                                self_balancing=False)
+    # Assert: the same sorted index arrays; sizes differ by at most one, larger first
+    assert len(ours) == len(flowers) == k
+    for a, b in zip(ours, flowers, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == np.int64
+    sizes = [len(p) for p in ours]
+    assert sizes == sorted(sizes, reverse=True) and max(sizes) - min(sizes) <= 1
+    assert sorted(np.concatenate(ours).tolist()) == list(range(n))
+
+
+def test_iid_does_not_import_datasets() -> None:
+    import subprocess
+
+    code = ("import sys, numpy as np\n"
+            "from fedforget.data.partition import partition_indices\n"
+            "partition_indices(np.arange(50) % 3, num_partitions=5, partitioner='iid', seed=1)\n"
+            "print('datasets' in sys.modules, 'pyarrow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["False", "False"]
