@@ -296,7 +296,9 @@ class HistoryRecording(Strategy):
             else None
         )
         self._commits: list[Future[RoundRecord]] = []
-        self.records: list[RoundRecord] = []
+        # Records are handed to on_commit and not kept: memory stays flat over any number
+        # of rounds (the store has them all).
+        self.committed_rounds = 0
 
     # ------------------------------------------------------------------ commits
     def _commit(self, **kwargs: object) -> None:
@@ -312,12 +314,13 @@ class HistoryRecording(Strategy):
             self._committed(self._commits.pop(0).result())  # re-raises a failed commit
 
     def _committed(self, record: RoundRecord) -> None:
-        self.records.append(record)
+        self.committed_rounds += 1
         if self.on_commit is not None:
             self.on_commit(record)
 
-    def flush(self) -> list[RoundRecord]:
-        """Wait for every pending commit; raise the first that failed; return the records."""
+    def flush(self) -> int:
+        """Wait for every pending commit; raise the first that failed; return how many
+        rounds this wrapper committed."""
         try:
             while self._commits:
                 self._committed(self._commits.pop(0).result())
@@ -325,7 +328,7 @@ class HistoryRecording(Strategy):
             if self._writer is not None and not self._commits:
                 self._writer.shutdown(wait=True)
                 self._writer = None
-        return self.records
+        return self.committed_rounds
 
     def summary(self) -> None:  # noqa: D102
         self.strategy.summary()
