@@ -28,6 +28,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; expected an integer >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="fedforget", description=__doc__)
@@ -68,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "skip the retrained reference")
     unlearn.add_argument("--keys", default=None, metavar="DIR",
                          help="the server's signing keys (default: DIR/keys)")
+    unlearn.add_argument("--impact-clients", type=_non_negative, default=None, metavar="N",
+                         help="remaining clients (a sample seeded by the run seed) asked for "
+                              "the per-client impact (default 100; 0: every one)")
+    unlearn.add_argument("--no-shadow-attack", action="store_true",
+                         help="skip the shadow-model membership attack")
 
     client = sub.add_parser("client", help="a client's own side (run on the client's node)")
     csub = client.add_subparsers(dest="client_command", required=True)
@@ -388,6 +403,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
             app_dir=args.app, progress=not (args.quiet or args.json),
             reference=args.reference, keys_dir=args.keys,
+            shadow_attack=not args.no_shadow_attack,
+            **({} if args.impact_clients is None else {"impact_clients": args.impact_clients}),
         )
     if outcome is None:
         print(f"no-op: {args.client} has no stored contribution in {args.dir}; "

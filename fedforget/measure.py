@@ -32,6 +32,8 @@ from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
 from fedforget.evaluation import client_impact, cosine_distance, l2_distance
 from fedforget.history import HistoryStore
+from fedforget.progress import phase
+from fedforget.sampling import derive_seed
 from fedforget.unlearning.base import Cost, Federation
 
 __all__ = [
@@ -60,6 +62,9 @@ class MeasureContext:
     method_cost: Cost
     retrain_cost: Cost | None
     trace: Sequence[tuple[int, TensorDict]] = field(default_factory=list)
+    impact_clients: int = 0  # remaining clients asked for the per-client impact (0: all)
+    seed: int = 0  # the run seed (seeds that sample)
+    progress: bool = False  # announce the long phases on stderr
 
     def models(self) -> dict[str, TensorDict]:
         """``{"original", "unlearned"[, "retrained"]}``."""
@@ -72,6 +77,17 @@ class MeasureContext:
         """The clients that stay: the federation's roster minus ``not_remaining``."""
         roster = self.federation.roster if self.federation is not None else self.store.roster()
         return [cid for cid in roster if cid not in self.not_remaining]
+
+    def impact_sample(self) -> list[str]:
+        """The remaining clients asked for the per-client impact: all of them, or a sample
+        of ``impact_clients`` drawn without replacement by a generator seeded from the run
+        seed (the same clients for every method of a run), sorted."""
+        remaining = self.remaining()
+        if not 0 < self.impact_clients < len(remaining):
+            return remaining
+        rng = np.random.default_rng(derive_seed(self.seed, "impact-sample"))
+        chosen = rng.choice(len(remaining), size=self.impact_clients, replace=False)
+        return sorted(remaining[int(i)] for i in chosen)
 
 
 class Measure(Protocol):
@@ -98,10 +114,17 @@ def common_figures(ctx: MeasureContext, *, with_clients: bool = True) -> dict[st
         out["l2_to_retrained"] = {k: l2_distance(v, ctx.retrained) for k, v in pair.items()}
         out["cosine_to_retrained"] = {k: _cosine_or_none(v, ctx.retrained)
                                       for k, v in pair.items()}
-    remaining = ctx.remaining()
+    remaining = ctx.impact_sample()
+    out["client_impact_sample"] = None
     if with_clients and ctx.federation is not None and remaining:
-        before = ctx.federation.evaluate_local(ctx.original, remaining)
-        after = ctx.federation.evaluate_local(ctx.unlearned, remaining)
+        if len(remaining) < len(ctx.remaining()):
+            out["client_impact_sample"] = {"asked": len(remaining),
+                                           "remaining": len(ctx.remaining()),
+                                           "seed": ctx.seed}
+        with phase(f"per-client impact: {len(remaining)} clients evaluate both models",
+                   enabled=ctx.progress):
+            before = ctx.federation.evaluate_local(ctx.original, remaining)
+            after = ctx.federation.evaluate_local(ctx.unlearned, remaining)
         answered = sorted(set(before) & set(after))
         if answered:
             b = {cid: before[cid] for cid in answered}
@@ -188,18 +211,22 @@ class TaskMeasure:
         cfg = self.cfg
         test_set = load_test_set(cfg)
         members, non_members = self.forgotten_data(ctx.forget)
-        shadow = (run_shadow_attack(cfg, test_set)
-                  if self.shadow_attack and members is not None and non_members is not None
-                  else None)
+        shadow = None
+        if self.shadow_attack and members is not None and non_members is not None:
+            with phase("shadow attack: training the shadow models", enabled=ctx.progress):
+                shadow = run_shadow_attack(cfg, test_set)
         scratch = new_model(cfg)
         common = common_figures(ctx)
-        figures = evaluate_unlearning(
-            model=scratch, original=ctx.original, unlearned=ctx.unlearned,
-            retrained=ctx.retrained, test_set=test_set, forgotten=members, holdout=non_members,
-            backdoor_target=(cfg.backdoor_target if ctx.forget & cfg.backdoor_client_ids()
-                             else None),
-            shadow=shadow,
-        )
+        with phase("evaluation: test set, forgotten data, attacks, divergences",
+                   enabled=ctx.progress):
+            figures = evaluate_unlearning(
+                model=scratch, original=ctx.original, unlearned=ctx.unlearned,
+                retrained=ctx.retrained, test_set=test_set, forgotten=members,
+                holdout=non_members,
+                backdoor_target=(cfg.backdoor_target
+                                 if ctx.forget & cfg.backdoor_client_ids() else None),
+                shadow=shadow,
+            )
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
 

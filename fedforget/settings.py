@@ -19,6 +19,11 @@ key                        meaning
 ``fedforget.engine``       (optional) the engine's name in results (fedforget's CLI sets it)
 ``fedforget.withdrawal-    (optional) the method that serves the withdrawals clients ask for
 method``, ``-params``      themselves, after the training rounds (default: record them only)
+``fedforget.impact-        (optional) how many remaining clients (a sample seeded by the run
+clients``                  seed) evaluate the original and unlearned models for the
+                           per-client impact (default 100); 0: every one
+``fedforget.shadow-        (optional) ``true`` (default): the shadow-model membership attack
+attack``                   where the app's measure runs one (fedforget's own task)
 =========================  ===============================================================
 
 ``flwr run`` accepts only keys the app declares, so an app declares the ones it uses
@@ -48,6 +53,9 @@ MODES = ("train", "unlearn")
 REFERENCE_POLICIES = ("compute", "cached", "none")
 CODECS = ("fp32", "fp16", "bf16")
 DEFAULT_REPLY_TIMEOUT = 300.0
+DEFAULT_IMPACT_CLIENTS = 100
+"""Remaining clients asked for the per-client impact by default (a seeded sample when the
+federation has more; every client of a smaller one)."""
 WEIGHTED_MEAN = "weighted-mean"
 """The ``aggregation`` a history records (next to its :class:`RecordingSettings`) when every
 global model is the example-weighted mean of the clients' models (Flower's FedAvg and
@@ -85,6 +93,10 @@ class RunSettings:
     # parameters, a JSON object) that serves them after the training rounds; "" = record only
     withdrawal_method: str = ""
     withdrawal_params: str = ""
+    # the cost of measuring an unlearning at scale: per-client impact on a seeded sample of
+    # the remaining clients (0: all), the shadow attack on or off
+    impact_clients: int = field(default=DEFAULT_IMPACT_CLIENTS, metadata=_meta(int, low=0))
+    shadow_attack: bool = True
 
     def __post_init__(self) -> None:
         _check(self)

@@ -28,7 +28,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Train (or resume), or serve the ordered withdrawal, as ``fedforget.mode`` says."""
     cfg = RunConfig.from_mapping(app_run_config(context.run_config))
-    training = RunSettings.from_run_config(context.run_config).mode == "train"
+    settings = RunSettings.from_run_config(context.run_config)
+    training = settings.mode == "train"
     test_set = load_test_set(cfg)
     scratch = new_model(cfg)
 
@@ -38,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = Unlearnable(
         build_strategy(cfg), context,
-        measure=TaskMeasure(cfg),
+        measure=TaskMeasure(cfg, shadow_attack=settings.shadow_attack),
         local_epochs_key="local-epochs",
         # federated evaluation on the clients' held-out splits after the last round
         evaluate_rounds=[cfg.num_rounds] if cfg.holdout_fraction > 0 else [],

@@ -330,7 +330,7 @@ class Unlearnable:
             self.run, federation=federation,
             measure=self.measure or EvaluateFnMeasure(evaluate_fn, final_round=last_round),
             keys_dir=self._keys_dir(), engine=engine_of(federation.grid, self.settings),
-            reference=self.settings.reference,
+            reference=self.settings.reference, impact_clients=self.settings.impact_clients,
         )
 
     def _keys_dir(self) -> Path:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fedforget.config import RunConfig
 from fedforget.engine.apps import FlowerProject, find_project, find_run_app
 from fedforget.errors import ConfigError
-from fedforget.settings import PREFIX, RunSettings
+from fedforget.settings import DEFAULT_IMPACT_CLIENTS, PREFIX, RunSettings
 
 if TYPE_CHECKING:
     from fedforget.results import UnlearningOutcome
@@ -98,8 +98,14 @@ def run_unlearning(
     progress: bool = True,
     reference: str = "compute",
     keys_dir: str | Path | None = None,
+    impact_clients: int = DEFAULT_IMPACT_CLIENTS,
+    shadow_attack: bool = True,
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
+
+    ``reference`` (``compute``, ``cached``, ``none``), ``impact_clients`` (remaining
+    clients, a seeded sample, asked for the per-client impact; 0: all) and
+    ``shadow_attack`` set what the measurement costs (:mod:`fedforget.settings`).
 
     The withdrawal is recorded and ordered (:func:`fedforget.service.order_unlearning`:
     everything that can be refused is refused before anything is written); then the run's
@@ -140,7 +146,8 @@ def run_unlearning(
     else:
         settings = RunSettings(out_dir=str(run.path), mode="unlearn",
                                request_id=request.request_id, progress=progress,
-                               reference=reference, engine=engine, keys_dir=str(keys))
+                               reference=reference, engine=engine, keys_dir=str(keys),
+                               impact_clients=impact_clients, shadow_attack=shadow_attack)
         try:
             run_app(project, run_config={**app_config, **settings.to_run_config()},
                     num_nodes=len(roster), engine=engine, progress=progress)

@@ -152,6 +152,7 @@ def cell_fingerprint(spec: ExperimentSpec, cell: Cell) -> str:
         "forget": list(spec.forget),
         "engine": spec.engine,
         "metrics": list(spec.metrics),
+        **spec.measurement(),
     })).hexdigest()
 
 
@@ -214,7 +215,8 @@ def _run_cell(spec: ExperimentSpec, cell: Cell, run_dir: Path, project: FlowerPr
         outcome = run_unlearning(
             run_dir, client=client, method=method.name, params=dict(cell.method.params),
             reason=f"experiment {spec.name}", engine=spec.engine, project=project,
-            progress=progress,
+            progress=progress, reference=spec.reference,
+            impact_clients=spec.impact_clients, shadow_attack=spec.shadow_attack,
         )
     wall = time.perf_counter() - t0
     record: dict[str, Any] = {
@@ -296,8 +298,9 @@ def _summary_line(record: Mapping[str, Any]) -> str:
         return "no-op (the client never contributed)"
     m = record["result"]["metrics"]
     cost = record["result"]["cost"]
-    parts = [f"test acc {m['test_accuracy']['unlearned']:.4f} "
-             f"(retrained {m['test_accuracy']['retrained']:.4f})"]
+    acc = m.get("test_accuracy") or {}
+    parts = [f"test acc {acc.get('unlearned', float('nan')):.4f}"
+             + (f" (retrained {acc['retrained']:.4f})" if "retrained" in acc else "")]
     if m.get("backdoor_success"):
         parts.append(f"backdoor {m['backdoor_success']['unlearned']:.3f}")
     parts.append(f"{cost['client_epochs']:g} client-epochs")
