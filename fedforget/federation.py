@@ -31,7 +31,7 @@ from fedforget import protocol
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, HistoryError
 from fedforget.history import HistoryStore, RoundRecord
-from fedforget.progress import RoundProgress
+from fedforget.progress import RoundProgress, phase
 from fedforget.protocol import WithdrawalAsk, read_ask
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.settings import DEFAULT_REPLY_TIMEOUT, RecordingSettings
@@ -51,18 +51,28 @@ ACCURACY_KEYS = ("accuracy", "eval_acc", "eval-acc", "acc")
 
 def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                      asks: list[WithdrawalAsk] | None = None,
-                     extra_config: Mapping[str, Any] | None = None) -> dict[str, int]:
+                     extra_config: Mapping[str, Any] | None = None,
+                     progress: bool = False) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
 
-    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds). Withdrawals
-    the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
-    the message (the latest signed tree head, which every client keeps).
+    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds, looking
+    again after 10 ms, then less and less often, at most every second). Withdrawals the
+    clients asked for themselves are appended to ``asks``. ``extra_config`` goes with the
+    message (the latest signed tree head, which every client keeps).
     """
+    with phase(f"identifying {expected} clients", enabled=progress and expected >= 100):
+        return _identify(grid, expected, timeout, asks, extra_config)
+
+
+def _identify(grid: Grid, expected: int, timeout: float, asks: list[WithdrawalAsk] | None,
+              extra_config: Mapping[str, Any] | None) -> dict[str, int]:
     deadline = time.monotonic() + timeout
+    pause = 0.01
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise HistoryError(f"only {len(node_ids)} of {expected} nodes connected in time")
-        time.sleep(1.0)
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
     config = ConfigRecord({**(extra_config or {}), protocol.TASK: protocol.IDENTIFY})
     messages = [
         Message(content=RecordDict({protocol.CONFIG_RECORD: config}), dst_node_id=node,

@@ -181,7 +181,8 @@ class Unlearnable:
                     timeout: float | None, signer: HeadSigner | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
         clients = identify_clients(grid, expected, asks=self.asks,
-                                   extra_config=signer.config() if signer else None)
+                                   extra_config=signer.config() if signer else None,
+                                   progress=self.settings.progress)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
