@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--impact-clients", type=_non_negative, default=None, metavar="N",
                          help="remaining clients (a sample seeded by the run seed) asked for "
                               "the per-client impact (default 100; 0: every one)")
-    unlearn.add_argument("--no-shadow-attack", action="store_true",
-                         help="skip the shadow-model membership attack")
+    unlearn.add_argument("--shadow-attack", choices=("auto", "on", "off"), default="auto",
+                         help="the shadow-model membership attack (auto, the default: unless "
+                              "--reference none)")
 
     client = sub.add_parser("client", help="a client's own side (run on the client's node)")
     csub = client.add_subparsers(dest="client_command", required=True)
@@ -403,7 +404,7 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
             app_dir=args.app, progress=not (args.quiet or args.json),
             reference=args.reference, keys_dir=args.keys,
-            shadow_attack=not args.no_shadow_attack,
+            shadow_attack=args.shadow_attack,
             **({} if args.impact_clients is None else {"impact_clients": args.impact_clients}),
         )
     if outcome is None:

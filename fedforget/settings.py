@@ -22,8 +22,10 @@ method``, ``-params``      themselves, after the training rounds (default: recor
 ``fedforget.impact-        (optional) how many remaining clients (a sample seeded by the run
 clients``                  seed) evaluate the original and unlearned models for the
                            per-client impact (default 100); 0: every one
-``fedforget.shadow-        (optional) ``true`` (default): the shadow-model membership attack
-attack``                   where the app's measure runs one (fedforget's own task)
+``fedforget.shadow-        (optional) the shadow-model membership attack, where the app's
+attack``                   measure runs one (fedforget's own task): ``on``, ``off``, or
+                           ``auto`` (default): on unless ``reference`` is ``none`` (the
+                           cheap mode trains no model to measure with)
 =========================  ===============================================================
 
 ``flwr run`` accepts only keys the app declares, so an app declares the ones it uses
@@ -51,6 +53,7 @@ from fedforget.errors import ConfigError
 PREFIX = "fedforget."
 MODES = ("train", "unlearn")
 REFERENCE_POLICIES = ("compute", "cached", "none")
+SHADOW_ATTACK = ("auto", "on", "off")
 CODECS = ("fp32", "fp16", "bf16")
 DEFAULT_REPLY_TIMEOUT = 300.0
 DEFAULT_IMPACT_CLIENTS = 100
@@ -96,7 +99,7 @@ class RunSettings:
     # the cost of measuring an unlearning at scale: per-client impact on a seeded sample of
     # the remaining clients (0: all), the shadow attack on or off
     impact_clients: int = field(default=DEFAULT_IMPACT_CLIENTS, metadata=_meta(int, low=0))
-    shadow_attack: bool = True
+    shadow_attack: str = field(default="auto", metadata=_meta(str, choices=SHADOW_ATTACK))
 
     def __post_init__(self) -> None:
         _check(self)
@@ -145,6 +148,13 @@ class RunSettings:
             raise ConfigError(f"{PREFIX}withdrawal-params = {self.withdrawal_params!r}: "
                               "expected a JSON object")
         return self.withdrawal_method, params
+
+    def wants_shadow_attack(self) -> bool:
+        """Whether the shadow attack runs: ``on``; not ``off``; ``auto``: unless the
+        reference is ``none``."""
+        if self.shadow_attack == "auto":
+            return self.reference != "none"
+        return self.shadow_attack == "on"
 
     def replace(self, **changes: Any) -> RunSettings:
         """A copy with some settings changed (validated again)."""

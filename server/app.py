@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = Unlearnable(
         build_strategy(cfg), context,
-        measure=TaskMeasure(cfg, shadow_attack=settings.shadow_attack),
+        measure=TaskMeasure(cfg, shadow_attack=settings.wants_shadow_attack()),
         local_epochs_key="local-epochs",
         # federated evaluation on the clients' held-out splits after the last round
         evaluate_rounds=[cfg.num_rounds] if cfg.holdout_fraction > 0 else [],

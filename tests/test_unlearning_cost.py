@@ -103,8 +103,9 @@ def test_unlearn_without_reference_shadow_attack_or_every_client(
     train_small(run, **{"num-clients": 6})
     # Execute
     result = _unlearn(run, "client-001", "subtract", "--reference", "none",
-                      "--no-shadow-attack", "--impact-clients", "2", capsys=capsys)
-    # Assert: no reference, no shadow attack, 2 of the 5 remaining clients asked
+                      "--impact-clients", "2", capsys=capsys)
+    # Assert: no reference, no shadow attack (auto: none without a reference), 2 of the 5
+    # remaining clients asked
     assert result["reference"]["status"] == "none"
     assert result["metrics"]["shadow_attack"] is None
     assert result["metrics"]["client_impact_sample"] == {"asked": 2, "remaining": 5, "seed": 7}
@@ -126,19 +127,22 @@ def test_a_reference_of_another_history_is_not_reused(
     # Prepare: a reference for client-001 after 3 rounds, then the run extended to 4
     run = tmp_path / "run"
     train_small(run)
-    first = _unlearn(run, "client-001", "subtract", "--no-shadow-attack", capsys=capsys)
+    first = _unlearn(run, "client-001", "subtract", "--shadow-attack", "off", capsys=capsys)
     assert first["reference"]["status"] == "computed"
     from conftest import small_config
 
     run_training(small_config(**{"num-rounds": 4}), out=run, progress=False)
     # Execute
     cached = _unlearn(run, "client-001", "subtract", "--reference", "cached",
-                      "--no-shadow-attack", capsys=capsys)
-    computed = _unlearn(run, "client-001", "subtract", "--no-shadow-attack", capsys=capsys)
+                      "--shadow-attack", "off", capsys=capsys)
+    computed = _unlearn(run, "client-001", "subtract", "--shadow-attack", "on",
+                        capsys=capsys)
     # Assert: the stale reference is not offered as cached; compute retrains it (4 rounds)
     assert cached["reference"]["status"] == "none"
     assert computed["reference"]["status"] == "computed"
     assert computed["reference"]["model_digest"] != first["reference"]["model_digest"]
+    assert first["metrics"]["shadow_attack"] is None
+    assert set(computed["metrics"]["shadow_attack"]) == {"original", "unlearned", "retrained"}
     record = ReferenceRecord.read(RunDirectory(run).reference_dir(["client-001"]) / RESULT_FILE)
     with HistoryStore.open(run) as store:
         assert record.trained_rounds == store.last_round == 4
@@ -168,10 +172,10 @@ def _doc(**experiment: Any) -> dict[str, Any]:
 def test_experiment_measurement_keys() -> None:
     spec = parse_experiment(_doc(reference="cached", **{"impact-clients": 7,
                                                        "shadow-attack": False}))
-    assert (spec.reference, spec.impact_clients, spec.shadow_attack) == ("cached", 7, False)
+    assert (spec.reference, spec.impact_clients, spec.shadow_attack) == ("cached", 7, "off")
     default = parse_experiment(_doc())
     assert (default.reference, default.impact_clients, default.shadow_attack) == (
-        "compute", 100, True)
+        "compute", 100, "auto")
     cell, other = default.cells()[0], spec.cells()[0]
     assert cell_fingerprint(default, cell) != cell_fingerprint(spec, other)
 
@@ -180,7 +184,8 @@ def test_experiment_measurement_keys() -> None:
     ("reference", "sometimes", "[experiment] reference = 'sometimes'; expected one of "
                                "'compute', 'cached', 'none'"),
     ("impact-clients", -2, "[experiment] impact-clients = -2; expected an integer >= 0"),
-    ("shadow-attack", "no", "[experiment] shadow-attack = 'no'; expected true or false"),
+    ("shadow-attack", "no", "[experiment] shadow-attack = 'no'; expected true, false or "
+                            "'auto'"),
 ])
 def test_bad_experiment_measurement_keys_are_refused(key: str, value: Any, message: str
                                                      ) -> None:
@@ -205,3 +210,21 @@ def test_the_cache_keeps_as_many_entries_as_asked() -> None:
     assert computed == [0, 1, 2, 3, 4, 5, 0]
     cache.get(9, lambda: value(9), capacity=1)  # never below the minimum
     assert len(cache) == 2
+
+
+@pytest.mark.parametrize(("shadow", "reference", "runs"), [
+    ("auto", "compute", True), ("auto", "cached", True), ("auto", "none", False),
+    ("on", "none", True), ("off", "compute", False)])
+def test_when_the_shadow_attack_runs(shadow: str, reference: str, runs: bool) -> None:
+    from fedforget.settings import RunSettings
+
+    assert RunSettings(shadow_attack=shadow, reference=reference).wants_shadow_attack() is runs
+
+
+def test_a_bad_shadow_setting_is_refused() -> None:
+    from fedforget.settings import RunSettings
+
+    with pytest.raises(ConfigError, match=re.escape(
+            "fedforget.shadow-attack = 'yes' is not allowed; expected one of 'auto', 'on', "
+            "'off'")):
+        RunSettings.from_run_config({"fedforget.shadow-attack": "yes"})

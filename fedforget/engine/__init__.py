@@ -99,13 +99,14 @@ def run_unlearning(
     reference: str = "compute",
     keys_dir: str | Path | None = None,
     impact_clients: int = DEFAULT_IMPACT_CLIENTS,
-    shadow_attack: bool = True,
+    shadow_attack: str = "auto",
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
 
     ``reference`` (``compute``, ``cached``, ``none``), ``impact_clients`` (remaining
     clients, a seeded sample, asked for the per-client impact; 0: all) and
-    ``shadow_attack`` set what the measurement costs (:mod:`fedforget.settings`).
+    ``shadow_attack`` (``auto``: unless ``reference`` is ``none``; ``on``; ``off``) set
+    what the measurement costs (:mod:`fedforget.settings`).
 
     The withdrawal is recorded and ordered (:func:`fedforget.service.order_unlearning`:
     everything that can be refused is refused before anything is written); then the run's

@@ -14,7 +14,8 @@ An experiment is a TOML file (see ``simulations/quickstart.toml``)::
                                      # and training run, shared by its methods), cached, none
     impact-clients = 100             # remaining clients (seeded sample) for the per-client
                                      # impact; 0: every one
-    shadow-attack = true             # the shadow-model membership attack
+    shadow-attack = "auto"           # the shadow-model membership attack: true, false, or
+                                     # "auto" (unless reference = "none")
 
     [run]                            # the base run config: flat RunConfig keys
     dataset = "digits"
@@ -114,7 +115,7 @@ class ExperimentSpec:
     imports: tuple[str, ...] = ()
     reference: str = "compute"
     impact_clients: int = DEFAULT_IMPACT_CLIENTS
-    shadow_attack: bool = True
+    shadow_attack: str = "auto"
     source: str = ""  # the file it was read from
     fingerprint: str = field(default="")  # SHA-256 of the canonical spec
 
@@ -213,10 +214,12 @@ def parse_experiment(doc: Mapping[str, Any], *, source: str = "<experiment>") ->
     if isinstance(impact, bool) or not isinstance(impact, int) or impact < 0:
         raise ConfigError(f"{where}: [experiment] impact-clients = {impact!r}; expected an "
                           "integer >= 0 (0: every remaining client)")
-    shadow = exp.get("shadow-attack", True)
-    if not isinstance(shadow, bool):
-        raise ConfigError(f"{where}: [experiment] shadow-attack = {shadow!r}; expected true "
-                          "or false")
+    shadow = exp.get("shadow-attack", "auto")
+    if isinstance(shadow, bool):
+        shadow = "on" if shadow else "off"
+    if shadow not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}: [experiment] shadow-attack = {shadow!r}; expected true, "
+                          "false or 'auto'")
     metrics = _str_list(exp.get("metrics", []), "metrics", where)
     from fedforget.experiments.metrics import METRICS
 
