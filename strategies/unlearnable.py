@@ -54,7 +54,13 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
 from fedforget.errors import ConfigError, HistoryError
-from fedforget.federation import FederationApp, GridFederation, identify_clients
+from fedforget.federation import (
+    FederationApp,
+    GridFederation,
+    ResponsiveGrid,
+    identify_clients,
+    responsive,
+)
 from fedforget.history import HistoryStore
 from fedforget.measure import EvaluateFnMeasure, Measure
 from fedforget.protocol import WithdrawalAsk
@@ -76,7 +82,8 @@ def engine_of(grid: Grid, settings: RunSettings) -> str:
     """The engine a ServerApp runs on, as results record it."""
     if settings.engine:
         return settings.engine
-    return "inprocess" if type(grid).__name__ == "InProcessGrid" else "flower"
+    inner = grid.wrapped if isinstance(grid, ResponsiveGrid) else grid
+    return "inprocess" if type(inner).__name__ == "InProcessGrid" else "flower"
 
 
 class Unlearnable:
@@ -155,6 +162,7 @@ class Unlearnable:
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
+        grid = responsive(grid)  # replies are picked up soon, not on Flower's fixed steps
         app = FederationApp(
             strategy=self.strategy,
             train_config=dict(train_config or {}),
