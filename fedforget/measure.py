@@ -18,21 +18,27 @@ measured depends on the app:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedforget.arrays import TensorDict, to_array_record
+from fedforget.arrays import TensorDict, load_tensors, model_tensors, to_array_record
+from fedforget.canonical import canonical_dumps
 from fedforget.comparison import speedups
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
 from fedforget.evaluation import client_impact, cosine_distance, l2_distance
 from fedforget.history import HistoryStore
 from fedforget.progress import phase
+from fedforget.rundir import RunDirectory
 from fedforget.sampling import derive_seed
 from fedforget.unlearning.base import Cost, Federation
 
@@ -188,9 +194,11 @@ class TaskMeasure:
     the server can build every client's partition; a deployment must ask the client instead.
     """
 
-    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
+                 cache: Path | None = None) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
+        self.cache = cache  # where the trained shadow model is kept (a run directory)
 
     def forgotten_data(self, forget: Collection[str]
                        ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
@@ -213,8 +221,12 @@ class TaskMeasure:
         members, non_members = self.forgotten_data(ctx.forget)
         shadow = None
         if self.shadow_attack and members is not None and non_members is not None:
-            with phase("shadow attack: training the shadow models", enabled=ctx.progress):
-                shadow = run_shadow_attack(cfg, test_set)
+            if self.cache is None:
+                with phase("shadow attack: training the shadow model", enabled=ctx.progress):
+                    shadow = run_shadow_attack(cfg, test_set)
+            else:
+                shadow = cached_shadow_attack(cfg, test_set, RunDirectory(self.cache),
+                                              progress=ctx.progress)
         scratch = new_model(cfg)
         common = common_figures(ctx)
         with phase("evaluation: test set, forgotten data, attacks, divergences",
@@ -245,3 +257,56 @@ def parameter_measure(ctx: MeasureContext) -> dict[str, Any]:
     :func:`common_figures` without client evaluation."""
     return {**common_figures(ctx, with_clients=False), "test_accuracy": None, "trace": []}
 
+
+
+def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirectory, *,
+                         progress: bool = False) -> Any:
+    """:func:`fedforget.evaluation.run_shadow_attack` of ``cfg``, its shadow model trained
+    once per run directory and kept (``unlearned/shadow-<key>/``).
+
+    The shadow model depends on nothing but the run's configuration (the attacker trains
+    the run's architecture on half of the test set, seeded from the run seed), so every
+    method and every request of a run faces the same attacker: the model trained for the
+    first is stored (fp32, with its digest) and later ones load it and fit only the attack
+    model on its features. The recipe is ``run_shadow_attack``'s; a test checks that both
+    give the same attack.
+    """
+    from fedforget.evaluation.membership import ShadowAttack
+    from fedforget.evaluation.suite import SHADOW_EPOCHS, shadow_halves
+    from fedforget.fileio import write_atomic
+    from fedforget.task import new_model
+    from fedforget.tensors import decode, encode, sha256_digest
+    from fedforget.training import train_local
+
+    key = hashlib.sha256(canonical_dumps({"training": cfg.training_mapping(),
+                                          "shadow-epochs": SHADOW_EPOCHS})).hexdigest()[:12]
+    directory = run.shadow_dir(key)
+    model_path, record_path = directory / "model.fft", directory / "shadow.json"
+    cached: TensorDict | None = None
+    if model_path.exists() and record_path.exists():
+        data = model_path.read_bytes()
+        if json.loads(record_path.read_text()).get("model_digest") == sha256_digest(data):
+            cached = decode(data)
+    shadow_train, shadow_out = shadow_halves(
+        test_set, derive_seed(cfg.seed, "shadow-attack", "split"))
+
+    def train(shadow: torch.nn.Module, data: ArrayDataset) -> None:
+        if cached is not None:
+            load_tensors(shadow, cached)
+            return
+        with phase("shadow attack: training the shadow model (kept for the run's later "
+                   "measurements)", enabled=progress):
+            train_local(shadow, data, epochs=SHADOW_EPOCHS, learning_rate=cfg.learning_rate,
+                        batch_size=cfg.batch_size,
+                        seed=derive_seed(cfg.seed, "shadow-attack", "train"))
+        blob = encode(model_tensors(shadow), "fp32")
+        write_atomic(model_path, blob)
+        write_atomic(record_path, json.dumps({"model_digest": sha256_digest(blob),
+                                              "shadow_epochs": SHADOW_EPOCHS,
+                                              "training": cfg.training_mapping()},
+                                             indent=2, sort_keys=True))
+
+    return ShadowAttack.fit(
+        shadow_train=shadow_train, shadow_out=shadow_out, build_shadow=lambda: new_model(cfg),
+        train_shadow=train, seed=derive_seed(cfg.seed, "shadow-attack", "attack") % 2**32,
+    )

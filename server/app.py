@@ -10,6 +10,8 @@ Grid, ``flwr run .`` with the simulation engine, and a SuperLink with SuperNodes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -39,7 +41,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = Unlearnable(
         build_strategy(cfg), context,
-        measure=TaskMeasure(cfg, shadow_attack=settings.wants_shadow_attack()),
+        measure=TaskMeasure(cfg, shadow_attack=settings.wants_shadow_attack(),
+                            cache=Path(settings.out_dir) if settings.out_dir else None),
         local_epochs_key="local-epochs",
         # federated evaluation on the clients' held-out splits after the last round
         evaluate_rounds=[cfg.num_rounds] if cfg.holdout_fraction > 0 else [],

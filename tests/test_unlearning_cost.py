@@ -228,3 +228,37 @@ def test_a_bad_shadow_setting_is_refused() -> None:
             "fedforget.shadow-attack = 'yes' is not allowed; expected one of 'auto', 'on', "
             "'off'")):
         RunSettings.from_run_config({"fedforget.shadow-attack": "yes"})
+
+
+# ------------------------------------------------------------ the shadow model, kept
+def test_the_kept_shadow_model_gives_run_shadow_attack_s_attack(tmp_path: Path) -> None:
+    from conftest import small_config
+
+    from fedforget.evaluation import run_shadow_attack
+    from fedforget.measure import cached_shadow_attack
+    from fedforget.task import load_client_data, load_test_set, new_model
+
+    # Prepare
+    cfg = small_config()
+    test = load_test_set(cfg)
+    members, non_members = load_client_data(cfg, 0)
+    target = new_model(cfg)
+    run = RunDirectory(tmp_path / "run")
+    # Execute: the recipe itself, then trained and kept, then loaded from what was kept
+    expected = run_shadow_attack(cfg, test).attack(target, members, non_members)
+    first = cached_shadow_attack(cfg, test, run).attack(target, members, non_members)
+    kept = sorted(p.relative_to(run.path).as_posix() for p in run.path.rglob("*")
+                  if p.is_file())
+    model_file = next(run.path.rglob("model.fft"))
+    stamp = model_file.stat().st_mtime_ns
+    second = cached_shadow_attack(cfg, test, run).attack(target, members, non_members)
+    # Assert
+    assert first == expected and second == expected
+    assert len(kept) == 2 and kept[0].startswith("unlearned/shadow-")
+    assert model_file.stat().st_mtime_ns == stamp  # loaded, not trained and written again
+    # A kept model that does not match its digest is trained again (and replaced).
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0x40]))
+    third = cached_shadow_attack(cfg, test, run).attack(target, members, non_members)
+    assert third == expected
+    assert model_file.read_bytes() == data  # trained again: the same model
