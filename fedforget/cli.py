@@ -38,6 +38,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="fedforget", description=__doc__)
@@ -103,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (finished cells are skipped when it exists)")
     run.add_argument("--app", default=None, help="Flower app project directory")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--workers", type=_positive, default=1, metavar="N",
+                     help="train and unlearn independent training runs in N processes "
+                          "(results identical to a serial run)")
+    run.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run the training runs as tasks of an existing Ray cluster (every "
+                          "node must see --out at the same path)")
 
     from fedforget.receipts.cli import add_subcommands
 
@@ -342,7 +355,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     project = find_project(args.app)
     spec = load_experiment(args.config)
     t0 = time.perf_counter()
-    records = run_experiment(spec, args.out, project=project, progress=not args.quiet)
+    records = run_experiment(spec, args.out, project=project, progress=not args.quiet,
+                             workers=args.workers, ray_address=args.ray)
     out = Path(args.out)
     print(f"experiment {spec.name}: {len(records)} cells in {time.perf_counter() - t0:.1f} s")
     print(f"results: {out / 'results.csv'}")
