@@ -198,15 +198,20 @@ def _seeded(seed: object) -> Iterator[None]:
         yield
         return
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    torch_state = torch.get_rng_state()
+    # The CPU generator alone: torch.manual_seed would also queue a seeding of every
+    # accelerator backend, each formatting a stack trace when none is initialised (about a
+    # millisecond per message).
+    generator = torch.default_generator
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
 
 
 @contextlib.contextmanager
