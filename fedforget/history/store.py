@@ -1045,6 +1045,18 @@ class HistoryStore:
         finally:
             cursor.close()
 
+    def record_bytes(self) -> Iterator[bytes]:
+        """Stream the canonical bytes of the round records in order (the Merkle leaves),
+        each checked against its recorded SHA-256, without parsing them."""
+        cursor = self._db.execute("SELECT round, record, record_digest FROM rounds ORDER BY round")
+        try:
+            for t, record, record_digest in cursor:
+                if not isinstance(record, bytes) or sha256_digest(record) != record_digest:
+                    self._record_from_row(t, record, record_digest)  # raises, naming it
+                yield record
+        finally:
+            cursor.close()
+
     def round(self, t: int) -> RoundRecord:
         """The record of round ``t``.
 

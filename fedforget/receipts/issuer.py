@@ -66,8 +66,8 @@ class HeadSigner:
         self._key = key
         self._path = RunDirectory(store.directory).tree_heads
         self._tree = MerkleAccumulator()
-        for record in store.rounds():  # streamed: O(log n) memory
-            self._tree.append(record.canonical_bytes())
+        for record in store.record_bytes():  # streamed: O(log n) memory, nothing parsed
+            self._tree.append(record)
         self.latest: TreeHead | None = None
         if self._tree.size:
             self.latest = self._last_logged() or self._sign()
@@ -180,7 +180,7 @@ def sign_receipt(
             client_id=outcome.client_id,
             client_salt=salt,
             rounds_affected=store.client_rounds(outcome.client_id),
-            history=commit_history((r.canonical_bytes() for r in store.rounds()),
+            history=commit_history(store.record_bytes(),
                                    saved_head=saved_head),
             method=outcome.method,
             method_version=outcome.method_version,
