@@ -190,18 +190,23 @@ def main(argv: list[str] | None = None) -> int:
           f"of {repetitions}): {bandwidth / 1e9:.2f} GB/s "
           f"(min {min(bandwidths) / 1e9:.2f}, max {max(bandwidths) / 1e9:.2f})")
     print()
+    print("throughput = bytes read / time; ratio = copy bandwidth / throughput, by wall time "
+          "and by process CPU time (all threads; less disturbed by the other work on the "
+          "machine)")
     head = (f"{'variant':<36} {'wall':>9} {'CPU':>9} {'bytes read':>13} {'GB/s':>6} "
-            f"{'copy bw / GB/s':>14}")
+            f"{'ratio':>6} {'CPU GB/s':>8} {'ratio':>6}")
     print(head)
     print("-" * len(head))
-    ratios = {}
+    ratios, cpu_ratios = {}, {}
     for label in names:
         wall = statistics.median(results[label]["wall"])
         cpu = statistics.median(results[label]["cpu"])
         throughput = read[label] / wall
         ratios[label] = bandwidth / throughput
+        cpu_ratios[label] = bandwidth / (read[label] / cpu)
         print(f"{label:<36} {wall * 1e3:7.1f}ms {cpu * 1e3:7.1f}ms {read[label]:>13,} "
-              f"{throughput / 1e9:6.2f} {ratios[label]:14.2f}")
+              f"{throughput / 1e9:6.2f} {ratios[label]:6.2f} {read[label] / cpu / 1e9:8.2f} "
+              f"{cpu_ratios[label]:6.2f}")
     print()
     reference = models["subtract, general, cold"]
     for label in names:
@@ -213,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     for label in names:
         if label.startswith("before"):
             continue
-        verdict = "MET" if ratios[label] <= GOAL else "NOT MET"
-        print(f"goal copy bandwidth / throughput <= {GOAL:g}, {label}: {ratios[label]:.2f} "
-              f"-> {verdict}")
+        verdict = "MET" if max(ratios[label], cpu_ratios[label]) <= GOAL else (
+            "NOT MET" if min(ratios[label], cpu_ratios[label]) > GOAL else
+            "MET by CPU time only")
+        print(f"goal copy bandwidth / throughput <= {GOAL:g}, {label}: wall "
+              f"{ratios[label]:.2f}, CPU {cpu_ratios[label]:.2f} -> {verdict}")
     return 0
 
 

@@ -393,3 +393,39 @@ def test_a_recorded_flower_run_is_served_by_the_shortcut_as_by_the_general_rule(
     for k, v in original.items():
         np.testing.assert_allclose(fast.model[k], general.model[k], rtol=0, atol=2e-6)
         assert np.abs(fast.model[k] - v).max() > 1e-4
+
+
+@pytest.mark.parametrize("blas_from", [1 << 60, 0], ids=["numpy", "blas"])
+def test_the_in_place_sum_is_the_float64_sum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             blas_from: int) -> None:
+    # Prepare: a model of two tensors (one spanning several chunks), two stored updates
+    from fedforget.history import ParticipantUpdate
+    from fedforget.history.views import BlobViews
+    from fedforget.unlearning import subtract
+
+    monkeypatch.setattr(subtract, "_BLAS_FROM", blas_from)
+    rng = np.random.default_rng(1)
+    n = 3 * subtract._CHUNK + 5
+    theta = {"w": rng.standard_normal(n).astype(np.float32),
+             "b": rng.standard_normal((3, 2)).astype(np.float32)}
+    ups = {c: {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in theta.items()}
+           for c in ("a", "b")}
+    with HistoryStore.create(tmp_path / "run", run_config={}, fsync=False) as store:
+        start = store.put_initial_model(theta)
+        record = store.commit_round(
+            round=1, global_before=start, global_after=theta, config={},
+            participants=[ParticipantUpdate(client_id=c, num_examples=1, weight=0.5, seed=1,
+                                            update=ups[c]) for c in ("a", "b")])
+        digests = {p.client_id: p.update_digest for p in record.participants}
+        terms = [(0.3, start, "θ"), (-1.7, digests["a"], "a"), (1.0, digests["b"], "b"),
+                 (-1.0, digests["a"], "a again")]
+        # Execute
+        with BlobViews(store) as views:
+            acc, head = subtract.combine(views, terms)
+            assert head is not None and head.digest == start
+    # Assert: 0.3 θ - 1.7 a + b - a, in float64
+    for k in theta:
+        expected = (0.3 * theta[k].astype(np.float64) - 2.7 * ups["a"][k].astype(np.float64)
+                    + ups["b"][k].astype(np.float64))
+        assert acc[k].dtype == np.float64
+        np.testing.assert_allclose(acc[k], expected, rtol=1e-15, atol=1e-15)
