@@ -99,16 +99,61 @@ def partition_indices(
     )
     if min_partition_size is None:
         min_partition_size = min(10, max(1, n // (10 * num_partitions)))
+    # IID and Dirichlet are computed here, as Flower Datasets computes them (tests check
+    # the partitions are the same), without importing ``flwr_datasets``, whose package
+    # loads datasets, pyarrow, pandas, matplotlib, seaborn and scipy (some 200 MB and
+    # seconds of every process that partitions: each simulated client's).
     if partitioner == "iid":
         # IidPartitioner's contiguous shards of the shuffled rows (``Dataset.shard``: the
-        # first N mod K parts one longer), computed without loading ``datasets`` and pyarrow
-        # (some 200 MB of a process); tests check it against flwr-datasets.
+        # first N mod K parts one longer)
         order = np.random.default_rng(seed).permutation(n).astype(np.int64)
         return [np.sort(p) for p in np.array_split(order, num_partitions)]
+    if partitioner == "dirichlet":
+        return _dirichlet(labels, num_partitions=num_partitions, alpha=alpha, seed=seed,
+                          min_partition_size=min_partition_size,
+                          self_balancing=self_balancing)
     return _flower_partition(labels, num_partitions=num_partitions, partitioner=partitioner,
                              seed=seed, alpha=alpha, shards_per_partition=shards_per_partition,
                              min_partition_size=min_partition_size,
                              self_balancing=self_balancing)
+
+
+def _dirichlet(labels: np.ndarray, *, num_partitions: int, alpha: float, seed: int,
+               min_partition_size: int, self_balancing: bool) -> list[np.ndarray]:
+    """DirichletPartitioner's assignment (``shuffle=False``), step for step: for each class
+    in ascending order, proportions :math:`p \\sim \\mathrm{Dir}_K(\alpha)` from one
+    generator seeded with ``seed`` (with self-balancing, clients already above the mean
+    size get 0 and the rest are renormalised), the class's indices cut at
+    ``int(cumsum(p) * n_c)``; the whole draw repeated until every client has
+    ``min_partition_size`` examples, at most 11 times."""
+    rng = np.random.default_rng(seed)
+    concentration = np.array([float(alpha)], dtype=float).repeat(num_partitions)
+    average = labels.shape[0] / num_partitions
+    classes = sorted(int(c) for c in np.unique(labels))
+    for attempt in range(11):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        for k in classes:
+            members = np.nonzero(labels == k)[0]
+            proportions = list(rng.dirichlet(concentration))
+            if self_balancing:
+                proportions = [0 if len(parts[i]) > average else p
+                               for i, p in enumerate(proportions)]
+                total = sum(proportions)
+                proportions = [p / total for p in proportions]
+            cuts = (np.cumsum(proportions) * len(members)).astype(int)[:-1]
+            for i, piece in enumerate(np.split(members, cuts)):
+                parts[i].extend(piece.tolist())
+        if min(len(p) for p in parts) >= min_partition_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+        if attempt == 10:
+            break
+    raise DataError(
+        f"dirichlet partitioning of {labels.shape[0]} examples into {num_partitions} clients "
+        f"failed (dirichlet-alpha = {alpha}, min-partition-size = {min_partition_size}): "
+        "The max number of attempts (10) was reached. Please update the values of alpha "
+        "and try again. Expected a feasible setting: raise dirichlet-alpha, lower "
+        "min-partition-size or use fewer clients."
+    )
 
 
 def _flower_partition(labels: np.ndarray, *, num_partitions: int, partitioner: str, seed: int,
