@@ -141,7 +141,7 @@ def common_figures(ctx: MeasureContext, *, with_clients: bool = True) -> dict[st
         out.update(speedups(ctx.method_cost, ctx.retrain_cost))
     else:
         out.update({"speedup_wall": None, "speedup_client_epochs": None})
-    out["storage_bytes"] = int(ctx.store.summary()["bytes_stored"])
+    out["storage_bytes"] = ctx.store.bytes_stored()
     return out
 
 

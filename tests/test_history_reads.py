@@ -31,6 +31,8 @@ def test_client_rounds_and_the_roster(tmp_path: Path) -> None:
 def test_record_bytes_are_the_records_canonical_bytes(tmp_path: Path) -> None:
     with build_store(tmp_path / "run", tensors([0, 0], [[0, 0]]), ROUNDS) as store:
         assert list(store.record_bytes()) == [r.canonical_bytes() for r in store.rounds()]
+        packs = sum(p.stat().st_size for p in (tmp_path / "run" / "blobs").iterdir())
+        assert store.bytes_stored() == store.summary()["bytes_stored"] == packs
 
 
 def test_an_altered_record_is_refused(tmp_path: Path) -> None:

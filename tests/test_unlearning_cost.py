@@ -59,8 +59,8 @@ def _context(store: Any, federation: Any, *, impact_clients: int, seed: int = 3
 
 
 class _Store:
-    def summary(self) -> dict[str, int]:
-        return {"bytes_stored": 7}
+    def bytes_stored(self) -> int:
+        return 7
 
 
 def test_the_impact_is_asked_of_a_seeded_sample_of_the_remaining_clients() -> None:

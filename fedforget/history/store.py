@@ -1156,6 +1156,11 @@ class HistoryStore:
             out.setdefault(client_id, []).append(t)
         return out
 
+    def bytes_stored(self) -> int:
+        """Bytes of every blob the store holds (``summary()["bytes_stored"]``, alone)."""
+        (total,) = self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM blobs").fetchone()
+        return int(total)
+
     def summary(self) -> dict[str, Any]:
         """A JSON-ready overview of the store.
 
