@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 from test_experiments import experiment_text, write
 
 from fedforget.cli import main
@@ -44,3 +45,24 @@ def test_two_workers_give_the_serial_run_s_model_digests(tmp_path: Path) -> None
     assert _rows(tmp_path / "parallel" / "results.csv") == parallel
     assert {p.name: p.read_bytes()
             for p in (tmp_path / "parallel" / "cells").glob("*")} == cells
+
+
+@pytest.mark.slow
+def test_the_cells_run_as_tasks_of_a_ray_cluster(tmp_path: Path) -> None:
+    # Prepare: a Ray head of this machine (started and stopped here), 2 training runs
+    from fedforget.engine.simulation import local_ray
+
+    spec = write(tmp_path, experiment_text(
+        seeds="[0, 1]", methods='[methods.fedaccum]\nmethod = "subtract"\n',
+        extra='shadow-attack = false\nimpact-clients = 2'))
+    assert main(["run", str(spec), "--out", str(tmp_path / "serial"), "--quiet"]) == 0
+    # Execute
+    with local_ray(num_cpus=2) as address:
+        assert main(["run", str(spec), "--out", str(tmp_path / "ray-run"), "--quiet",
+                     "--ray", address]) == 0
+    # Assert: the serial run's models
+    serial = _rows(tmp_path / "serial" / "results.csv")
+    on_ray = _rows(tmp_path / "ray-run" / "results.csv")
+    assert sorted(on_ray) == sorted(serial) == ["seed0-fedaccum", "seed1-fedaccum"]
+    for cell, row in serial.items():
+        assert on_ray[cell]["model_digest"] == row["model_digest"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,10 +199,31 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def local_ray(directory: Path, *, num_cpus: int | None = None) -> Iterator[str]:
+def local_ray(directory: Path | None = None, *, num_cpus: int | None = None
+              ) -> Iterator[str]:
     """Start a Ray head node on loopback (``ray start --head --block``, no dashboard, no
-    usage stats); yield its address; stop it and every process it started, by PID."""
+    usage stats); yield its address; stop it and every process it started, by PID.
+
+    Ray's files go to ``directory``, or (default, and when that path is too long for the
+    Unix sockets Ray puts under it: 107 bytes in all) a new short directory under /tmp,
+    removed afterwards.
+    """
+    own = directory is None or len(str(directory)) > 40
+    if own:
+        base = "/tmp" if os.path.isdir("/tmp") else None
+        directory = Path(tempfile.mkdtemp(prefix="ffray-", dir=base))
+    assert directory is not None
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with _ray_head(directory, num_cpus) as address:
+            yield address
+    finally:
+        if own:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ray_head(directory: Path, num_cpus: int | None) -> Iterator[str]:
     port = _free_port()
     command = [
         _bin("ray"), "start", "--head", "--block", "--port", str(port),
@@ -249,7 +271,7 @@ def simulation_session(*, ray: bool = True, num_cpus: int | None = None
     global _active
     with tempfile.TemporaryDirectory(prefix="fedforget-flwr-") as tmp:
         home = Path(tmp)
-        cluster = local_ray(home / "ray", num_cpus=num_cpus) if ray else contextlib.nullcontext()
+        cluster = local_ray(num_cpus=num_cpus) if ray else contextlib.nullcontext()
         with cluster as address:
             env = simulation_env(home)
             if address:

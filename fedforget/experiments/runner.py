@@ -243,8 +243,9 @@ def _on_ray(jobs: list[_PointJob], address: str
     finish."""
     import ray
 
-    ray.init(address=address, include_dashboard=False, log_to_driver=True,
-             ignore_reinit_error=True)
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
     task = ray.remote(num_cpus=1)(_worker)
     pending = {task.remote(job): job for job in jobs}
     try:
@@ -255,6 +256,8 @@ def _on_ray(jobs: list[_PointJob], address: str
     finally:
         for ref in pending:
             ray.cancel(ref)
+        if connected_here:
+            ray.shutdown()
 
 
 def _simulation_session(spec: ExperimentSpec) -> Any:
