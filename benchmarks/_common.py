@@ -212,22 +212,26 @@ class SkippedCommits:
 
 @contextlib.contextmanager
 def no_tree_heads() -> Iterator[None]:
-    """BENCHMARK-LOCAL PATCH: the ServerApp signs no tree head and sends none to clients.
+    """BENCHMARK-LOCAL PATCH: the ServerApp signs no tree head per round and sends none to
+    clients.
 
-    Since the erasure receipts (commit 02ab2f8) the server's
-    ``fedforget.receipts.issuer.HeadSigner`` (``server.receipts`` before issue 9) appends
-    every committed round to a Merkle tree, signs a tree head (Ed25519), appends it to
-    ``tree_heads.jsonl``, and every train message carries the latest head, which each client
-    writes to its state directory. Inside the block ``on_commit`` does nothing and
+    Since the erasure receipts (commit 02ab2f8) the server's head signer
+    (``fedforget.history.heads.HeadLog`` since the history-integrity work;
+    ``fedforget.receipts.issuer.HeadSigner`` and ``server.receipts.HeadSigner`` before)
+    appends every committed round to a Merkle tree, signs a tree head (Ed25519), appends it
+    to ``tree_heads.jsonl``, and every train message carries the latest head, which each
+    client writes to its state directory. Inside the block ``on_commit`` does nothing and
     ``config`` returns no entry (so clients write nothing either); the run's signing key is
-    still created.
+    still created, and the head signed when the run starts still is.
     """
     import importlib
 
     signer = None
-    for module in ("fedforget.receipts.issuer", "server.receipts"):
+    for module, name in (("fedforget.history.heads", "HeadLog"),
+                         ("fedforget.receipts.issuer", "HeadSigner"),
+                         ("server.receipts", "HeadSigner")):
         try:
-            signer = getattr(importlib.import_module(module), "HeadSigner", None)
+            signer = getattr(importlib.import_module(module), name, None)
         except ImportError:
             continue
         if signer is not None:

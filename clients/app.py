@@ -7,6 +7,10 @@ a user's app. The server sends everything that shapes local training in each tra
 ``proximal-mu`` under FedProx; a train message whose config names a ``fedforget.task``
 runs that client-side procedure of an unlearning method instead
 (:data:`fedforget.unlearning.client_tasks.CLIENT_TASKS`, e.g. PGA's ascent).
+
+Erasure below the level of the client (:mod:`fedforget.erasure`): before every train message
+the client drops the records its state directory lists (``forgotten-records.json``) and the
+examples of the labels the config names (``fedforget.forget-labels``).
 """
 
 from __future__ import annotations
@@ -22,17 +26,16 @@ from flwr.clientapp import ClientApp
 from fedforget import protocol
 from fedforget.arrays import from_array_record, load_tensors, model_array_record
 from fedforget.cache import FederationCache
-from fedforget.clients.mod import client_id_of, unlearning_mod
+from fedforget.clients.mod import client_id_of, state_dir_of, unlearning_mod_with
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, poison
+from fedforget.erasure import client_records, labels_of, without
 from fedforget.errors import ClientReplyError, ConfigError
 from fedforget.sampling import derive_seed
 from fedforget.settings import app_run_config
 from fedforget.task import load_client_data, new_model
 from fedforget.training import evaluate, train_local
 from fedforget.unlearning.client_tasks import CLIENT_TASKS, TRAIN
-
-app = ClientApp(mods=[unlearning_mod])
 
 
 @lru_cache(maxsize=4)
@@ -77,6 +80,29 @@ def _poisoned(data: ArrayDataset, cfg: RunConfig, cid: str) -> ArrayDataset:
                   seed=derive_seed(cfg.seed, "backdoor", cid))
 
 
+@lru_cache(maxsize=64)
+def _without(data: ArrayDataset, records: frozenset[str], labels: frozenset[int]
+             ) -> ArrayDataset:
+    return without(data, records=records, labels=labels)
+
+
+def training_data(context: Context, train_data: ArrayDataset,
+                  conf: ConfigRecord) -> ArrayDataset:
+    """``train_data`` minus the records this client asked to forget and the labels the
+    federation forgets (:mod:`fedforget.erasure`)."""
+    return _without(train_data, client_records(state_dir_of(context)), labels_of(conf))
+
+
+def _data_size(context: Context) -> int:
+    """This client's number of training examples (told to the server at identify)."""
+    return len(local_data(context)[0])
+
+
+app = ClientApp(mods=[unlearning_mod_with(data_size=_data_size)])
+"""The client mod reports this client's training data size at identify (the bound of a
+robust example-count cap)."""
+
+
 @lru_cache(maxsize=4)
 def _scratch_model(cfg: RunConfig) -> torch.nn.Module:
     """One model object per configuration, reused across messages (every parameter is
@@ -115,13 +141,17 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = run_config_of(context)
     conf = _record(msg, protocol.CONFIG_RECORD, ConfigRecord) or ConfigRecord()
-    train_data, holdout = local_data(context, cfg)
+    all_train, holdout = local_data(context, cfg)
+    train_data = training_data(context, all_train, conf)
     model = _received_model(msg, cfg)
     task = conf.get(protocol.TASK, TRAIN)
     started = time.perf_counter()
     metrics: dict[str, int | float | list[int] | list[float]]
     if task != TRAIN:
-        metrics = dict(CLIENT_TASKS.get(str(task))(model, train_data, holdout, conf))
+        procedure = CLIENT_TASKS.get(str(task))
+        # a procedure that trains nothing may read the forgotten data (FUCP's activations)
+        data = all_train if getattr(procedure, "sees_forgotten_data", False) else train_data
+        metrics = dict(procedure(model, data, holdout, conf))
     else:
         result = train_local(
             model,

@@ -21,6 +21,9 @@ app's own handlers:
 * it keeps the latest signed tree head the server showed in ``head.json`` of the client's
   state directory (node config ``state-dir``; in simulation
   ``<fedforget.out-dir>/client-state/<client-id>``);
+* it refuses (an error reply) the measurement of a forgotten client's own data
+  (:mod:`fedforget.evaluation.on_client`) unless the node's operator consented (node
+  config ``fedforget-consent=true``);
 * when the client's operator asked to leave (:func:`ask_withdrawal`, the command
   ``fedforget client withdraw``), it tells the server in every reply, with the saved head,
   until the receipt arrives; it stores a delivered receipt, its salt and the server's
@@ -34,17 +37,18 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedforget import protocol
 from fedforget.errors import ConfigError
+from fedforget.evaluation.on_client import CONSENT_KEY, MEASURE_TASK, consents
 from fedforget.fileio import write_atomic
 from fedforget.rundir import HEAD_FILE, RunDirectory
 from fedforget.settings import PREFIX
@@ -52,7 +56,11 @@ from fedforget.settings import PREFIX
 log = logging.getLogger("fedforget.clients")
 
 __all__ = ["ask_withdrawal", "client_id_of", "state_dir_of", "unlearning_mod",
-           "withdrawal_status"]
+           "unlearning_mod_with", "withdrawal_status"]
+
+NO_CONSENT = 0
+"""Error code of the reply to a measurement the node's operator did not consent to
+(Flower's ``ErrorCode.UNKNOWN``: Flower has no code of its own for a refusal)."""
 
 WITHDRAWAL_FILE = "withdrawal.json"
 """The client's own withdrawal request (in its state directory)."""
@@ -89,16 +97,39 @@ def _config(msg: Message) -> ConfigRecord | None:
     return record if isinstance(record, ConfigRecord) else None
 
 
+def unlearning_mod_with(data_size: Callable[[Context], int] | None = None) -> Mod:
+    """The client mod, telling the server at identify how many training examples this
+    client holds (``data_size(context)``), so that a robust policy can cap the counts it
+    reports later (``max-examples-factor``). ``unlearning_mod`` is this without a size."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return _mod(msg, context, call_next, data_size)
+
+    mod.__doc__ = unlearning_mod.__doc__
+    return mod
+
+
 def unlearning_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: identify, seed, keep the tree head, tag the reply (see module)."""
+    return _mod(msg, context, call_next, None)
+
+
+def _mod(msg: Message, context: Context, call_next: ClientAppCallable,
+         data_size: Callable[[Context], int] | None) -> Message:
     conf = _config(msg)
     cid = client_id_of(context)
     task = conf.get(protocol.TASK) if conf is not None else None
     if conf is not None:
         _keep_tree_head(context, conf, cid)
     if task == protocol.IDENTIFY:
-        return Message(content=RecordDict({protocol.CLIENT_RECORD: _identity(context, cid)}),
-                       reply_to=msg)
+        record = _identity(context, cid)
+        if data_size is not None:
+            record[protocol.NUM_EXAMPLES] = int(data_size(context))
+        return Message(content=RecordDict({protocol.CLIENT_RECORD: record}), reply_to=msg)
+    if task == MEASURE_TASK and not consents(context.node_config):
+        return Message(Error(code=NO_CONSENT, reason=(
+            f"client {cid} does not consent to figures on its own data (its node config "
+            f"has no {CONSENT_KEY}=true)")), reply_to=msg)
     if task == protocol.DELIVER and conf is not None:
         record = _identity(context, cid)
         record[protocol.DELIVERED] = _store_receipt(context, cid, conf)
@@ -180,6 +211,11 @@ def _store_receipt(context: Context, cid: str, conf: ConfigRecord) -> str:
     salt = receipts / f"{receipt_id}.salt"
     write_atomic(salt, str(conf[protocol.SALT]) + "\n")
     os.chmod(salt, 0o600)
+    if protocol.RECORDS_SALT in conf:  # a record-level receipt: its record commitment
+        records_salt = receipts / f"{receipt_id}.records-salt"
+        write_atomic(records_salt, str(conf[protocol.RECORDS_SALT]) + "\n")
+        os.chmod(records_salt, 0o600)
+        write_atomic(receipts / f"{receipt_id}.records", str(conf.get(protocol.RECORDS, "")))
     write_atomic(state / "server.pub", str(conf[protocol.PUBLIC_KEY]))
     ask = withdrawal_status(state) or {}
     ask.update({"state": "receipted", "receipt_id": receipt_id,

@@ -18,10 +18,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory to write (resumed if it exists)")
     p.add_argument(
         "--engine",
-        choices=("inprocess", "simulation"),
+        choices=("inprocess", "simulation", "deployment"),
         default="inprocess",
-        help="in-process Grid (default) or Flower's simulation engine via `flwr run`",
+        help="in-process Grid (default), Flower's simulation engine via `flwr run`, or a "
+             "running SuperLink with SuperNodes (deployment; see --connection)",
     )
+    _add_connection_args(p)
     p.add_argument("--app", default=None, help="Flower app project directory (default: found)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key (repeatable)")
@@ -43,6 +45,17 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
     return value
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connection", default=None, metavar="NAME|HOST:PORT",
+                   help="deployment: a connection of $FLWR_HOME/config.toml, or the "
+                        "SuperLink's address (with --root-certificates)")
+    p.add_argument("--root-certificates", default=None, metavar="PEM",
+                   help="deployment: the CA certificate of the SuperLink's TLS, with an "
+                        "address as --connection")
+    p.add_argument("--node-auth", action="store_true",
+                   help="deployment: the SuperLink authenticates SuperNodes "
+                        "(--enable-supernode-auth), so each client id is pinned to the "
+                        "first node that claims it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="flat TOML of run-config keys, e.g. simulations/*.toml (for your "
                             "own app: optional, over its pyproject defaults)")
     _add_engine_args(train)
+    train.add_argument("--withdrawal-method", default="", metavar="NAME",
+                       help="the server's policy for withdrawals the clients ask for "
+                            "themselves (`fedforget client withdraw` on a node): the method "
+                            "that serves them after the rounds (default: record them only)")
+    train.add_argument("--withdrawal-params", default="", metavar="JSON",
+                       help="that method's parameters, a JSON object")
     train.add_argument("--clients", type=int, default=None, metavar="N",
                        help="number of clients (SuperNodes) for an app other than fedforget's "
                             "(default: its pyproject's local-simulation num-supernodes)")
@@ -66,10 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     withdraw.add_argument("dir", help="run directory")
     withdraw.add_argument("--client", required=True, help="stable client id, e.g. client-003")
     withdraw.add_argument("--reason", default="", help="the reason the client gave")
+    withdraw.add_argument("--keys", default=None, metavar="DIR",
+                          help="the server's signing keys (default: DIR/keys)")
 
-    unlearn = sub.add_parser("unlearn", help="remove a withdrawn client's influence")
+    unlearn = sub.add_parser("unlearn", help="remove a withdrawn client's influence (or some "
+                             "of its records, or a class)")
     unlearn.add_argument("dir", help="run directory")
-    unlearn.add_argument("--client", required=True, help="stable client id")
+    unlearn.add_argument("--client", default=None,
+                         help="stable client id (with --forget-class: who asks, default "
+                              "'operator')")
+    size = unlearn.add_mutually_exclusive_group()
+    size.add_argument("--records", default=None, metavar="FILE",
+                      help="forget only these records of the client (a file of record ids, "
+                           "one per line); the client stays")
+    size.add_argument("--forget-class", default=None, metavar="LABELS",
+                      help="forget every example of these labels (e.g. 3 or 3,5) on every "
+                           "client")
     unlearn.add_argument("--method", required=True, help="unlearning method (see --list)")
     unlearn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="a method parameter (repeatable)")
@@ -77,8 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--json", action="store_true", help="print a JSON object")
     unlearn.add_argument("--quiet", action="store_true", help="no progress display")
     unlearn.add_argument("--app", default=None, help="Flower app project directory")
-    unlearn.add_argument("--engine", choices=("inprocess", "simulation"), default="inprocess",
-                         help="in-process Grid (default) or Flower's simulation engine")
+    unlearn.add_argument("--engine", choices=("inprocess", "simulation", "deployment"),
+                         default="inprocess",
+                         help="in-process Grid (default), Flower's simulation engine, or the "
+                              "SuperLink the run was trained on (see --connection)")
+    _add_connection_args(unlearn)
     unlearn.add_argument("--reference", choices=("compute", "cached", "none"),
                          default="compute",
                          help="compute (default, cached per forget set), reuse a cached, or "
@@ -123,8 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", help="inspect a run's history store")
     hsub = history.add_subparsers(dest="history_command", required=True)
-    verify = hsub.add_parser("verify", help="check every record and blob against its digest")
+    verify = hsub.add_parser(
+        "verify", help="check the run directory read-only: records, blobs, WAL, ledger, "
+        "signed tree heads, receipts, results")
     verify.add_argument("dir")
+    verify.add_argument("--head", metavar="FILE",
+                        help="a signed tree head (e.g. a client's head.json) to check against")
+    verify.add_argument("--key", metavar="PUB",
+                        help="the server's public key (default: DIR/keys/signing.pub)")
     show = hsub.add_parser("show", help="rounds, clients, retention, codec, bytes stored")
     show.add_argument("dir")
     show.add_argument("--json", action="store_true")
@@ -170,6 +210,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     project = find_project(args.app)
     out = Path(args.out).resolve()
+    connection = _connection(args)
     overrides: dict[str, Any] = parse_assignments(args.set)
     own_app = project.app_keys() == frozenset(RunConfig.keys())
     t0 = time.perf_counter()
@@ -181,7 +222,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{cfg.num_rounds} rounds, model {cfg.model}, engine {args.engine} -> {out}",
               file=sys.stderr)
         run_training(cfg, out=out, engine=args.engine, project=project,
-                     progress=not args.quiet)
+                     progress=not args.quiet, connection=connection, node_auth=args.node_auth,
+                     **_withdrawal_policy(args))
     else:
         if args.command == "demo":
             raise ConfigError(f"`fedforget demo` runs fedforget's own app; {project.root} "
@@ -195,9 +237,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         clients = args.clients or _num_supernodes(project.root)
         print(f"fedforget train: app {project.root.name}, {clients} clients, engine "
               f"{args.engine} -> {out}", file=sys.stderr)
-        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine)
+        settings = RunSettings(out_dir=str(out), progress=not args.quiet, engine=args.engine,
+                               node_auth=args.node_auth, **_withdrawal_policy(args))
         run_app(project, run_config={**values, **settings.to_run_config()}, num_nodes=clients,
-                engine=args.engine, progress=not args.quiet)
+                engine=args.engine, progress=not args.quiet, connection=connection)
     elapsed = time.perf_counter() - t0
     summary = _summary(out)
     acc = _final_accuracy(out)
@@ -213,6 +256,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.command == "demo":
         _demo_unlearning(cfg, out, project, quiet=args.quiet)
     return 0
+
+
+def _connection(args: argparse.Namespace) -> Any:
+    """The SuperLink of ``--engine deployment`` (None for the other engines)."""
+    if args.engine != "deployment":
+        if args.connection or args.root_certificates or args.node_auth:
+            raise ConfigError(f"--connection/--root-certificates/--node-auth are for --engine "
+                              f"deployment (the engine is {args.engine!r})")
+        return None
+    if args.command == "demo":
+        raise ConfigError("`fedforget demo --engine deployment`: the demo unlearns in this "
+                          "process, which a deployed run's clients are not; use `fedforget "
+                          "train --engine deployment`")
+    if not args.connection:
+        raise ConfigError("--engine deployment needs --connection NAME (of "
+                          "$FLWR_HOME/config.toml) or --connection HOST:PORT with "
+                          "--root-certificates PEM")
+    from fedforget.engine.deployment import SuperLinkTarget
+
+    return SuperLinkTarget.from_cli(args.connection, args.root_certificates)
+
+
+def _withdrawal_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """``--withdrawal-method``/``--withdrawal-params`` as RunSettings (train only)."""
+    method = getattr(args, "withdrawal_method", "") or ""
+    params = getattr(args, "withdrawal_params", "") or ""
+    if params and not method:
+        raise ConfigError("--withdrawal-params without --withdrawal-method: give the method")
+    if method:
+        from fedforget.settings import RunSettings
+        from fedforget.unlearning import get_method
+
+        policy = RunSettings(withdrawal_method=method,
+                             withdrawal_params=params).withdrawal_policy()
+        assert policy is not None
+        get_method(*policy)  # refuse bad input before anything runs
+    return {"withdrawal_method": method, "withdrawal_params": params}
 
 
 def _num_supernodes(root: Path) -> int:
@@ -367,13 +447,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- withdraw
 def _cmd_withdraw(args: argparse.Namespace) -> int:
     from fedforget.history import HistoryStore
+    from fedforget.receipts.issuer import head_log
+    from fedforget.rundir import RunDirectory
     from fedforget.withdrawal import WithdrawalLedger
 
     with HistoryStore.open(args.dir) as store:
         roster = frozenset(store.roster())
         contributed = bool(store.client_rounds(args.client))
-    with WithdrawalLedger(args.dir) as ledger:
-        request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+        with WithdrawalLedger(args.dir) as ledger:
+            request, created = ledger.request(args.client, reason=args.reason, roster=roster)
+        if created:  # the ledger change is covered by a signed head
+            head_log(store, RunDirectory(args.dir), Path(args.keys) if args.keys else None)
     verb = "recorded" if created else "already recorded"
     print(f"withdrawal {verb}: {request.request_id} for {request.client_id} "
           f"(state {request.state}, received {request.received_at})")
@@ -410,19 +494,32 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_unlearn(args: argparse.Namespace) -> int:
     from fedforget.config import parse_assignments
     from fedforget.engine import run_unlearning
+    from fedforget.erasure import ErasureError, read_record_file
 
+    records = read_record_file(args.records) if args.records else None
+    labels = None
+    if args.forget_class is not None:
+        parts = [p.strip() for p in args.forget_class.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise ErasureError(f"--forget-class {args.forget_class!r}: expected labels such "
+                               "as 3 or 3,5")
+        labels = [int(p) for p in parts]
+    client = args.client or ("operator" if labels is not None else None)
+    if client is None:
+        raise ConfigError("--client is required (unless --forget-class names the labels)")
     # With --json, stdout carries the JSON object only: what the app prints goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         outcome = run_unlearning(
-            args.dir, client=args.client, method=args.method,
+            args.dir, client=client, method=args.method,
             params=parse_assignments(args.set), reason=args.reason, engine=args.engine,
             app_dir=args.app, progress=not (args.quiet or args.json),
-            reference=args.reference, keys_dir=args.keys,
+            reference=args.reference, keys_dir=args.keys, records=records, labels=labels,
+            connection=_connection(args), node_auth=args.node_auth,
             shadow_attack=args.shadow_attack,
             **({} if args.impact_clients is None else {"impact_clients": args.impact_clients}),
         )
     if outcome is None:
-        print(f"no-op: {args.client} has no stored contribution in {args.dir}; "
+        print(f"no-op: {client} has no stored contribution in {args.dir}; "
               "the model is unchanged and nothing was written")
         return 0
     run = Path(args.dir).resolve()
@@ -448,14 +545,24 @@ def format_comparison(outcome: Any, run: Path) -> str:
     m = outcome.metrics
     cost = outcome.cost
     ref = outcome.reference
+    scope = outcome.scope or {}
+    forgot = ", ".join(outcome.forgotten) or "no whole client"
+    if outcome.kind == "records":
+        forgot = f"{scope.get('records', {}).get(outcome.client_id, '?')} records of " \
+                 f"{outcome.client_id}" + (f" (and {forgot})" if outcome.forgotten else "")
+    elif outcome.kind == "class":
+        forgot = f"class {', '.join(map(str, scope.get('labels', [])))} on every client"
     lines = [
         f"method {outcome.method} (v{outcome.method_version}, "
-        f"{'exact' if outcome.exact else 'approximate'}) forgot {', '.join(outcome.forgotten)}"
+        f"{'exact' if outcome.exact else 'approximate'}) forgot {forgot}"
         f" on engine {outcome.engine}",
         f"{'':24}{'original':>10}{'unlearned':>11}{'retrained':>11}",
     ]
     rows = [("test accuracy", m.get("test_accuracy")),
             ("forgotten-data accuracy", m.get("forgotten_accuracy"))]
+    if m.get("forgotten_class_accuracy"):
+        rows += [("forgotten-class test acc", m["forgotten_class_accuracy"]),
+                 ("other classes test acc", m.get("retained_class_accuracy"))]
     if m.get("backdoor_success"):
         rows.append(("backdoor success", m["backdoor_success"]))
     for label, values in rows:
@@ -517,18 +624,22 @@ def format_comparison(outcome: Any, run: Path) -> str:
 def _summary(directory: str | Path) -> dict[str, Any]:
     from fedforget.history import HistoryStore
 
-    with HistoryStore.open(directory) as store:
+    with HistoryStore.open(directory, read_only=True) as store:
         return store.summary()
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from fedforget.history.verify import verify_store
 
-    report = verify_store(args.dir)
+    report = verify_store(args.dir, head=args.head, public_key=args.key)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
     if report.ok:
         print(
             f"OK: {report.rounds_checked} rounds and {report.blobs_checked} blobs match "
-            f"their digests in {args.dir}"
+            f"their digests in {args.dir}; {report.heads_checked} signed tree heads, "
+            f"{report.receipts_checked} receipts and {report.results_checked} results agree "
+            "with the store"
         )
         return 0
     for problem in report.problems:

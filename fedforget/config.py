@@ -12,6 +12,7 @@ naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -21,7 +22,8 @@ from typing import Any
 from fedforget.errors import ConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "shard")
-STRATEGIES = ("fedavg", "fedprox")
+GROUP_SHIFTS = ("permute", "invert", "none")  # fedforget.data.groups
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 CODECS = ("fp32", "fp16", "bf16")
 
 # Keys that do not change the training itself: a run may be resumed with other values.
@@ -90,9 +92,15 @@ class RunConfig:
     # server strategy
     strategy: str = field(default="fedavg", metadata=_choice(STRATEGIES))
     proximal_mu: float = field(default=0.01, metadata=_range(0))
+    trim_beta: float = field(default=0.2, metadata=_range(0, 0.5, high_open=True))
     sample_fraction: float = field(default=1.0, metadata=_range(0, 1, low_open=True))
     sample_count: int = field(default=0, metadata=_range(0))
     min_replies: int = field(default=1, metadata=_range(1))
+    # robust aggregation (fedforget.robust): bound what one client's reply can do; 0 = off
+    max_update_norm: float = field(default=0.0, metadata=_range(0))
+    update_norm_policy: str = field(default="refuse", metadata=_choice(("refuse", "clip")))
+    max_examples_factor: float = field(default=0.0, metadata=_range(0))
+    num_examples_policy: str = field(default="refuse", metadata=_choice(("refuse", "cap")))
     # history
     retain_interval: int = field(default=1, metadata=_range(1))
     codec: str = field(default="fp32", metadata=_choice(CODECS))
@@ -103,10 +111,25 @@ class RunConfig:
     backdoor_clients: str = ""  # comma-separated client ids, e.g. "client-003"
     backdoor_target: int = field(default=0, metadata=_range(0))
     backdoor_fraction: float = field(default=0.5, metadata=_range(0, 1, low_open=True))
+    # experiment option: clients in groups (sizes in client order, e.g. "7,3"); group g >= 1
+    # sees its inputs through a fixed transform, an "accent" (fedforget.data.groups)
+    groups: str = ""
+    group_shift: str = field(default="permute", metadata=_choice(GROUP_SHIFTS))
 
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.groups:
+            from fedforget.data.groups import parse_groups
+
+            parse_groups(self.groups, self.num_clients)
+        for cid in sorted(self.backdoor_client_ids()):
+            match = re.fullmatch(r"client-(\d+)", cid)
+            if match is None or int(match.group(1)) >= self.num_clients:
+                raise ConfigError(
+                    f"backdoor-clients names {cid!r}, which is not a client of this run; "
+                    f"expected ids client-000..client-{self.num_clients - 1:03d}"
+                )
         if self.sample_count > self.num_clients:
             raise ConfigError(
                 f"sample-count = {self.sample_count} is larger than num-clients = "
@@ -156,11 +179,21 @@ class RunConfig:
         codec, fsync)."""
         return {"seed": self.seed, "clients_per_round": self.clients_per_round(),
                 "min_replies": self.min_replies, "retain_interval": self.retain_interval,
-                "codec": self.codec, "history_fsync": self.history_fsync}
+                "codec": self.codec, "history_fsync": self.history_fsync,
+                "max_update_norm": self.max_update_norm,
+                "update_norm_policy": self.update_norm_policy,
+                "max_examples_factor": self.max_examples_factor,
+                "num_examples_policy": self.num_examples_policy}
 
     def backdoor_client_ids(self) -> frozenset[str]:
         """The clients that plant a backdoor (experiment option)."""
         return frozenset(c.strip() for c in self.backdoor_clients.split(",") if c.strip())
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """The sizes of the client groups (empty without groups)."""
+        from fedforget.data.groups import parse_groups
+
+        return parse_groups(self.groups, self.num_clients)
 
     def clients_per_round(self) -> int:
         """How many clients the sampler selects each round."""

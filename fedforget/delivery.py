@@ -48,16 +48,23 @@ def deliver_receipts(run: RunDirectory, federation: GridFederation, public_key: 
             receipt = run.receipt(receipt_id)
             if client not in federation.clients or not receipt.exists():
                 continue
-            reply = federation.send_config(client, {
+            config = {
                 protocol.TASK: protocol.DELIVER,
                 protocol.RECEIPT: receipt.read_text(),
                 protocol.SALT: salt.read_text().strip(),
                 protocol.PUBLIC_KEY: public_key.read_text(),
                 protocol.RECEIPT_ID: receipt_id,
                 protocol.REQUEST_ID: request_id,
-            })
+            }
+            extra = [salt.with_suffix(".records-salt"), salt.with_suffix(".records")]
+            if extra[0].exists():
+                config[protocol.RECORDS_SALT] = extra[0].read_text().strip()
+                config[protocol.RECORDS] = extra[1].read_text()
+            reply = federation.send_config(client, config)
             if reply is not None and reply.get(protocol.DELIVERED) == receipt_id:
                 salt.unlink()
+                for path in extra:
+                    path.unlink(missing_ok=True)
                 delivered.append(receipt_id)
                 log.info("receipt %s delivered to %s", receipt_id, client)
             else:

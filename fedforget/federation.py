@@ -26,12 +26,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.run import Run
 
 from fedforget import protocol
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, HistoryError
 from fedforget.history import HistoryStore, RoundRecord
+from fedforget.identity import NodePins
 from fedforget.progress import RoundProgress, phase
 from fedforget.protocol import WithdrawalAsk, read_ask
 from fedforget.sampling import ClientSampler, client_train_seed
@@ -41,8 +41,7 @@ from fedforget.unlearning.base import ClientUpdate, Cost, UnlearningError
 
 log = logging.getLogger("fedforget.server")
 
-__all__ = ["FederationApp", "GridFederation", "ResponsiveGrid", "identify_clients",
-           "responsive"]
+__all__ = ["FederationApp", "GridFederation", "identify_clients"]
 
 EVALUATION_BATCH = 256
 """Clients asked per batch of evaluate messages (progress is shown between batches)."""
@@ -51,98 +50,34 @@ ACCURACY_KEYS = ("accuracy", "eval_acc", "eval-acc", "acc")
 """Metric names read as a client's held-out accuracy in an evaluate reply, in this order."""
 
 
-class ResponsiveGrid(Grid):
-    """A Flower ``Grid`` whose :meth:`send_and_receive` looks for replies soon and then
-    less and less often.
-
-    Flower's grids poll at a fixed pace: ``InMemoryGrid`` (the simulation engine) sleeps
-    0.1 s between pulls and the deployment's ``HttpGrid`` 3 s, so every round of a fast
-    federation ends on such a step. This wrapper pushes the messages, then pulls after
-    :attr:`FIRST` seconds, each pause :attr:`GROWTH` times the last, at most
-    :attr:`LONGEST`: a reply is picked up within a quarter of the time already waited (and
-    within 50 ms), at a few dozen pulls per second of waiting at most. Everything else is
-    the wrapped grid's.
-    """
-
-    FIRST = 0.001
-    GROWTH = 1.25
-    LONGEST = 0.05
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-        self.pulls = 0
-
-    @property
-    def wrapped(self) -> Grid:
-        """The grid this one polls."""
-        return self._grid
-
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,  # noqa: D102
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,  # noqa: D102
-                         timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        pause = self.FIRST
-        while pending:
-            self.pulls += 1
-            got = list(self._grid.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending:
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                break
-            time.sleep(pause if deadline is None else min(pause, deadline - now))
-            pause = min(self.LONGEST, pause * self.GROWTH)
-        return replies
-
-
-def responsive(grid: Grid) -> Grid:
-    """``grid`` with :class:`ResponsiveGrid`'s polling, unless it answers synchronously
-    (fedforget's in-process grid) or already polls so."""
-    if isinstance(grid, ResponsiveGrid) or getattr(grid, "synchronous", False):
-        return grid
-    return ResponsiveGrid(grid)
-
-
 def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                      asks: list[WithdrawalAsk] | None = None,
                      extra_config: Mapping[str, Any] | None = None,
+                     sizes: dict[str, int] | None = None,
+                     *, pins: NodePins | None = None,
+                     reply_timeout: float | None = None,
                      progress: bool = False) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
 
     Waits until ``expected`` nodes are connected (at most ``timeout`` seconds, looking
-    again after 10 ms, then less and less often, at most every second). Withdrawals the
-    clients asked for themselves are appended to ``asks``. ``extra_config`` goes with the
-    message (the latest signed tree head, which every client keeps).
+    again after 10 ms, then less and less often, at most every second), then for
+    their answers at most ``reply_timeout`` seconds (default ``timeout``). Withdrawals
+    the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
+    the message (the latest signed tree head, which every client keeps). The data sizes
+    the clients report (``num-examples``, when their app tells the mod) go into ``sizes``.
+    the message (the latest signed tree head, which every client keeps). A node claiming a
+    client id that another node already speaks for — in this identification, or by a pin
+    of ``pins`` (:class:`fedforget.identity.NodePins`) — is refused, logged and recorded,
+    and left out; the others go on. ``progress`` shows the phase for large federations.
     """
     with phase(f"identifying {expected} clients", enabled=progress and expected >= 100):
-        return _identify(grid, expected, timeout, asks, extra_config)
+        return _identify(grid, expected, timeout, asks, extra_config, sizes, pins,
+                         reply_timeout)
 
 
 def _identify(grid: Grid, expected: int, timeout: float, asks: list[WithdrawalAsk] | None,
-              extra_config: Mapping[str, Any] | None) -> dict[str, int]:
+              extra_config: Mapping[str, Any] | None, sizes: dict[str, int] | None,
+              pins: NodePins | None, reply_timeout: float | None) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     pause = 0.01
     while len(node_ids := list(grid.get_node_ids())) < expected:
@@ -157,7 +92,10 @@ def _identify(grid: Grid, expected: int, timeout: float, asks: list[WithdrawalAs
         for node in node_ids
     ]
     clients: dict[str, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    pins = pins if pins is not None else NodePins(None, pin=False)
+    replies = list(grid.send_and_receive(
+        messages, timeout=reply_timeout if reply_timeout is not None else timeout))
+    for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d did not identify itself: %s", node, reply.error.reason)
@@ -172,12 +110,18 @@ def _identify(grid: Grid, expected: int, timeout: float, asks: list[WithdrawalAs
                 node, protocol.CLIENT_RECORD, protocol.CLIENT_ID,
             )
             continue
-        if cid in clients:
-            raise HistoryError(f"two nodes report the same client id {cid!r}")
+        refusal = pins.check(cid, node, clients)
+        if refusal is not None:
+            pins.refuse(refusal)
+            continue
         clients[cid] = node
+        size = record.get(protocol.NUM_EXAMPLES) if isinstance(record, ConfigRecord) else None
+        if sizes is not None and isinstance(size, int) and not isinstance(size, bool):
+            sizes[cid] = size
         ask = read_ask(record, cid, node)
         if ask is not None and asks is not None:
             asks.append(ask)
+    pins.save()
     return dict(sorted(clients.items()))
 
 
@@ -227,8 +171,10 @@ class GridFederation:
         settings: RecordingSettings,
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         progress: bool = True,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.grid = grid
+        self.sizes = dict(sizes or {})
         self.clients = dict(clients)
         self.app = app
         self.settings = settings
@@ -312,6 +258,8 @@ class GridFederation:
             extra_config=head_signer.config if head_signer is not None else None,
             refresh_exclude=refresh_exclude,
             on_ask=on_ask,
+            policy=self.settings.robust_policy(),
+            recorded_sizes=self.sizes,
         )
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -35,12 +35,16 @@ from fedforget.canonical import canonical_dumps
 from fedforget.comparison import speedups
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
+from fedforget.erasure import ErasureScope
 from fedforget.evaluation import client_impact, cosine_distance, l2_distance
 from fedforget.history import HistoryStore
 from fedforget.progress import phase
 from fedforget.rundir import RunDirectory
 from fedforget.sampling import derive_seed
 from fedforget.unlearning.base import Cost, Federation
+
+if TYPE_CHECKING:
+    from fedforget.withdrawal import WithdrawalRequest
 
 __all__ = [
     "EvaluateFnMeasure",
@@ -68,9 +72,17 @@ class MeasureContext:
     method_cost: Cost
     retrain_cost: Cost | None
     trace: Sequence[tuple[int, TensorDict]] = field(default_factory=list)
+    # the records and classes in force, and the request served (its kind, its records)
+    scope: ErasureScope = field(default_factory=ErasureScope)
+    request: WithdrawalRequest | None = None
     impact_clients: int = 0  # remaining clients asked for the per-client impact (0: all)
     seed: int = 0  # the run seed (seeds that sample)
     progress: bool = False  # announce the long phases on stderr
+
+    @property
+    def kind(self) -> str:
+        """The size of the request: ``client``, ``records`` or ``class``."""
+        return self.request.kind if self.request is not None else "client"
 
     def models(self) -> dict[str, TensorDict]:
         """``{"original", "unlearned"[, "retrained"]}``."""
@@ -189,16 +201,31 @@ class EvaluateFnMeasure:
 class TaskMeasure:
     """The whole protocol for fedforget's own task (data and model from a RunConfig).
 
-    The forgotten clients' training data (members of the attacks) and held-out data
-    (non-members) are rebuilt from the run config: this is what a *simulation* can do, where
-    the server can build every client's partition; a deployment must ask the client instead.
+    In a simulation (fedforget's in-process Grid, Flower's simulation engine) the
+    forgotten clients' training data (members of the attacks) and held-out data
+    (non-members) are rebuilt from the run config, as the server can build every client's
+    partition. In a deployment (``on_clients``; by default: when the federation's Grid is a
+    SuperLink's) the server holds no client data: the forgotten-data figures
+    (``forgotten_accuracy``, ``mia_loss_auc``, ``mia_confidence_auc``) are computed on each
+    forgotten client's node if it consents (:mod:`fedforget.evaluation.on_client`), else
+    reported as not available (None); the shadow-model attack, which needs those data on the
+    server, is not available either (``shadow_attack`` None). Figures on the server's own
+    test set (test accuracy, backdoor success, divergences) are computed as in simulation.
     """
 
     def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
-                 cache: Path | None = None) -> None:
+                 on_clients: bool | None = None, cache: Path | None = None) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
+        self.on_clients = on_clients
         self.cache = cache  # where the trained shadow model is kept (a run directory)
+
+    def _remote(self, ctx: MeasureContext) -> bool:
+        if self.on_clients is not None:
+            return self.on_clients
+        from fedforget.evaluation.on_client import is_deployment_grid
+
+        return is_deployment_grid(getattr(ctx.federation, "grid", None))
 
     def forgotten_data(self, forget: Collection[str]
                        ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
@@ -212,13 +239,38 @@ class TaskMeasure:
         return (_pooled([train for train, _ in splits], "forgotten"),
                 _pooled([held for _, held in splits], "forgotten-holdout"))
 
+    def request_data(self, ctx: MeasureContext
+                     ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
+        """The forgotten data of the request served, as members and non-members of the
+        attacks: the forgotten clients' training and held-out data; for a record request,
+        its records and the client's held-out data; for a class request, every client's
+        training and held-out examples of the labels."""
+        from fedforget.erasure import select_records
+        from fedforget.task import client_partition, load_client_data
+
+        request = ctx.request
+        if request is None or request.kind == "client":
+            return self.forgotten_data(ctx.forget)
+        if request.kind == "records":
+            partition = client_partition(request.client_id)
+            if partition is None or partition >= self.cfg.num_clients:
+                return None, None
+            train, held = load_client_data(self.cfg, partition)
+            return select_records(train, request.record_ids), held
+        labels = np.asarray(request.labels, dtype=np.int64)
+        splits = [load_client_data(self.cfg, p) for p in range(self.cfg.num_clients)]
+        return (_pooled([d.subset(np.isin(d.y, labels)) for d, _ in splits], "forgotten"),
+                _pooled([h.subset(np.isin(h.y, labels)) for _, h in splits],
+                        "forgotten-holdout"))
+
     def __call__(self, ctx: MeasureContext) -> dict[str, Any]:  # noqa: D102
         from fedforget.evaluation import accuracy_trace, evaluate_unlearning, run_shadow_attack
         from fedforget.task import load_test_set, new_model
 
         cfg = self.cfg
         test_set = load_test_set(cfg)
-        members, non_members = self.forgotten_data(ctx.forget)
+        remote = self._remote(ctx)
+        members, non_members = (None, None) if remote else self.request_data(ctx)
         shadow = None
         if self.shadow_attack and members is not None and non_members is not None:
             if self.cache is None:
@@ -239,17 +291,118 @@ class TaskMeasure:
                                  if ctx.forget & cfg.backdoor_client_ids() else None),
                 shadow=shadow,
             )
+        if ctx.kind == "class" and ctx.request is not None:
+            figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))
+        figures["collateral"] = collateral_figures(ctx, cfg, scratch, members, test_set)
+        figures["group_accuracy"] = group_accuracy(ctx, cfg, scratch)
+        if remote:  # no client data on the server: ask the forgotten clients' nodes
+            from fedforget.evaluation.on_client import ask_forgotten_figures
+
+            if ctx.federation is not None:
+                figures.update(ask_forgotten_figures(ctx.federation, ctx.models(), ctx.forget))
+            else:
+                figures["forgotten_figures"] = {"source": "not available: no federation",
+                                                "answered": [], "missing": {}}
         # the client figures are common's (asked once of the clients)
         return {**figures, **common, "trace": accuracy_trace(scratch, ctx.trace, test_set)}
+
+
+def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
+                       forgotten: ArrayDataset | None, test_set: ArrayDataset
+                       ) -> dict[str, Any] | None:
+    """Who else is hurt (:mod:`fedforget.evaluation.collateral`): every remaining client's
+    accuracy change against its similarity to the forgotten data, from the clients' own
+    evaluations (:mod:`fedforget.evaluation.profile`). The probe of the forgotten data is
+    built here from the data the simulation can rebuild (``forgotten``). None without a
+    federation or a remaining client."""
+    from fedforget.arrays import load_tensors
+    from fedforget.evaluation.collateral import ClientProfile, collateral_report
+    from fedforget.evaluation.profile import (
+        ask_probe,
+        ask_profiles,
+        make_probe,
+        mean_representation,
+    )
+    from fedforget.task import client_group, client_partition
+
+    remaining = ctx.remaining()
+    if ctx.federation is None or not remaining:
+        return None
+    probe = None
+    original = load_tensors(scratch, ctx.original)
+    if forgotten is not None and len(forgotten):
+        probe = make_probe(original, forgotten, test_set)
+    elif ctx.kind == "client" and ctx.request is not None and \
+            ctx.request.client_id in ctx.federation.roster:
+        # the data cannot be rebuilt here: the departing client answers its own probe
+        probe = ask_probe(ctx.federation, ctx.original, ctx.request.client_id,
+                          mean_representation(original, test_set).tolist())
+    before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
+    after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
+    profiles = []
+    for cid in remaining:
+        b, a = before.get(cid, {}), after.get(cid, {})
+        if "accuracy" not in b or "accuracy" not in a:
+            continue
+        partition = client_partition(cid)
+        group = (client_group(cfg, partition) if cfg.groups and partition is not None
+                 and partition < cfg.num_clients else None)
+        profiles.append(ClientProfile(
+            client_id=cid, accuracy_before=b["accuracy"], accuracy_after=a["accuracy"],
+            num_examples=int(b.get("profile-examples", 0)),
+            label_similarity=b.get("label-similarity"),
+            representation_similarity=b.get("representation-similarity"), group=group))
+    if not profiles:
+        return None
+    report = collateral_report(profiles).to_dict()
+    forgotten_groups = sorted({client_group(cfg, p) for c in ctx.forget
+                               if (p := client_partition(c)) is not None
+                               and p < cfg.num_clients}) if cfg.groups else []
+    report["forgotten_groups"] = forgotten_groups
+    report["source"] = "the clients' own evaluations (profile task)"
+    return report
+
+
+def group_accuracy(ctx: MeasureContext, cfg: RunConfig, scratch: Any
+                   ) -> dict[str, dict[str, float]] | None:
+    """With client groups: each model's accuracy on the whole test set in each group's
+    accent (server-side: the test set is the server's)."""
+    from fedforget.data.groups import group_test_set
+    from fedforget.evaluation import accuracy
+    from fedforget.task import load_plain_test_set
+
+    if not cfg.groups:
+        return None
+    plain = load_plain_test_set(cfg)
+    return {str(g): {name: accuracy(scratch, tensors,
+                                    group_test_set(plain, g, cfg.group_shift, cfg.seed))
+                     for name, tensors in ctx.models().items()}
+            for g in range(len(cfg.group_sizes()))}
+
+
+def class_figures(scratch: Any, ctx: MeasureContext, test_set: ArrayDataset,
+                  labels: Collection[int]) -> dict[str, Any]:
+    """Accuracy on the test examples of the forgotten labels (goal: retraining's level,
+    about 0) and on the others (goal: within a point of retraining), per model."""
+    from fedforget.evaluation import accuracy
+
+    chosen = np.isin(test_set.y, np.asarray(sorted(labels), dtype=np.int64))
+    parts = {"forgotten_class_accuracy": test_set.subset(chosen),
+             "retained_class_accuracy": test_set.subset(~chosen)}
+    return {name: ({model: accuracy(scratch, tensors, data)
+                    for model, tensors in ctx.models().items()} if len(data) else None)
+            for name, data in parts.items()}
 
 
 def _pooled(parts: list[ArrayDataset], name: str) -> ArrayDataset | None:
     parts = [d for d in parts if len(d)]
     if not parts:
         return None
+    ids = (None if any(d.ids is None for d in parts)
+           else np.concatenate([d.ids for d in parts if d.ids is not None]))
     return ArrayDataset(x=np.concatenate([d.x for d in parts]),
                         y=np.concatenate([d.y for d in parts]),
-                        num_classes=parts[0].num_classes, name=name)
+                        num_classes=parts[0].num_classes, name=name, ids=ids)
 
 
 def parameter_measure(ctx: MeasureContext) -> dict[str, Any]:

@@ -39,6 +39,12 @@ ClientApp; an app that does not use the mod speaks it itself:
    :data:`PUBLIC_KEY` (PEM), :data:`RECEIPT_ID` and :data:`REQUEST_ID`; the client stores
    them in its state directory (``receipts/<id>.json``, ``receipts/<id>.salt``,
    ``server.pub``) and answers :data:`DELIVERED` = the receipt id.
+8. **Forgotten labels.** Once a class-level erasure is in force, every train message's
+   config has :data:`FORGET_LABELS` (``"3"`` or ``"3,5"``); the client trains without the
+   examples of those labels (:mod:`fedforget.erasure`).
+9. **Forgotten records.** A client that asked to have some of its records forgotten keeps
+   their ids in ``forgotten-records.json`` of its state directory and trains without them
+   (:mod:`fedforget.erasure`); the server sends nothing for them.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ CLIENT_RECORD = "fedforget"
 
 CLIENT_ID = "client-id"
 """The stable id's key inside :data:`CLIENT_RECORD` (and the node-config key that sets it)."""
+
+NUM_EXAMPLES = "num-examples"
+"""(In :data:`CLIENT_RECORD` of the identify reply, optional) the client's training data size,
+against which a robust policy caps the example counts it reports later."""
 
 SEED = "fedforget.seed"
 """Train-config key of the client's training seed for the round."""
@@ -70,6 +80,9 @@ overrides for this message."""
 TASK = "fedforget.task"
 """Train-config key naming a procedure other than training: :data:`IDENTIFY`, or a
 client-side step of a method (e.g. ``pga``)."""
+
+FORGET_LABELS = "fedforget.forget-labels"
+"""Train-config key of the labels forgotten across the federation (class-level erasure)."""
 
 CONFIG_RECORD = "config"
 """Key of the ``ConfigRecord`` of a train message (as Flower's strategies name it)."""
@@ -102,6 +115,11 @@ SALT = "fedforget.salt"
 PUBLIC_KEY = "fedforget.public-key"
 RECEIPT_ID = "fedforget.receipt-id"
 REQUEST_ID = "fedforget.request-id"
+
+RECORDS_SALT = "fedforget.records-salt"
+RECORDS = "fedforget.records"
+"""With a record-level receipt: the salt of its record commitment and the ids it covers
+(one per line), stored as ``receipts/<id>.records-salt`` and ``receipts/<id>.records``."""
 
 DELIVERED = "delivered"
 """Key (in :data:`CLIENT_RECORD` of the delivery reply) of the receipt id stored."""

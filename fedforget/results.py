@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedforget.cost import Cost
 from fedforget.errors import FedForgetError
-from fedforget.unlearning.base import Cost
 
 __all__ = [
     "ReceiptInfo",
@@ -118,6 +118,9 @@ class UnlearningOutcome:
     notes: list[str] = field(default_factory=list)
     history_dir: str | None = None
     version: int = RESULT_VERSION
+    kind: str = "client"  # the size of the request: client, records or class
+    # what the record and class requests in force forget (ErasureScope.to_dict), if any
+    scope: dict[str, Any] | None = None
 
     # --------------------------------------------------------------- conversion
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +157,11 @@ class UnlearningOutcome:
         """A copy that names its receipt."""
         return dataclasses.replace(self, receipt=receipt)
 
+    def reference_key(self) -> list[str]:
+        """What the retrained reference of this result forgot: the clients and the record /
+        class tokens in force (the key of ``RunDirectory.reference_dir``)."""
+        return sorted(set(self.forgotten) | set((self.scope or {}).get("tokens", [])))
+
     @property
     def bit_identical(self) -> bool | None:
         """Whether the model equals the retrained reference bit for bit (None: no reference)."""
@@ -175,6 +183,7 @@ class ReferenceRecord:
     # valid for a later request only while the history is unchanged; None: not recorded)
     trained_rounds: int | None = None
     original_model_digest: str | None = None
+    scope: dict[str, Any] | None = None  # records and classes it was trained without
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""

@@ -16,6 +16,8 @@
     <run>/withdrawals/<request>/head.json the tree head a client handed in with its request
     <run>/withdrawals/<request>/asked.json how and by which node a client asked itself
     <run>/withdrawals/<request>/outbox/   a receipt's salt until the client has it
+    <run>/nodes.json                      client ids pinned to node ids; refused claims
+    <run>/deployment.json                 the run trained on a SuperLink's SuperNodes
     <run>/client-state/<client-id>/       a simulated client's own state (head.json, salts)
 
 Every module that reads or writes one of these asks :class:`RunDirectory` for its path.
@@ -46,6 +48,8 @@ REPLAYED_HISTORY_DIR = "history"
 WITHDRAWALS_DIR = "withdrawals"
 CLIENT_STATE_DIR = "client-state"
 HEAD_FILE = "head.json"
+NODES_FILE = "nodes.json"
+DEPLOYMENT_FILE = "deployment.json"
 PARTIAL_MARK = ".partial-"
 """Infix of the hidden staging directories (``.<name>.partial-<token>``) results are
 written to before they are renamed into place."""
@@ -159,6 +163,22 @@ class RunDirectory:
     def outboxes(self) -> list[Path]:
         """Every withdrawal's outbox that exists."""
         return sorted(p for p in (self.path / WITHDRAWALS_DIR).glob("*/outbox") if p.is_dir())
+
+    @property
+    def deployment(self) -> Path:
+        """Present when the run trained on a SuperLink's SuperNodes (its client work is
+        theirs: never re-simulated)."""
+        return self.path / DEPLOYMENT_FILE
+
+    def deployed(self) -> bool:
+        """Whether the run trained on a deployment (see :attr:`deployment`)."""
+        return self.deployment.is_file()
+
+    @property
+    def nodes(self) -> Path:
+        """Client ids pinned to authenticated node ids, and refused claims
+        (:mod:`fedforget.identity`)."""
+        return self.path / NODES_FILE
 
     def client_state(self, client_id: str) -> Path:
         """A simulated client's own state directory (a SuperNode sets ``state-dir``)."""

@@ -8,7 +8,10 @@ no client) all serve a request here. For the request the ledger ordered
 1. the forget set is every client withdrawn so far (a second withdrawal after a first
    forgets both: each result is "the model as if none of them had taken part"); a method
    that forgets one client per request (``multi_client = False``) forgets the requester
-   only, starting from the model in service *before this request*;
+   only, starting from the model in service *before this request*. Record- and
+   class-level requests (:mod:`fedforget.erasure`) forget no client: their scope — every
+   record and class request in force — travels with the request, and only methods that
+   serve that size (``request_kinds``) may serve them;
 2. the method checks it can serve the request (retention, parameters, clients) before
    anything moves; the request goes ``→ unlearning``;
 3. the method runs, through the same Grid and ClientApp as training (or on the server
@@ -34,7 +37,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +45,20 @@ from typing import Any
 import numpy as np
 
 from fedforget.arrays import TensorDict
+from fedforget.erasure import ErasureScope, add_client_records
 from fedforget.errors import FedForgetError
 from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
 from fedforget.measure import Measure, MeasureContext
 from fedforget.progress import phase
-from fedforget.receipts.issuer import STAGED_RECEIPT, publish_receipt, sign_receipt, signing_key
+from fedforget.receipts.issuer import (
+    STAGED_RECEIPT,
+    head_log,
+    publish_receipt,
+    sign_receipt,
+    signing_key,
+)
 from fedforget.results import ReferenceInfo, ReferenceRecord, ResultError, UnlearningOutcome
 from fedforget.rundir import (
     MODEL_FILE,
@@ -186,6 +196,7 @@ class UnlearningService:
     # ----------------------------------------------------------------- serving
     def serve(self, request_id: str | None = None) -> UnlearningOutcome:
         """Serve request ``request_id`` (default: the latest ordered) by its ordered method."""
+        self._clean_partial()
         with HistoryStore.open(self.run.path) as store, WithdrawalLedger(self.run.path) as ledger:
             request = ledger.get(request_id) if request_id else ledger.latest_order()
             try:
@@ -194,6 +205,7 @@ class UnlearningService:
                 method = get_method(request.method, request.params or {})
             except FedForgetError as exc:
                 _fail(ledger, request, exc)
+                self._sign(store)
                 raise
             return self._serve(store, ledger, request, method)
 
@@ -204,8 +216,8 @@ class UnlearningService:
 
     def _serve(self, store: HistoryStore, ledger: WithdrawalLedger, request: WithdrawalRequest,
                method: Unlearner[Any]) -> UnlearningOutcome:
-        forget = (ledger.withdrawn() | {request.client_id} if method.multi_client
-                  else frozenset({request.client_id}))
+        forget = forget_set(ledger, request, method)
+        scope = ledger.scope()
         federation = self._federation_for(store)
         in_service = self._in_service(request)
         final = self.run.result_dir(request.request_id, method.name)
@@ -214,8 +226,12 @@ class UnlearningService:
         unlearning_request = UnlearningRequest(
             store=store, forget=forget, federation=federation, workdir=str(partial),
             current_model=in_service.model, observe=_keep_copies(snapshots),
+            scope=scope, kind=request.kind,
         )
         committed = False
+        staged = None
+        latest_before = (self.run.latest_receipt.read_text()
+                         if self.run.latest_receipt.exists() else None)
         try:
             if self.federation is None and method.uses_clients():
                 raise UnlearningError(
@@ -224,10 +240,11 @@ class UnlearningService:
                 )
             method.check(unlearning_request)
             ledger.move(request.request_id, "unlearning", method=method.name)
+            self._sign(store)
             if self.federation is not None and method.uses_clients():
                 self._warm_up(store)
             want = "compute" if method.name == "retrain" else self.reference_policy
-            reference = self._reference(store, forget, want)
+            reference = self._reference(store, forget, want, scope)
             if method.name == "retrain" and reference is not None:
                 result = UnlearningResult(model=reference.model, cost=reference.record.cost,
                                           rounds_affected=reference.record.rounds_affected,
@@ -247,6 +264,7 @@ class UnlearningService:
                 method_cost=result.cost,
                 retrain_cost=reference.record.cost if reference is not None else None,
                 trace=history_trace(replayed) if replayed is not None else snapshots,
+                scope=scope, request=request,
                 impact_clients=self.impact_clients,
                 seed=_run_seed(store, self.federation),
                 progress=bool(getattr(self.federation, "progress", False)),
@@ -277,10 +295,13 @@ class UnlearningService:
                 history_dir=(self.run.relative(final / Path(result.history_dir)
                                                .relative_to(partial))
                              if result.history_dir else None),
+                kind=request.kind,
+                scope=scope.to_dict() if scope else None,
             )
-            key, public_key = signing_key(self.keys_dir)
+            key, public_key = signing_key(self.run, self.keys_dir)
             staged = sign_receipt(run=self.run, store=store, outcome=outcome, key=key,
-                                  public_key_path=public_key, staging=partial)
+                                  public_key_path=public_key, staging=partial,
+                                  request=request)
             outcome = outcome.with_receipt(staged.info)
             outcome.write(partial / RESULT_FILE)
             _commit(partial, final)
@@ -291,13 +312,42 @@ class UnlearningService:
             shutil.rmtree(partial, ignore_errors=True)
             if committed:  # a result whose receipt is not published does not stand
                 shutil.rmtree(final, ignore_errors=True)
+            if staged is not None:  # nor does its receipt, nor the salts that open it
+                self._withdraw_receipt(request.request_id, staged.info.receipt_id,
+                                       latest_before)
             _fail(ledger, request, exc, method=method.name)
+            self._sign(store)
             raise
         ledger.move(request.request_id, "done", method=method.name,
                     detail={"result": self.run.relative(final / RESULT_FILE)})
+        self._sign(store)
         if not result.rounds_affected and not method.exact:
             log.warning("%s changed nothing: %s", method.name, "; ".join(result.notes))
         return outcome
+
+    def _withdraw_receipt(self, request_id: str, receipt_id: str,
+                          latest_before: str | None) -> None:
+        """Undo what the receipt of a result that did not commit left: its published copy,
+        the chain's head moved onto it, its salts in the outbox."""
+        self.run.receipt(receipt_id).unlink(missing_ok=True)
+        if latest_before is None:
+            self.run.latest_receipt.unlink(missing_ok=True)
+        elif self.run.latest_receipt.exists():
+            write_atomic(self.run.latest_receipt, latest_before)
+        for leftover in self.run.outbox(request_id).glob(f"{receipt_id}.*"):
+            leftover.unlink(missing_ok=True)
+
+    def _clean_partial(self) -> None:
+        """Remove the staging directories a killed command left (this command holds the
+        run's lock: no other writer is staging now)."""
+        for leftover in self.run.partial_dirs():
+            log.warning("removing %s, left by an interrupted command", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _sign(self, store: HistoryStore) -> None:
+        """Sign a head over the store and the ledger as they are now (every ledger change
+        is covered by a signed head)."""
+        head_log(store, self.run, self.keys_dir)
 
     # ------------------------------------------------------------ in service
     def _in_service(self, request: WithdrawalRequest) -> _InService:
@@ -322,13 +372,15 @@ class UnlearningService:
         }, indent=2, sort_keys=True))
 
     # ------------------------------------------------------------- reference
-    def _reference(self, store: HistoryStore, forget: frozenset[str], want: str
-                   ) -> _Reference | None:
-        """The retrained model without ``forget``: cached, or computed (``compute``) and
-        cached, or None (``none``, or ``cached`` with nothing cached)."""
+    def _reference(self, store: HistoryStore, forget: frozenset[str], want: str,
+                   scope: ErasureScope | None = None) -> _Reference | None:
+        """The retrained model without ``forget`` (and the records and classes of
+        ``scope``): cached, or computed (``compute``) and cached, or None (``none``, or
+        ``cached`` with nothing cached)."""
         if want == "none":
             return None
-        final = self.run.reference_dir(forget)
+        scope = scope or ErasureScope()
+        final = self.run.reference_dir(forget | scope.tokens())
         last = store.last_round
         original = store.model_digest(last)
         if (final / RESULT_FILE).exists():
@@ -353,14 +405,14 @@ class UnlearningService:
                        enabled=bool(getattr(self.federation, "progress", False))):
                 result = get_method("retrain").unlearn(UnlearningRequest(
                     store=store, forget=forget, federation=self.federation,
-                    workdir=str(partial)))
+                    workdir=str(partial), scope=scope))
             digest = write_model(partial / MODEL_FILE, result.model)
             record = ReferenceRecord(
                 forgotten=sorted(forget), model_path=MODEL_FILE, model_digest=digest,
                 cost=result.cost, rounds_affected=list(result.rounds_affected),
                 history_dir=REPLAYED_HISTORY_DIR if result.history_dir else None,
-                notes=list(result.notes), trained_rounds=last,
-                original_model_digest=original)
+                notes=list(result.notes), scope=scope.to_dict() if scope else None,
+                trained_rounds=last, original_model_digest=original)
             record.write(partial / RESULT_FILE)
             _commit(partial, final)
         except BaseException:
@@ -377,9 +429,22 @@ class UnlearningService:
         assert federation is not None
         some = sorted(federation.roster)[:1]
         if some:
-            saved = federation.cost
+            saved = federation.cost  # train() adds to the object in place: count into
+            federation.cost = Cost()  # a scratch one
             federation.train(server_round=0, global_model=store.global_model(0), clients=some)
             federation.cost = saved
+
+
+def forget_set(ledger: WithdrawalLedger, request: WithdrawalRequest,
+               method: Unlearner[Any]) -> frozenset[str]:
+    """The clients a result forgets: every client withdrawn so far and the requester (a
+    whole-client request), or the requester alone (a method that forgets one client per
+    request); for a record or class request, the clients withdrawn so far."""
+    if request.kind != "client":
+        return ledger.withdrawn() if method.multi_client else frozenset()
+    if method.multi_client:
+        return ledger.withdrawn() | {request.client_id}
+    return frozenset({request.client_id})
 
 
 def _reference_info(reference: _Reference | None, digest: str) -> ReferenceInfo:
@@ -437,14 +502,29 @@ def order_unlearning(
     method: str,
     params: Mapping[str, Any] | None = None,
     reason: str = "",
+    records: Collection[str] | None = None,
+    labels: Collection[int] | None = None,
+    keys_dir: Path | None = None,
 ) -> WithdrawalRequest | None:
     """Record ``client``'s withdrawal (or reuse it) and order it served by ``method``.
 
+    With ``records``, the request is for those records of ``client`` only (it stays):
+    a new record-level request, whose ids are also written to the client's state
+    directory (in simulation, ``<run>/client-state/<client>/``; :mod:`fedforget.erasure`).
+    With ``labels``, the request is for every example of those labels on every client,
+    asked by ``client`` (any name: the operator or a policy).
+
     Everything that can be refused is refused before anything is written: an unknown
     client, an unknown method, a parameter out of range, a history whose retention dropped
-    what the method needs. A client with no stored contribution is a no-op (``None``,
-    nothing written).
+    what the method needs, a method that does not serve that size of request, records the
+    client does not hold (checked when the run is fedforget's own task). A client with no
+    stored contribution is a no-op (``None``, nothing written).
     """
+    if records is not None and labels is not None:
+        raise UnlearningError("a request names records or labels, not both")
+    if records is not None or labels is not None:
+        return _order_erasure(run, client=client, method=method, params=params,
+                              reason=reason, records=records, labels=labels, keys_dir=keys_dir)
     unlearner = get_method(method, params or {})
     with HistoryStore.open(run.path) as store:
         roster = frozenset(store.roster())
@@ -461,7 +541,94 @@ def order_unlearning(
         unlearner.check(UnlearningRequest(store=store, forget=forget,
                                           federation=OfflineFederation(tuple(roster)),
                                           workdir=""))
-    with WithdrawalLedger(run.path) as ledger:
+    with HistoryStore.open(run.path) as store, WithdrawalLedger(run.path) as ledger:
         request, _ = ledger.request(client, reason=reason or "unlearn command", roster=roster)
-        return ledger.order(request.request_id, method=unlearner.name,
-                            params=unlearner.params.to_dict())
+        ordered = ledger.order(request.request_id, method=unlearner.name,
+                               params=unlearner.params.to_dict())
+        head_log(store, run, keys_dir)
+        return ordered
+
+
+def _order_erasure(run: RunDirectory, *, client: str, method: str,
+                   params: Mapping[str, Any] | None, reason: str,
+                   records: Collection[str] | None, labels: Collection[int] | None,
+                   keys_dir: Path | None = None) -> WithdrawalRequest:
+    """:func:`order_unlearning` for a record- or class-level request."""
+    from fedforget.erasure import parse_record_ids
+
+    unlearner = get_method(method, params or {})
+    kind = "records" if records is not None else "class"
+    if kind not in unlearner.request_kinds:
+        raise UnlearningError(
+            f"{unlearner.name} serves {', '.join(unlearner.request_kinds)} requests, not "
+            f"{kind} requests; use retrain or rollback (exact), or a method made for them"
+        )
+    with HistoryStore.open(run.path) as store:
+        roster = frozenset(store.roster())
+        ids = parse_record_ids(records) if records is not None else []
+        num_classes = _check_task_scope(store, client, ids, labels)
+        with WithdrawalLedger(run.path) as ledger:
+            withdrawn = ledger.withdrawn()
+            scope = ledger.scope()
+        if kind == "records":
+            scope = scope.merge(ErasureScope(records={client: frozenset(ids)}))
+            if client not in roster:
+                raise UnlearningError(
+                    f"unknown client {client!r}: this run's clients are "
+                    f"{', '.join(sorted(roster)) or 'none'}"
+                )
+        else:
+            scope = scope.merge(ErasureScope(labels=frozenset(int(v) for v in labels or ())))
+        unlearner.check(UnlearningRequest(
+            store=store, forget=withdrawn if unlearner.multi_client else frozenset(),
+            federation=OfflineFederation(tuple(roster)), workdir="", scope=scope, kind=kind))
+    with WithdrawalLedger(run.path) as ledger:
+        if kind == "records":
+            request = ledger.request_records(client, ids, reason=reason or "unlearn command",
+                                             roster=roster)
+            add_client_records(run.client_state(client), request.request_id, ids)
+        else:
+            request = ledger.request_class(labels or (), requester=client,
+                                           reason=reason or "unlearn command",
+                                           num_classes=num_classes)
+        ordered = ledger.order(request.request_id, method=unlearner.name,
+                               params=unlearner.params.to_dict())
+    with HistoryStore.open(run.path) as store:
+        head_log(store, run, keys_dir)
+    return ordered
+
+
+def _check_task_scope(store: HistoryStore, client: str, ids: list[str],
+                      labels: Collection[int] | None) -> int | None:
+    """When the run is fedforget's own task, refuse record ids the client does not train
+    on and labels the task does not have; return the task's number of classes (None for
+    another app, whose clients check for themselves)."""
+    from fedforget.config import RunConfig
+    from fedforget.errors import ConfigError
+
+    try:
+        cfg = RunConfig.from_mapping(store.run_config)
+    except ConfigError:
+        return None
+    from fedforget.task import client_partition, load_client_data, load_test_set
+
+    num_classes = load_test_set(cfg).num_classes
+    if ids:
+        partition = client_partition(client)
+        if partition is None or partition >= cfg.num_clients:
+            return num_classes
+        train, _ = load_client_data(cfg, partition)
+        held = set(train.record_ids())
+        unknown = [i for i in ids if i not in held]
+        if unknown:
+            raise UnlearningError(
+                f"record {unknown[0]} is not one of {client}'s training records "
+                f"({len(unknown)} of the {len(ids)} ids are not); expected ids of the "
+                "records it trains on"
+            )
+    if labels is not None:
+        bad = [v for v in labels if not 0 <= int(v) < num_classes]
+        if bad:
+            raise UnlearningError(f"label {bad[0]!r} is not a class of this task; expected "
+                                  f"0..{num_classes - 1}")
+    return num_classes

@@ -26,6 +26,9 @@ clients``                  seed) evaluate the original and unlearned models for 
 attack``                   measure runs one (fedforget's own task): ``on``, ``off``, or
                            ``auto`` (default): on unless ``reference`` is ``none`` (the
                            cheap mode trains no model to measure with)
+``fedforget.node-auth``    (optional) ``true`` when the SuperLink authenticates SuperNodes:
+                           each client id is pinned to the first node id claiming it, and
+                           any other claimant refused (:mod:`fedforget.identity`)
 =========================  ===============================================================
 
 ``flwr run`` accepts only keys the app declares, so an app declares the ones it uses
@@ -100,6 +103,9 @@ class RunSettings:
     # the remaining clients (0: all), the shadow attack on or off
     impact_clients: int = field(default=DEFAULT_IMPACT_CLIENTS, metadata=_meta(int, low=0))
     shadow_attack: str = field(default="auto", metadata=_meta(str, choices=SHADOW_ATTACK))
+    # the SuperLink authenticates SuperNodes (--enable-supernode-auth): node ids are bound to
+    # registered keys, and each client id is pinned to the first node id claiming it
+    node_auth: bool = False
 
     def __post_init__(self) -> None:
         _check(self)
@@ -176,9 +182,30 @@ class RecordingSettings:
     retain_interval: int = field(default=1, metadata=_meta(int, low=1))
     codec: str = field(default="fp32", metadata=_meta(str, choices=CODECS))
     history_fsync: bool = True
+    # robust aggregation (fedforget.robust): 0 turns a bound off
+    max_update_norm: float = field(default=0.0, metadata=_meta(float, low=0.0))
+    update_norm_policy: str = field(default="refuse",
+                                    metadata=_meta(str, choices=("refuse", "clip")))
+    max_examples_factor: float = field(default=0.0, metadata=_meta(float, low=0.0))
+    num_examples_policy: str = field(default="refuse",
+                                     metadata=_meta(str, choices=("refuse", "cap")))
 
     def __post_init__(self) -> None:
         _check(self)
+        if 0 < self.max_examples_factor < 1:
+            raise ConfigError(f"{PREFIX}max-examples-factor = {self.max_examples_factor!r} is "
+                              "out of range; expected 0 (off) or >= 1")
+
+    def robust_policy(self) -> Any:
+        """The :class:`fedforget.robust.RobustPolicy` of these settings (None: no bound)."""
+        from fedforget.robust import ExampleCap, NormBound, RobustPolicy
+
+        norm = (NormBound(self.max_update_norm, self.update_norm_policy)  # type: ignore[arg-type]
+                if self.max_update_norm > 0 else None)
+        examples = (ExampleCap(self.max_examples_factor,
+                               self.num_examples_policy)  # type: ignore[arg-type]
+                    if self.max_examples_factor > 0 else None)
+        return None if norm is None and examples is None else RobustPolicy(norm, examples)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any],

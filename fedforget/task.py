@@ -11,10 +11,11 @@ import re
 
 import torch
 from flwr.app.typing import ConfigRecordValues
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, client_data, load_dataset
+from fedforget.data.groups import group_of, mixed_test_set, shift_group
 from fedforget.models import build_model
 from fedforget.sampling import model_init_seed
 
@@ -31,7 +32,16 @@ def dataset_options(cfg: RunConfig) -> dict[str, object]:
 
 
 def load_test_set(cfg: RunConfig) -> ArrayDataset:
-    """The global test set (server-side evaluation)."""
+    """The global test set (server-side evaluation); with client groups, each example in
+    the accent of a group drawn by the groups' sizes (:mod:`fedforget.data.groups`)."""
+    test = load_plain_test_set(cfg)
+    if cfg.groups:
+        return mixed_test_set(test, cfg.group_sizes(), cfg.group_shift, cfg.seed)
+    return test
+
+
+def load_plain_test_set(cfg: RunConfig) -> ArrayDataset:
+    """The global test set as the data set gives it (no group's accent)."""
     _, test = load_dataset(
         cfg.dataset,
         seed=cfg.seed,
@@ -42,8 +52,22 @@ def load_test_set(cfg: RunConfig) -> ArrayDataset:
     return test
 
 
+def client_group(cfg: RunConfig, partition_id: int) -> int:
+    """The group of a client (0 without groups)."""
+    return group_of(partition_id, cfg.group_sizes()) if cfg.groups else 0
+
+
 def load_client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """One client's (local train, local held-out) data."""
+    """One client's (local train, local held-out) data (in its group's accent)."""
+    train, holdout = _client_data(cfg, partition_id)
+    if not cfg.groups:
+        return train, holdout
+    group = client_group(cfg, partition_id)
+    return (shift_group(train, group, cfg.group_shift, cfg.seed),
+            shift_group(holdout, group, cfg.group_shift, cfg.seed))
+
+
+def _client_data(cfg: RunConfig, partition_id: int) -> tuple[ArrayDataset, ArrayDataset]:
     return client_data(
         cfg.dataset,
         partition_id=partition_id,
@@ -77,6 +101,13 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     if cfg.strategy == "fedprox":
         return FedProx(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                        min_evaluate_nodes=1, min_available_nodes=1, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedmedian":  # robust: the coordinate-wise median of the updates
+        return FedMedian(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                         min_evaluate_nodes=1, min_available_nodes=1)
+    if cfg.strategy == "fedtrimmedavg":  # robust: the mean without the extreme beta
+        return FedTrimmedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                             min_evaluate_nodes=1, min_available_nodes=1,
+                             beta=cfg.trim_beta)
     return FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
                   min_evaluate_nodes=1, min_available_nodes=1)
 

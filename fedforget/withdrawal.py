@@ -13,6 +13,13 @@ A request left in ``unlearning`` by a crash is found again on restart
 (:meth:`WithdrawalLedger.interrupted`) and re-run; nothing is lost. Withdrawing the same
 client twice returns the existing request. A withdrawn client is never sampled again.
 
+Requests come at three sizes (:mod:`fedforget.erasure`): a whole client (this table,
+``withdrawals``: one per client, the client is never sampled again), some records of a
+client that stays, and a class across the federation (table ``erasures``: any number,
+:meth:`WithdrawalLedger.request_records`, :meth:`WithdrawalLedger.request_class`). Both
+kinds share the state machine and the orders; :meth:`WithdrawalLedger.scope` is everything
+the record and class requests ask to forget.
+
 Which method serves a request is an *order* on it (:meth:`WithdrawalLedger.order`: method,
 parameters, time), given by ``fedforget unlearn`` (or, in a deployment, the server's
 policy) before the ServerApp runs in unlearning mode; the app's unlearning service serves
@@ -25,10 +32,12 @@ import json
 import sqlite3
 import urllib.parse
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedforget.erasure import ErasureScope, parse_record_ids
 from fedforget.errors import FedForgetError, HistoryError
 from fedforget.history.records import utc_now
 from fedforget.history.store import INDEX_FILENAME
@@ -58,6 +67,25 @@ CREATE TABLE IF NOT EXISTS withdrawals (
 _COLUMNS = "request_id, client_id, received_at, reason, state, updated_at, method, detail, " \
     "params, ordered_at"
 
+# Record- and class-level requests: a client may make many, and it stays in the federation.
+_ERASURE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS erasures (
+    request_id  TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    client_id   TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    method      TEXT,
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
+)
+"""
+_TABLES = ("withdrawals", "erasures")
+
 
 class WithdrawalError(FedForgetError):
     """A withdrawal request cannot be made or moved as asked."""
@@ -77,10 +105,24 @@ class WithdrawalRequest:
     detail: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
     ordered_at: str | None = None
+    kind: str = "client"  # "client", "records" or "class" (fedforget.erasure.KINDS)
+    scope: dict[str, Any] | None = None  # {"records": [ids]} or {"labels": [labels]}
+
+    @property
+    def record_ids(self) -> tuple[str, ...]:
+        """The record ids a ``records`` request names (empty for another kind)."""
+        return tuple((self.scope or {}).get("records", ()))
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The labels a ``class`` request names (empty for another kind)."""
+        return tuple(int(v) for v in (self.scope or {}).get("labels", ()))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
         return {
+            "kind": self.kind,
+            "scope": self.scope,
             "request_id": self.request_id,
             "client_id": self.client_id,
             "received_at": self.received_at,
@@ -105,6 +147,7 @@ class WithdrawalLedger:
         self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute(_SCHEMA)
+        self._conn.execute(_ERASURE_SCHEMA)
         have = {row[1] for row in self._conn.execute("PRAGMA table_info(withdrawals)")}
         for column in ("params", "ordered_at"):  # ledgers written before orders existed
             if column not in have:
@@ -122,9 +165,11 @@ class WithdrawalLedger:
         self.close()
 
     # ----------------------------------------------------------------- queries
-    def _row(self, where: str, value: str) -> WithdrawalRequest | None:
+    def _row(self, where: str, value: str, table: str = "withdrawals"
+             ) -> WithdrawalRequest | None:
+        extra = ", kind, scope" if table == "erasures" else ""
         row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM withdrawals WHERE {where} = ?", (value,)
+            f"SELECT {_COLUMNS}{extra} FROM {table} WHERE {where} = ?", (value,)
         ).fetchone()
         if row is None:
             return None
@@ -133,13 +178,21 @@ class WithdrawalLedger:
             state=row[4], updated_at=row[5], method=row[6],
             detail=json.loads(row[7]) if row[7] else None,
             params=json.loads(row[8]) if row[8] else None, ordered_at=row[9],
+            kind=row[10] if extra else "client",
+            scope=json.loads(row[11]) if extra else None,
         )
 
+    def _table_of(self, request_id: str) -> str:
+        for table in _TABLES:
+            if self._conn.execute(f"SELECT 1 FROM {table} WHERE request_id = ?",
+                                  (request_id,)).fetchone():
+                return table
+        raise WithdrawalError(f"no withdrawal request {request_id!r} in {self.directory}")
+
     def get(self, request_id: str) -> WithdrawalRequest:
-        """The request ``request_id``; WithdrawalError if there is none."""
-        found = self._row("request_id", request_id)
-        if found is None:
-            raise WithdrawalError(f"no withdrawal request {request_id!r} in {self.directory}")
+        """The request ``request_id`` (of any kind); WithdrawalError if there is none."""
+        found = self._row("request_id", request_id, self._table_of(request_id))
+        assert found is not None
         return found
 
     def for_client(self, client_id: str) -> WithdrawalRequest | None:
@@ -147,10 +200,28 @@ class WithdrawalLedger:
         return self._row("client_id", client_id)
 
     def all(self) -> list[WithdrawalRequest]:
-        """Every request, oldest first."""
+        """Every request of every kind, oldest first."""
         ids = [r[0] for r in self._conn.execute(
-            "SELECT request_id FROM withdrawals ORDER BY received_at, request_id")]
+            "SELECT request_id, received_at FROM withdrawals UNION ALL "
+            "SELECT request_id, received_at FROM erasures ORDER BY 2, 1")]
         return [self.get(i) for i in ids]
+
+    def erasures(self) -> list[WithdrawalRequest]:
+        """The record- and class-level requests, oldest first."""
+        return [r for r in self.all() if r.kind != "client"]
+
+    def scope(self) -> ErasureScope:
+        """Everything the record- and class-level requests ask to forget (any state: a
+        request is in force from the moment it is recorded)."""
+        records: dict[str, frozenset[str]] = {}
+        labels: set[int] = set()
+        for request in self.erasures():
+            if request.kind == "records":
+                records[request.client_id] = (records.get(request.client_id, frozenset())
+                                              | frozenset(request.record_ids))
+            else:
+                labels.update(request.labels)
+        return ErasureScope(records=records, labels=frozenset(labels))
 
     def withdrawn(self) -> frozenset[str]:
         """Every client that asked to leave (never to be sampled again)."""
@@ -163,8 +234,9 @@ class WithdrawalLedger:
     def latest_order(self) -> WithdrawalRequest:
         """The request most recently ordered to be served (:meth:`order`)."""
         row = self._conn.execute(
-            "SELECT request_id FROM withdrawals WHERE ordered_at IS NOT NULL "
-            "ORDER BY ordered_at DESC, rowid DESC LIMIT 1").fetchone()
+            "SELECT request_id, ordered_at FROM withdrawals WHERE ordered_at IS NOT NULL "
+            "UNION ALL SELECT request_id, ordered_at FROM erasures WHERE ordered_at IS NOT "
+            "NULL ORDER BY 2 DESC, 1 DESC LIMIT 1").fetchone()
         if row is None:
             raise WithdrawalError(
                 f"no withdrawal request in {self.directory} has been ordered to be served; "
@@ -174,9 +246,9 @@ class WithdrawalLedger:
 
     def order(self, request_id: str, *, method: str, params: dict[str, Any]) -> WithdrawalRequest:
         """Order request ``request_id`` to be served by ``method`` with ``params``."""
-        self.get(request_id)
+        table = self._table_of(request_id)
         self._conn.execute(
-            "UPDATE withdrawals SET method = ?, params = ?, ordered_at = ? WHERE request_id = ?",
+            f"UPDATE {table} SET method = ?, params = ?, ordered_at = ? WHERE request_id = ?",
             (method, json.dumps(params, sort_keys=True), utc_now(), request_id),
         )
         return self.get(request_id)
@@ -214,6 +286,58 @@ class WithdrawalLedger:
         )
         return request, True
 
+    def request_records(
+        self, client_id: str, record_ids: Collection[str], *, reason: str,
+        roster: set[str] | frozenset[str],
+    ) -> WithdrawalRequest:
+        """Record that ``client_id`` asks to have ``record_ids`` forgotten; it stays.
+
+        Each call is a new request (a client may ask several times). A client not in
+        ``roster``, or one that withdrew (its records are forgotten with it), is refused.
+        """
+        if client_id not in roster:
+            known = ", ".join(sorted(roster)) or "none"
+            raise WithdrawalError(
+                f"unknown client {client_id!r}: this run's clients are {known}"
+            )
+        if self.for_client(client_id) is not None:
+            raise WithdrawalError(
+                f"client {client_id!r} has withdrawn: every record of it is forgotten with "
+                "it; expected a client that stays in the federation"
+            )
+        ids = parse_record_ids(record_ids)
+        return self._new_erasure("records", client_id, {"records": ids}, reason)
+
+    def request_class(self, labels: Collection[int], *, requester: str, reason: str,
+                      num_classes: int | None = None) -> WithdrawalRequest:
+        """Record that the federation forgets every example of ``labels``.
+
+        ``requester`` names who asked (the operator, a policy): it takes the place of the
+        client in the receipt's commitment. Labels outside ``0..num_classes-1`` (when
+        known) are refused.
+        """
+        chosen = sorted({int(v) for v in labels})
+        if not chosen or any(v < 0 or (num_classes is not None and v >= num_classes)
+                             for v in chosen):
+            top = "" if num_classes is None else f" in 0..{num_classes - 1}"
+            raise WithdrawalError(f"labels {list(labels)!r}: expected one or more integers"
+                                  f"{top}")
+        if not isinstance(requester, str) or not requester:
+            raise WithdrawalError(f"requester {requester!r}: expected a non-empty name")
+        return self._new_erasure("class", requester, {"labels": chosen}, reason)
+
+    def _new_erasure(self, kind: str, client_id: str, scope: dict[str, Any],
+                     reason: str) -> WithdrawalRequest:
+        now = utc_now()
+        request_id = f"er-{uuid.uuid4().hex[:12]}"
+        self._conn.execute(
+            "INSERT INTO erasures (request_id, kind, client_id, scope, received_at, reason, "
+            "state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (request_id, kind, client_id, json.dumps(scope, sort_keys=True), now, reason,
+             "pending", now),
+        )
+        return self.get(request_id)
+
     def move(
         self,
         request_id: str,
@@ -231,8 +355,8 @@ class WithdrawalLedger:
                 f"request {request_id} is {current.state!r}; it cannot move to {state!r}"
             )
         self._conn.execute(
-            "UPDATE withdrawals SET state = ?, updated_at = ?, method = COALESCE(?, method), "
-            "detail = ? WHERE request_id = ?",
+            f"UPDATE {self._table_of(request_id)} SET state = ?, updated_at = ?, "
+            "method = COALESCE(?, method), detail = ? WHERE request_id = ?",
             (state, utc_now(), method, json.dumps(detail, sort_keys=True) if detail else None,
              request_id),
         )

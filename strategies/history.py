@@ -45,6 +45,7 @@ from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, RoundFailedError
 from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
 from fedforget.history.records import RefusedReply
+from fedforget.robust import RobustPolicy, screen_reply
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.settings import WEIGHTED_MEAN
 from fedforget.tensors import tensors_digest
@@ -252,6 +253,14 @@ class HistoryRecording(Strategy):
     on_ask : callable, optional
         Called with each :class:`~fedforget.protocol.WithdrawalAsk` a reply carries (a
         client asking to leave); the client is excluded from the next round on.
+    policy : RobustPolicy, optional
+        Screening of every valid reply (:func:`fedforget.robust.screen_reply`): an update
+        norm bound, a cap on the reported example count; a refused reply is recorded in the
+        round's ``refused`` with the reason, a clipped or capped one is aggregated as
+        screened, with its figures in its participant metrics.
+    recorded_sizes : mapping, optional
+        Each client's data size as it reported it when it identified itself (the bound of
+        the example-count cap; a client without one is not capped).
     """
 
     def __init__(
@@ -272,6 +281,8 @@ class HistoryRecording(Strategy):
         extra_config: Callable[[], Mapping[str, str]] | None = None,
         refresh_exclude: Callable[[], Iterable[str]] | None = None,
         on_ask: Callable[[protocol.WithdrawalAsk], None] | None = None,
+        policy: RobustPolicy | None = None,
+        recorded_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.strategy = train_every_shown_node(strategy)
         self.store = store
@@ -286,6 +297,8 @@ class HistoryRecording(Strategy):
         self.exclude = frozenset(exclude)
         self.refresh_exclude = refresh_exclude
         self.on_ask = on_ask
+        self.policy = policy
+        self.recorded_sizes = dict(recorded_sizes or {})
         self.evaluate_rounds = None if evaluate_rounds is None else frozenset(evaluate_rounds)
         self._client_of_node = {node: cid for cid, node in self.clients.items()}
         self._pending: _PendingRound | None = None
@@ -412,6 +425,8 @@ class HistoryRecording(Strategy):
                 local, n, metrics = check_train_reply(reply, cid, pending.global_model)
                 if cid in accepted:
                     raise ClientReplyError("a second reply in the same round")
+                if self.policy is not None:
+                    local, n, metrics = self._screen(reply, cid, pending, local, n, metrics)
             except ClientReplyError as exc:
                 log.warning("round %d: refused reply from client %s: %s", t, cid, exc)
                 pending.refused.append(RefusedReply(client_id=cid, reason=str(exc)))
@@ -478,6 +493,25 @@ class HistoryRecording(Strategy):
         )
         self._pending = None
         return agg_arrays, agg_metrics
+
+    def _screen(self, reply: Message, cid: str, pending: _PendingRound, local: TensorDict,
+                n: int, metrics: dict[str, float]) -> tuple[TensorDict, int, dict[str, float]]:
+        """Apply the robust policy to one valid reply (ClientReplyError if it refuses)."""
+        assert self.policy is not None
+        verdict = screen_reply(pending.global_model, local, n, self.recorded_sizes.get(cid),
+                               self.policy)
+        if not verdict.accepted:
+            raise ClientReplyError(verdict.reason)
+        assert verdict.local_model is not None and verdict.num_examples is not None
+        if verdict.reason:
+            log.warning("round %d: client %s: %s", pending.round, cid, verdict.reason)
+            # what the wrapped strategy aggregates from the reply, too
+            for key, record in list(reply.content.items()):
+                if isinstance(record, ArrayRecord):
+                    reply.content[key] = to_array_record(verdict.local_model)
+                elif isinstance(record, MetricRecord):
+                    record["num-examples"] = verdict.num_examples
+        return verdict.local_model, verdict.num_examples, {**metrics, **verdict.metrics}
 
     def _take_ask(self, reply: Message, cid: str, node: int) -> None:
         """Hand a withdrawal the reply carries to ``on_ask``; exclude the client from now."""

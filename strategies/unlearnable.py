@@ -53,18 +53,17 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.delivery import deliver_receipts
+from fedforget.engine.polling import fast_polling
+from fedforget.erasure import FORGET_LABELS, labels_text
 from fedforget.errors import ConfigError, HistoryError
-from fedforget.federation import (
-    FederationApp,
-    GridFederation,
-    ResponsiveGrid,
-    identify_clients,
-    responsive,
-)
-from fedforget.history import HistoryStore
+from fedforget.evaluation.on_client import is_deployment_grid
+from fedforget.federation import FederationApp, GridFederation, identify_clients
+from fedforget.history import HeadLog, HistoryStore
+from fedforget.identity import NodePins
+from fedforget.lock import run_lock
 from fedforget.measure import EvaluateFnMeasure, Measure
 from fedforget.protocol import WithdrawalAsk
-from fedforget.receipts.issuer import HeadSigner, signing_key
+from fedforget.receipts.issuer import head_log, signing_key
 from fedforget.rundir import RunDirectory
 from fedforget.service import UnlearningService, read_model
 from fedforget.settings import RecordingSettings, RunSettings, app_run_config
@@ -82,8 +81,9 @@ def engine_of(grid: Grid, settings: RunSettings) -> str:
     """The engine a ServerApp runs on, as results record it."""
     if settings.engine:
         return settings.engine
-    inner = grid.wrapped if isinstance(grid, ResponsiveGrid) else grid
-    return "inprocess" if type(inner).__name__ == "InProcessGrid" else "flower"
+    if is_deployment_grid(grid):
+        return "deployment"
+    return "inprocess" if type(grid).__name__ == "InProcessGrid" else "flower"
 
 
 class Unlearnable:
@@ -114,6 +114,10 @@ class Unlearnable:
     seed, clients_per_round, min_replies, retain_interval, codec, history_fsync
         :class:`fedforget.settings.RecordingSettings` (default: ``fedforget.*`` run-config
         keys, else the defaults).
+    max_update_norm, update_norm_policy, max_examples_factor, num_examples_policy
+        Robust aggregation (:mod:`fedforget.robust`): refuse or clip an update whose norm
+        exceeds the bound, refuse or cap a reported example count above the factor times
+        the size the client reported when it identified itself (0: off).
     """
 
     def __init__(
@@ -132,6 +136,10 @@ class Unlearnable:
         retain_interval: int | None = None,
         codec: str | None = None,
         history_fsync: bool | None = None,
+        max_update_norm: float | None = None,
+        update_norm_policy: str | None = None,
+        max_examples_factor: float | None = None,
+        num_examples_policy: str | None = None,
     ) -> None:
         self.strategy = copy.deepcopy(strategy)
         self.context = context
@@ -139,7 +147,9 @@ class Unlearnable:
         self.recording = RecordingSettings.from_run_config(
             context.run_config, seed=seed, clients_per_round=clients_per_round,
             min_replies=min_replies, retain_interval=retain_interval, codec=codec,
-            history_fsync=history_fsync,
+            history_fsync=history_fsync, max_update_norm=max_update_norm,
+            update_norm_policy=update_norm_policy, max_examples_factor=max_examples_factor,
+            num_examples_policy=num_examples_policy,
         )
         self.app_config = app_run_config(context.run_config)
         self.measure = measure
@@ -162,17 +172,29 @@ class Unlearnable:
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
-        grid = responsive(grid)  # replies are picked up soon, not on Flower's fixed steps
+        grid = fast_polling(grid)  # replies picked up in ms, not on Flower's 0.1 s / 3 s steps
         app = FederationApp(
             strategy=self.strategy,
-            train_config=dict(train_config or {}),
+            train_config={**dict(train_config or {}), **self._erasure_config()},
             local_epochs=self._local_epochs(train_config),
             local_epochs_key=self.local_epochs_key,
         )
-        if self.settings.mode == "unlearn":
-            return self._unlearn(grid, app, evaluate_fn, timeout)
-        return self._train(grid, app, initial_arrays, num_rounds, timeout, evaluate_config,
-                           evaluate_fn)
+        # One writer at a time (re-entrant in this process: fedforget's CLI, running the
+        # in-process engine, already holds it)
+        with run_lock(self.run.path, command=f"fedforget {self.settings.mode} (ServerApp)"):
+            if self.settings.mode == "unlearn":
+                return self._unlearn(grid, app, evaluate_fn, timeout)
+            return self._train(grid, app, initial_arrays, num_rounds, timeout,
+                               evaluate_config, evaluate_fn)
+
+    def _erasure_config(self) -> dict[str, str]:
+        """The train-config entry of the labels forgotten across the federation, once a
+        class-level request is in force (every round from then on trains without them)."""
+        if not self.run.exists():
+            return {}
+        with WithdrawalLedger(self.run.path) as ledger:
+            labels = ledger.scope().labels
+        return {FORGET_LABELS: labels_text(labels)} if labels else {}
 
     def _local_epochs(self, train_config: Mapping[str, Any] | None) -> int:
         key = self.local_epochs_key
@@ -186,18 +208,22 @@ class Unlearnable:
                           "the run config")
 
     def _federation(self, grid: Grid, app: FederationApp, expected: int,
-                    timeout: float | None, signer: HeadSigner | None = None) -> GridFederation:
+                    timeout: float | None, signer: HeadLog | None = None) -> GridFederation:
         self.asks: list[WithdrawalAsk] = []
+        reply_timeout = timeout if timeout is not None else self.settings.reply_timeout
+        sizes: dict[str, int] = {}
         clients = identify_clients(grid, expected, asks=self.asks,
                                    extra_config=signer.config() if signer else None,
+                                   sizes=sizes,
+                                   pins=NodePins(self.run.nodes, pin=self.settings.node_auth),
+                                   reply_timeout=reply_timeout,
                                    progress=self.settings.progress)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
         self.federation = GridFederation(
             grid, clients, app=app, settings=self.recording,
-            reply_timeout=timeout if timeout is not None else self.settings.reply_timeout,
-            progress=self.settings.progress,
+            reply_timeout=reply_timeout, progress=self.settings.progress, sizes=sizes,
         )
         return self.federation
 
@@ -247,6 +273,12 @@ class Unlearnable:
                evaluate_config: ConfigRecord | None, evaluate_fn: EvaluateFn | None) -> Result:
         store = self._open_store()
         try:
+            if num_rounds < store.last_round:
+                raise HistoryError(
+                    f"{self.run.path} holds {store.last_round} rounds; num_rounds = "
+                    f"{num_rounds} would train none and report a model of another length: "
+                    f"ask for {store.last_round} or more (to extend the run), or use a new "
+                    "out-dir")
             roster = store.roster()
             with WithdrawalLedger(self.run.path) as ledger:
                 withdrawn = ledger.withdrawn()
@@ -258,10 +290,12 @@ class Unlearnable:
                     )
             expected = self.min_nodes or (len(set(roster) - withdrawn) if roster else
                                           int(getattr(self.strategy, "min_available_nodes", 1)))
-            key, public_key = signing_key(self._keys_dir())
-            signer = HeadSigner(store, key)
+            _, public_key = signing_key(self.run, self._keys_dir())
+            signer = head_log(store, self.run, self._keys_dir())
             federation = self._federation(grid, app, expected, timeout, signer)
             store.set_roster(sorted(set(roster) | set(federation.roster)))
+            if is_deployment_grid(grid):
+                self._mark_deployed()
             if store.last_round == 0 and store.initial_model_digest is None:
                 store.put_initial_model(from_array_record(initial_arrays))
             deliver_receipts(self.run, federation, public_key)
@@ -289,6 +323,7 @@ class Unlearnable:
                     evaluate_config=evaluate_config, refresh_exclude=ledger.withdrawn,
                     on_ask=lambda ask: asked.append(self._record_ask(ask, roster_now)),
                 )
+            signer.sign()  # covers withdrawals asked during the last round
             if federation.last_evaluation:
                 self.run.client_evaluation.write_text(
                     json.dumps(federation.last_evaluation, indent=2, sort_keys=True))
@@ -299,6 +334,17 @@ class Unlearnable:
             store.close()
         self._serve_asked([r for r in asked if r], federation, evaluate_fn, public_key)
         return result
+
+    def _mark_deployed(self) -> None:
+        """Record that this run's clients are SuperNodes (``deployment.json``): its client
+        work can then only be done by them, never re-simulated (``fedforget unlearn``
+        refuses another engine for a method that asks the clients)."""
+        from fedforget.history.records import utc_now
+
+        path = self.run.deployment
+        if not path.exists():
+            path.write_text(json.dumps({"engine": "deployment", "since": utc_now(),
+                                        "node_auth": self.settings.node_auth}, indent=2))
 
     def _record_ask(self, ask: WithdrawalAsk, roster: Collection[str]) -> str | None:
         """Record a client's own withdrawal (bound to the node it came from); its id."""
@@ -354,9 +400,9 @@ class Unlearnable:
         with WithdrawalLedger(self.run.path) as ledger:
             withdrawn = ledger.withdrawn()
         expected = self.min_nodes or max(1, len(set(roster) - withdrawn))
-        key, public_key = signing_key(self._keys_dir())
+        _, public_key = signing_key(self.run, self._keys_dir())
         with HistoryStore.open(self.run.path) as store:
-            signer = HeadSigner(store, key)
+            signer = head_log(store, self.run, self._keys_dir())
         federation = self._federation(grid, app, expected, timeout, signer)
         deliver_receipts(self.run, federation, public_key)
         for ask in self.asks:

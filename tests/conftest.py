@@ -60,3 +60,12 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     train_small(out)
     return out
+
+
+def deploy_doc() -> str:
+    """The README's Deploy section, its ``###`` subsections as ``##`` (the deployment tests
+    run its commands and compare them with what the federation ran)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Deploy")
+    end = text.index("\n## ", start + 1)
+    return text[start:end].replace("\n### ", "\n## ")

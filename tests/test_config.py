@@ -99,3 +99,10 @@ def test_shipped_simulation_configs_are_valid() -> None:
     assert [p.name for p in configs] == ["demo.toml"]
     for path in configs:
         load_config(path)
+
+
+def test_a_backdoor_client_outside_the_federation_is_refused() -> None:
+    with pytest.raises(ConfigError, match="backdoor-clients names 'client-999', which is not a "
+                                          "client of this run; expected ids "
+                                          "client-000..client-009"):
+        RunConfig.from_mapping({"num-clients": 10, "backdoor-clients": "client-999"})

@@ -197,3 +197,10 @@ def test_the_wrappers_fedavg_shortcut_is_bit_identical_to_flowers_fedavg(
     delegated = train_small(tmp_path / "delegated")
     with HistoryStore.open(trained_run) as store:
         assert delegated["final_model_digest"] == store.summary()["final_model_digest"]
+
+
+def test_resuming_with_fewer_rounds_than_stored_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_small(out, **{"num-rounds": 3})
+    with pytest.raises(HistoryError, match="holds 3 rounds; num_rounds = 2 would train none"):
+        train_small(out, **{"num-rounds": 2})

@@ -31,6 +31,7 @@ from fedforget.tensors import MAGIC, encode
 # ---------------------------------------------------------------- helpers
 
 WHEN = "2025-01-31T12:00:00.000000Z"
+RUN = "sha256:" + "9" * 64  # a run-context digest, for records built by hand
 
 
 def digest_of(data: bytes) -> str:
@@ -137,11 +138,21 @@ def test_participant_record_canonical_bytes_by_hand() -> None:
         metrics={"train-loss": 1},
         seed=5,
     )
+    # RFC 8785: 1.0 is written as 1 (ECMAScript number form); the seed is a decimal string.
     expected = (
-        b'{"client_id":"client-003","metrics":{"train-loss":1.0},"num_examples":12,'
-        b'"retained":true,"seed":5,"update_digest":"sha256:' + b"ab" * 32 + b'","weight":0.25}'
+        b'{"client_id":"client-003","metrics":{"train-loss":1},"num_examples":12,'
+        b'"retained":true,"seed":"5","update_digest":"sha256:' + b"ab" * 32 + b'","weight":0.25}'
     )
     assert record.canonical_bytes() == expected
+
+
+def test_a_63_bit_seed_survives_the_record_but_a_json_number_seed_is_refused() -> None:
+    seed = 2**63 - 25  # beyond 2**53: a JSON number would round it
+    record = ParticipantRecord("client-003", 12, 0.25, "sha256:" + "ab" * 32, True, {}, seed)
+    assert b'"seed":"9223372036854775783"' in record.canonical_bytes()
+    assert ParticipantRecord.from_dict(record.to_dict()).seed == seed
+    with pytest.raises(HistoryError, match=r"seed is 5; expected a decimal string"):
+        ParticipantRecord.from_dict({**record.to_dict(), "seed": 5})
 
 
 def test_round_record_sorts_participants_and_round_trips() -> None:
@@ -156,6 +167,7 @@ def test_round_record_sorts_participants_and_round_trips() -> None:
         refused=(RefusedReply("client-z", "NaN in update"), RefusedReply("client-c", "late")),
         config={"local-epochs": 2, "schedule": (1, 2)},
         committed_at=WHEN,
+        run_digest=RUN,
     )
     assert record.client_ids == ("client-a", "client-b")
     assert [r.client_id for r in record.refused] == ["client-c", "client-z"]
@@ -202,6 +214,7 @@ def test_round_record_refuses_a_client_listed_twice() -> None:
             participants=(p,),
             refused=(RefusedReply("client-a", "late"),),
             committed_at=WHEN,
+            run_digest=RUN,
         )
 
 
@@ -213,6 +226,7 @@ def test_round_record_refuses_a_non_utc_timestamp() -> None:
             global_after="sha256:" + "2" * 64,
             participants=(),
             committed_at="2025-01-31 12:00",
+            run_digest=RUN,
         )
 
 
@@ -349,11 +363,13 @@ def test_open_refuses_what_is_not_a_store(tmp_path: Path) -> None:
 def test_open_refuses_an_unknown_format_version(tmp_path: Path) -> None:
     new_store(tmp_path / "run").close()
     conn = sqlite3.connect(tmp_path / "run" / "history.sqlite")
-    conn.execute("UPDATE meta SET value = '3' WHERE key = 'format_version'")
+    conn.execute("UPDATE meta SET value = '4' WHERE key = 'format_version'")
     conn.commit()
     conn.close()
     with pytest.raises(
-        HistoryError, match=r"has format version '3'; this fedforget reads version 2 only$"
+        HistoryError,
+        match=r"has format version '4'; this fedforget reads version 3 only; train the run "
+        r"again into a new directory$",
     ):
         HistoryStore.open(tmp_path / "run")
 
@@ -366,8 +382,22 @@ def test_open_refuses_a_version_1_store_saying_why(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(
         HistoryError,
-        match=r"has format version '1'; this fedforget reads version 2 only \(version 1 "
-        r"stores, one file per blob, were written before packs; train the run again\)",
+        match=r"has format version '1'; this fedforget reads version 3 only \(version 1 "
+        r"stores, one file per blob, were written before packs\); train the run again",
+    ):
+        HistoryStore.open(tmp_path / "run")
+
+
+def test_open_refuses_a_version_2_store_saying_why(tmp_path: Path) -> None:
+    new_store(tmp_path / "run").close()
+    conn = sqlite3.connect(tmp_path / "run" / "history.sqlite")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'format_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(
+        HistoryError,
+        match=r"has format version '2'; this fedforget reads version 3 only \(version 2 "
+        r"stores hash their records as Python's sorted-key JSON, not RFC 8785",
     ):
         HistoryStore.open(tmp_path / "run")
 
@@ -664,6 +694,26 @@ def test_reading_a_damaged_global_model_raises(tmp_path: Path) -> None:
     ):
         store.global_model(0)
     store.close()
+
+
+@pytest.mark.parametrize("offset", [-8, 2**62, 1 << 40])
+def test_a_flipped_blob_offset_is_an_integrity_error_naming_the_file(
+    tmp_path: Path, offset: int
+) -> None:
+    store = new_store(tmp_path / "run")
+    record = commit(store, 1)
+    location = locate(tmp_path / "run", record.global_after)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "run" / "history.sqlite")
+    conn.execute("UPDATE blobs SET offset = ? WHERE digest = ?", (offset, record.global_after))
+    conn.commit()
+    conn.close()
+    with HistoryStore.open(tmp_path / "run") as store, pytest.raises(IntegrityError) as info:
+        store.global_model(1)
+    message = str(info.value)
+    assert message.startswith("round 1, global model: ")
+    assert location.path.name in message
+    assert "impossible" in message or "truncated: 0 of" in message
 
 
 def test_reading_an_altered_record_raises(tmp_path: Path) -> None:

@@ -299,7 +299,7 @@ def test_reports_an_unknown_format_version_without_raising(tmp_path: Path) -> No
     execute(tmp_path / "run", "UPDATE meta SET value = '7' WHERE key = 'format_version'")
     report = verify_store(tmp_path / "run")
     assert report.problems == [
-        f"index {tmp_path / 'run' / 'history.sqlite'}: format version is '7', expected 2"
+        f"index {tmp_path / 'run' / 'history.sqlite'}: format version is '7', expected 3"
     ]
 
 
@@ -308,7 +308,8 @@ def test_reports_an_index_that_is_not_sqlite(tmp_path: Path) -> None:
     (tmp_path / "run" / "history.sqlite").write_bytes(b"garbage " * 512)
     report = verify_store(tmp_path / "run")
     assert not report.ok
-    assert "is damaged: file is not a database" in report.problems[0]
+    assert "is damaged: " in report.problems[0]
+    assert "is not an SQLite database: it starts with b'garbage garbage '" in report.problems[0]
 
 
 def test_raises_only_when_the_directory_is_not_a_store(tmp_path: Path) -> None:

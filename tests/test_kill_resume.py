@@ -53,9 +53,12 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_model(tmp_path: Pat
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    # Assert: the store is intact at a complete round short of the end.
+    # Assert: the store is intact at a complete round short of the end. The kill may fall
+    # between a round's commit and its signed head: such rounds are reported as not yet
+    # covered by a signed head (the resume signs them), and nothing else is.
     report = verify_store(out)
-    assert report.ok, report.problems
+    assert all("not covered by any signed tree head" in p for p in report.problems), (
+        report.problems)
     with HistoryStore.open(out) as store:
         killed_at = store.last_round
     assert 3 <= killed_at < ROUNDS

@@ -112,8 +112,8 @@ def test_a_non_canonical_file_is_refused() -> None:
     with pytest.raises(EnvelopeError) as info:
         parse_envelope(pretty)
     assert str(info.value) == (
-        "envelope: envelope is not canonical JSON (sorted keys, no spaces, UTF-8); it was "
-        "altered or not written by fedforget"
+        "envelope: envelope is not RFC 8785 canonical JSON (sorted keys, no spaces, UTF-8, "
+        "ECMAScript numbers); it was altered or not written by this fedforget"
     )
     with pytest.raises(EnvelopeError) as info:
         parse_envelope(envelope_bytes(envelope)[:-1])

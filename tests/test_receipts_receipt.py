@@ -84,6 +84,7 @@ def record(t: int, note: str = "") -> bytes:
         participants=participants,
         config={"learning-rate": 0.1},
         committed_at=f"2025-01-0{t}T00:00:00Z",
+        run_digest=sha256_digest(b"run context"),
     ).canonical_bytes()
 
 
@@ -200,7 +201,7 @@ def test_the_wire_format_is_an_in_toto_statement_in_a_dsse_envelope() -> None:
     assert envelope["signatures"][0]["keyid"] == KID
     statement = statement_of(RECEIPT)
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
-    assert statement["predicateType"] == "https://fedforget.dev/erasure-receipt/v1"
+    assert statement["predicateType"] == "https://fedforget.dev/erasure-receipt/v2"
     assert statement["subject"] == [
         {"name": "unlearned-model", "digest": {"sha256": hashlib.sha256(MODEL).hexdigest()}},
         {"name": "original-model", "digest": {"sha256": hashlib.sha256(ORIGINAL).hexdigest()}},
@@ -315,10 +316,20 @@ def test_an_unknown_payload_type_is_refused() -> None:
 
 
 def test_an_unknown_predicate_version_is_refused() -> None:
-    receipt = resigned(set_in(["predicateType"], "https://fedforget.dev/erasure-receipt/v2"))
+    receipt = resigned(set_in(["predicateType"], "https://fedforget.dev/erasure-receipt/v3"))
     assert failure(receipt) == (
-        "predicate version: predicateType is 'https://fedforget.dev/erasure-receipt/v2'; "
+        "predicate version: predicateType is 'https://fedforget.dev/erasure-receipt/v3'; "
         f"expected '{PREDICATE_TYPE}'"
+    )
+
+
+def test_a_version_1_receipt_is_refused_saying_why() -> None:
+    receipt = resigned(set_in(["predicateType"], "https://fedforget.dev/erasure-receipt/v1"))
+    assert failure(receipt) == (
+        "predicate version: predicateType is 'https://fedforget.dev/erasure-receipt/v1'; "
+        f"expected '{PREDICATE_TYPE}' (an older receipt version: its bytes were not RFC 8785 "
+        "canonical JSON and its tree heads did not bind the withdrawal ledger; this "
+        "fedforget verifies version 2 only)"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 
 import pytest
@@ -30,6 +31,7 @@ from fedforget.receipts.tree_head import (
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
 OTHER = Ed25519PrivateKey.from_private_bytes(b"\x08" * 32)
 RECORDS = [json.dumps({"round": t}, separators=(",", ":")).encode() for t in range(1, 11)]
+EMPTY = hashlib.sha256(b"").hexdigest()
 WHEN = "2025-03-01T12:00:00.000001Z"
 
 
@@ -38,7 +40,9 @@ def test_signed_bytes_are_the_pae_of_the_canonical_body() -> None:
     head = tree_head_for(RECORDS[:4], KEY, timestamp=WHEN)
     size, root = tree_root(RECORDS[:4])
     kid = key_id(KEY.public_key())
-    body = f'{{"key-id":"{kid}","root":"{root.hex()}","size":4,"timestamp":"{WHEN}"}}'.encode()
+    empty = hashlib.sha256(b"").hexdigest()  # the empty ledger's root (RFC 9162: MTH({}))
+    body = (f'{{"key-id":"{kid}","ledger-root":"{empty}","ledger-size":0,'
+            f'"root":"{root.hex()}","size":4,"timestamp":"{WHEN}"}}').encode()
     # Assert
     assert (head.size, head.root) == (size, root.hex())
     assert head.signed_bytes() == pae(TREE_HEAD_PAYLOAD_TYPE, body)
@@ -105,13 +109,23 @@ def test_exactly_one_key_source_is_required() -> None:
     [
         ({"size": 1}, "tree head: missing field 'key-id' in tree head"),
         ({"key-id": "0" * 64, "root": "0" * 64, "signature": "A" * 88, "size": -1,
-          "timestamp": WHEN}, "tree head: tree head size is -1; expected an integer >= 0"),
+          "timestamp": WHEN, "ledger-size": 0, "ledger-root": EMPTY},
+         "tree head: tree head size is -1; expected an integer >= 0"),
         ({"key-id": "0" * 64, "root": "0" * 64, "signature": "A" * 86 + "==", "size": 1,
-          "timestamp": "2025-03-01 12:00:00"},
+          "timestamp": "2025-03-01 12:00:00", "ledger-size": 0, "ledger-root": EMPTY},
          "tree head: tree head timestamp is '2025-03-01 12:00:00'; expected RFC 3339 UTC such "
          "as '2025-01-31T12:00:00.000001Z'"),
         ({"key-id": "0" * 64, "root": "0" * 64, "signature": "A" * 86 + "==", "size": 1,
           "timestamp": WHEN, "x": 1}, "tree head: unknown field 'x' in tree head"),
+        ({"key-id": "0" * 64, "root": "0" * 64, "signature": "A" * 86 + "==", "size": 1,
+          "timestamp": WHEN, "ledger-size": 0, "ledger-root": "1" * 64},
+         f"tree head: tree head ledger-root is {'1' * 64} for an empty ledger; expected "
+         f"{EMPTY}"),
+        ({"key-id": "0" * 64, "root": "0" * 64, "signature": "A" * 86 + "==", "size": 1,
+          "timestamp": WHEN},
+         "tree head: tree head is a version 1 tree head (no ledger-size, ledger-root); this "
+         "fedforget signs and reads version 2 heads only (RFC 8785, withdrawal ledger "
+         "bound): heads of runs trained before cannot be checked"),
     ],
 )
 def test_malformed_heads_are_refused(data: dict[str, object], message: str) -> None:

@@ -91,7 +91,7 @@ def test_unlearn_json_reports_method_model_cost_and_metrics(
         "mia_confidence_auc", "shadow_attack", "l2_to_retrained", "cosine_to_retrained",
         "kl_to_retrained", "js_to_retrained", "client_impact", "client_accuracy",
         "client_impact_sample", "speedup_wall", "speedup_client_epochs", "storage_bytes",
-        "trace",
+        "trace", "collateral", "group_accuracy",
     }
     assert result["metrics"]["client_impact_sample"] is None  # 3 remaining: all asked
     assert result["cost"]["client_epochs"] > 0

@@ -28,12 +28,19 @@ class ArrayDataset:
         Number of classes of the task (not only those present in ``y``).
     name : str
         Name of the data set (``"digits"``, ``"digits/client-3"``, ...).
+    ids : numpy.ndarray, optional
+        Stable record ids, ``int64`` of shape ``(N,)``, pairwise distinct: the position of
+        each example in the data set as its loader read it (before any split, partition or
+        shuffle), so an id names the same example in every round and every run. Kept by
+        :meth:`subset`; None for data without ids (a record-level erasure request needs
+        them). Their text form (:func:`record_id_text`) is what requests and receipts name.
     """
 
     x: np.ndarray
     y: np.ndarray
     num_classes: int
     name: str
+    ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         x = np.ascontiguousarray(self.x, dtype=np.float32)
@@ -66,6 +73,20 @@ class ArrayDataset:
         y.flags.writeable = False
         object.__setattr__(self, "x", x)
         object.__setattr__(self, "y", y)
+        if self.ids is not None:
+            ids = np.array(self.ids, copy=True)
+            if ids.shape != y.shape or not (ids.size == 0
+                                            or np.issubdtype(ids.dtype, np.integer)):
+                raise DataError(
+                    f"data set {self.name!r}: record ids have dtype {ids.dtype} and shape "
+                    f"{ids.shape}; expected integers of shape ({y.shape[0]},)"
+                )
+            ids = ids.astype(np.int64, copy=False)
+            if np.unique(ids).size != ids.size:
+                raise DataError(f"data set {self.name!r}: record ids repeat; expected "
+                                "distinct ids")
+            ids.flags.writeable = False
+            object.__setattr__(self, "ids", ids)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -86,15 +107,34 @@ class ArrayDataset:
                 y=self.y[index],
                 num_classes=self.num_classes,
                 name=self.name if name is None else name,
+                ids=None if self.ids is None else self.ids[index],
             )
         except IndexError as exc:
             raise DataError(
                 f"data set {self.name!r} ({len(self)} examples): bad subset index: {exc}"
             ) from None
 
+    def record_ids(self) -> list[str]:
+        """The text form of every record id, in order (:func:`record_id_text`).
+
+        Raises
+        ------
+        DataError
+            The data set has no record ids.
+        """
+        if self.ids is None:
+            raise DataError(f"data set {self.name!r} has no record ids; expected a loader "
+                            "that numbers its examples")
+        return [record_id_text(int(i)) for i in self.ids]
+
     def class_counts(self) -> np.ndarray:
         """Number of examples of each class, shape ``(num_classes,)``."""
         return np.bincount(self.y, minlength=self.num_classes)
+
+
+def record_id_text(record_id: int) -> str:
+    """The text form of a record id, as requests and receipts name it: its decimal digits."""
+    return str(int(record_id))
 
 
 def stratified_split(

@@ -85,7 +85,8 @@ def poison(data: ArrayDataset, *, target_label: int, fraction: float, seed: int)
     y = np.array(data.y, copy=True)
     x[chosen] = add_trigger(data.x[chosen])
     y[chosen] = target_label
-    return ArrayDataset(x=x, y=y, num_classes=data.num_classes, name=f"{data.name}+backdoor")
+    return ArrayDataset(x=x, y=y, num_classes=data.num_classes, name=f"{data.name}+backdoor",
+                        ids=data.ids)
 
 
 def backdoor_test_set(data: ArrayDataset, *, target_label: int) -> ArrayDataset:

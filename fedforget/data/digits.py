@@ -13,7 +13,8 @@ def load_digits(
     """The UCI optical digits as shipped with scikit-learn (no download).
 
     Images are ``(1, 8, 8)``, the 0..16 grey levels scaled to ``[0, 1]``. The train pool
-    and the global test set come from a seeded stratified split.
+    and the global test set come from a seeded stratified split; record ids are the
+    images' positions in scikit-learn's array (the same in every split).
 
     Parameters
     ----------
@@ -32,7 +33,7 @@ def load_digits(
     images, target = _digits_arrays()
     x = (np.asarray(images, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = np.asarray(target, dtype=np.int64)
-    full = ArrayDataset(x=x, y=y, num_classes=10, name="digits")
+    full = ArrayDataset(x=x, y=y, num_classes=10, name="digits", ids=np.arange(y.shape[0]))
     train_idx, test_idx = stratified_split(full.y, test_fraction=test_fraction, seed=seed)
     return full.subset(train_idx), full.subset(test_idx, name="digits/test")
 

@@ -63,7 +63,8 @@ def load_fashion_mnist(
         raise DataError(
             f"Fashion-MNIST: directory {str(root)!r} does not exist; {_HOW_TO_GET}"
         )
-    parts = []
+    parts: list[ArrayDataset] = []
+    offset = 0  # record ids: train images 0..59,999, then test images 60,000..
     for split, (images_name, labels_name) in FILES.items():
         x = read_idx_images(_find(root, images_name))
         y = read_idx_labels(_find(root, labels_name))
@@ -79,7 +80,9 @@ def load_fashion_mnist(
             )
         name = "fashion-mnist" if split == "train" else "fashion-mnist/test"
         images = (x.astype(np.float32) / 255.0)[:, None, :, :]
-        parts.append(ArrayDataset(x=images, y=y.astype(np.int64), num_classes=10, name=name))
+        parts.append(ArrayDataset(x=images, y=y.astype(np.int64), num_classes=10, name=name,
+                                  ids=offset + np.arange(y.shape[0])))
+        offset += int(y.shape[0])
     return parts[0], parts[1]
 
 

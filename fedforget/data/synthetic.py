@@ -24,7 +24,7 @@ def load_synthetic(
     :math:`\sqrt{D}` (so that centres are about :math:`\sqrt{2D}` apart) and its examples are
     :math:`x = \mu_c + \sigma \varepsilon`, :math:`\varepsilon \sim \mathcal{N}(0, I_D)`.
     Sample ``i`` has label ``i mod num_classes``. Everything is drawn from ``seed``, and the
-    train/test split is stratified.
+    train/test split is stratified; record ids are the sample numbers ``i``.
 
     Parameters
     ----------
@@ -68,6 +68,7 @@ def load_synthetic(
         rows = slice(start, min(num_samples, start + block))
         noise = rng.standard_normal((rows.stop - rows.start, num_features))
         x[rows] = centres[y[rows]] + cluster_std * noise
-    full = ArrayDataset(x=x, y=y, num_classes=num_classes, name="synthetic")
+    full = ArrayDataset(x=x, y=y, num_classes=num_classes, name="synthetic",
+                        ids=np.arange(num_samples))
     train_idx, test_idx = stratified_split(full.y, test_fraction=test_fraction, seed=seed)
     return full.subset(train_idx), full.subset(test_idx, name="synthetic/test")

@@ -3,13 +3,14 @@
 * ``inprocess``: :class:`~fedforget.engine.inprocess.InProcessGrid`, synchronous, in this
   process; for tests and large experiment grids.
 * ``simulation``: Flower's simulation engine (Ray) through ``flwr run``.
-
-Deployment (SuperLink + SuperNodes) runs the same apps with ``flwr run . <connection>``.
+* ``deployment``: a running SuperLink with SuperNodes, through ``flwr run . <connection>``
+  (:mod:`fedforget.engine.deployment`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,10 @@ from fedforget.errors import ConfigError
 from fedforget.settings import DEFAULT_IMPACT_CLIENTS, PREFIX, RunSettings
 
 if TYPE_CHECKING:
+    from fedforget.engine.deployment import SuperLinkTarget
     from fedforget.results import UnlearningOutcome
 
-ENGINES = ("inprocess", "simulation")
+ENGINES = ("inprocess", "simulation", "deployment")
 
 
 def run_app(
@@ -31,9 +33,11 @@ def run_app(
     num_nodes: int,
     engine: str = "inprocess",
     progress: bool = True,
+    connection: SuperLinkTarget | None = None,
 ) -> None:
     """Run ``project``'s ServerApp with ``run_config`` against ``num_nodes`` ClientApps
-    (node ``i`` gets ``partition-id = i``) on ``engine``."""
+    (node ``i`` gets ``partition-id = i``) on ``engine``; ``deployment`` submits it to the
+    SuperLink ``connection`` (its SuperNodes are the clients)."""
     if engine == "inprocess":
         from fedforget.engine.inprocess import run_inprocess
 
@@ -43,6 +47,14 @@ def run_app(
         from fedforget.engine.simulation import run_simulation
 
         run_simulation(declared_run_config(project, run_config), num_nodes=num_nodes,
+                       project=project, progress=progress)
+    elif engine == "deployment":
+        from fedforget.engine.deployment import run_deployment
+
+        if connection is None:
+            raise ConfigError("engine = 'deployment' needs a SuperLink connection: a name of "
+                              "$FLWR_HOME/config.toml, or an address and its root certificate")
+        run_deployment(declared_run_config(project, run_config), connection=connection,
                        project=project, progress=progress)
     else:
         raise ConfigError(f"engine = {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -73,16 +85,27 @@ def run_training(
     engine: str = "inprocess",
     project: FlowerProject | None = None,
     progress: bool = True,
+    connection: SuperLinkTarget | None = None,
     **settings: Any,
 ) -> None:
     """Train (or resume) fedforget's own app on ``cfg`` into the run directory ``out``.
 
-    ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``).
+    ``settings`` are further :class:`~fedforget.settings.RunSettings` (e.g. ``mode``);
+    ``connection``: the SuperLink of the ``deployment`` engine (``out`` is then a path on
+    the SuperLink's machine, where the ServerApp runs).
     """
+    from fedforget.lock import run_lock
+
     run = RunSettings(out_dir=str(Path(out).resolve()), progress=progress, engine=engine,
                       **settings)
-    run_app(project or find_project(), run_config={**cfg.to_mapping(), **run.to_run_config()},
-            num_nodes=cfg.num_clients, engine=engine, progress=progress)
+    # In this process, the ServerApp's own lock nests in this one; under Flower's engines
+    # the ServerApp's process takes it.
+    with (run_lock(run.run_dir, command=f"fedforget train ({engine})")
+          if engine == "inprocess" else contextlib.nullcontext()):
+        run_app(project or find_project(),
+                run_config={**cfg.to_mapping(), **run.to_run_config()},
+                num_nodes=cfg.num_clients, engine=engine, progress=progress,
+                connection=connection)
 
 
 def run_unlearning(
@@ -98,10 +121,18 @@ def run_unlearning(
     progress: bool = True,
     reference: str = "compute",
     keys_dir: str | Path | None = None,
+    records: Collection[str] | None = None,
+    labels: Collection[int] | None = None,
+    connection: SuperLinkTarget | None = None,
+    node_auth: bool = False,
     impact_clients: int = DEFAULT_IMPACT_CLIENTS,
     shadow_attack: str = "auto",
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
+
+    With ``records``: forget only those records of ``client`` (it stays); with ``labels``:
+    forget those classes on every client, ``client`` naming who asked (see
+    :func:`fedforget.service.order_unlearning`).
 
     ``reference`` (``compute``, ``cached``, ``none``), ``impact_clients`` (remaining
     clients, a seeded sample, asked for the per-client impact; 0: all) and
@@ -115,8 +146,17 @@ def run_unlearning(
     without any app when none is found (its figures are then those the server can compute
     alone: distances to a cached reference). Returns None (nothing written) when the
     client never contributed.
+
+    One writer at a time: this process holds the run's lock while it orders the request,
+    and while it serves it when the work runs here (in-process, or without an app); under
+    Flower's simulation engine the ServerApp's process takes the lock for the serving.
+
+    A run that trained on a deployment is unlearned on the deployment (``engine =
+    "deployment"`` and its ``connection``): its clients' work is never simulated here. On
+    another engine only a method that asks no client for work is served, without the app.
     """
     from fedforget.history import HistoryStore
+    from fedforget.lock import run_lock
     from fedforget.measure import parameter_measure
     from fedforget.results import UnlearningOutcome
     from fedforget.rundir import RESULT_FILE, RunDirectory
@@ -124,47 +164,84 @@ def run_unlearning(
     from fedforget.unlearning import UnlearningError, get_method
 
     run = RunDirectory(Path(run_dir).resolve())
-    with HistoryStore.open(run.path) as store:
+    with HistoryStore.open(run.path, read_only=True) as store:
         app_config = dict(store.run_config)
         roster = store.roster()
     if project is None:
         project = find_run_app(app_config, app_dir)
     unlearner = get_method(method, params or {})
+    if run.deployed() and engine != "deployment":
+        if unlearner.uses_clients():
+            raise UnlearningError(
+                f"{run.path} was trained on a deployment and {unlearner.name} asks the "
+                f"clients for work: unlearn it on the deployment (--engine deployment "
+                f"--connection ...), not on engine {engine!r}, which would simulate the "
+                "clients here")
+        project = None  # server-side only: nothing of the clients is simulated
     if project is None and unlearner.uses_clients():
         raise UnlearningError(
             f"{unlearner.name} asks the clients for work, and the app that recorded "
             f"{run.path} was not found (looked at --app, $FEDFORGET_APP_DIR, the working "
             "directory); give it with --app DIR"
         )
-    request = order_unlearning(run, client=client, method=unlearner.name,
-                               params=unlearner.params.to_dict(), reason=reason)
-    if request is None:
-        return None
     keys = Path(keys_dir) if keys_dir else run.default_keys
-    if project is None:
-        UnlearningService(run, federation=None, measure=parameter_measure, keys_dir=keys,
-                          engine="server", reference=reference).serve(request.request_id)
-    else:
-        settings = RunSettings(out_dir=str(run.path), mode="unlearn",
-                               request_id=request.request_id, progress=progress,
-                               reference=reference, engine=engine, keys_dir=str(keys),
-                               impact_clients=impact_clients, shadow_attack=shadow_attack)
-        try:
-            run_app(project, run_config={**app_config, **settings.to_run_config()},
-                    num_nodes=len(roster), engine=engine, progress=progress)
-        except BaseException as exc:
-            _fail_if_unserved(run, request.request_id, exc)
-            raise
+    here = project is None or engine == "inprocess"
+    measurement = {"impact_clients": impact_clients, "shadow_attack": shadow_attack}
+    with run_lock(run.path, command=f"fedforget unlearn --method {unlearner.name}"):
+        request = order_unlearning(run, client=client, method=unlearner.name,
+                                   params=unlearner.params.to_dict(), reason=reason,
+                                   records=records, labels=labels, keys_dir=keys)
+        if request is None:
+            return None
+        if project is None:
+            UnlearningService(run, federation=None, measure=parameter_measure, keys_dir=keys,
+                              engine="server", reference=reference).serve(request.request_id)
+        elif here:
+            _serve_with_app(project, run, request.request_id, app_config, roster, keys,
+                            engine=engine, progress=progress, reference=reference,
+                            connection=connection, node_auth=node_auth,
+                            measurement=measurement)
+    if not here:
+        assert project is not None
+        _serve_with_app(project, run, request.request_id, app_config, roster, keys,
+                        engine=engine, progress=progress, reference=reference,
+                        connection=connection, node_auth=node_auth, measurement=measurement)
     return UnlearningOutcome.read(run.result_dir(request.request_id, unlearner.name)
                                   / RESULT_FILE)
 
 
-def _fail_if_unserved(run: Any, request_id: str, exc: BaseException) -> None:
+def _serve_with_app(project: FlowerProject, run: Any, request_id: str,
+                    app_config: Mapping[str, Any], roster: tuple[str, ...], keys: Path, *,
+                    engine: str, progress: bool, reference: str,
+                    connection: SuperLinkTarget | None, node_auth: bool,
+                    measurement: Mapping[str, Any] | None = None) -> None:
+    """Run the app in unlearning mode for ``request_id``; a failure before its service
+    recorded one leaves the request ``failed`` with the reason. ``measurement``: further
+    :class:`RunSettings` of what is measured (``impact_clients``, ``shadow_attack``)."""
+    settings = RunSettings(out_dir=str(run.path), mode="unlearn", request_id=request_id,
+                           progress=progress, reference=reference, engine=engine,
+                           keys_dir=str(keys), node_auth=node_auth, **(measurement or {}))
+    try:
+        run_app(project, run_config={**app_config, **settings.to_run_config()},
+                num_nodes=len(roster), engine=engine, progress=progress,
+                connection=connection)
+    except BaseException as exc:
+        _fail_if_unserved(run, request_id, exc, keys)
+        raise
+
+
+def _fail_if_unserved(run: Any, request_id: str, exc: BaseException, keys: Path) -> None:
     """The app failed before (or without) its unlearning service recording the failure:
-    move the request to ``failed`` with the reason, so that no request is left pending."""
+    move the request to ``failed`` with the reason, so that no request is left pending.
+    (A run directory locked by another command is that command's: nothing is moved.)"""
+    from fedforget.history import HistoryStore
+    from fedforget.lock import RunLockedError
+    from fedforget.receipts.issuer import head_log
     from fedforget.withdrawal import WithdrawalLedger
 
-    with WithdrawalLedger(run.path) as ledger:
+    if isinstance(exc, RunLockedError):
+        return
+    with HistoryStore.open(run.path) as store, WithdrawalLedger(run.path) as ledger:
         request = ledger.get(request_id)
         if (request.state in ("done", "failed")
                 and request.updated_at >= (request.ordered_at or "")):
@@ -173,3 +250,4 @@ def _fail_if_unserved(run: Any, request_id: str, exc: BaseException) -> None:
             ledger.move(request_id, "unlearning", method=request.method)
         ledger.move(request_id, "failed", method=request.method,
                     detail={"error": f"the app failed: {type(exc).__name__}: {exc}"})
+        head_log(store, run, keys)

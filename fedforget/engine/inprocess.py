@@ -41,9 +41,6 @@ class InProcessGrid(Grid):
         Extra node config per node (merged over ``partition-id``/``num-partitions``).
     """
 
-    synchronous = True
-    """Every reply is there when :meth:`push_messages` returns (nothing to poll for)."""
-
     def __init__(
         self,
         client_app: ClientApp,

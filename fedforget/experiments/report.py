@@ -185,6 +185,10 @@ def write_report(out: str | Path, spec: ExperimentSpec,
                 lines.append(f"| {_point_title(key, grid_keys)} | {method.label} | "
                              + " | ".join(cells) + " |")
         lines.append("")
+    from fedforget.experiments.collateral import collateral_plots, collateral_section
+
+    lines += collateral_section(spec, done)
+    plots += collateral_plots(out, spec, done)
     worst = _worst_clients(done, spec)
     if worst:
         lines += ["## Clients hurt most by unlearning", "",

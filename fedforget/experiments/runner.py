@@ -416,7 +416,7 @@ def _extra_metrics(spec: ExperimentSpec, cell: Cell, run_dir: Path,
 
 
 def _reference_model_path(run_dir: Path, outcome: UnlearningOutcome) -> Path:
-    directory = RunDirectory(run_dir).reference_dir(outcome.forgotten)
+    directory = RunDirectory(run_dir).reference_dir(outcome.reference_key())
     if outcome.reference.model_digest is None or not (directory / RESULT_FILE).exists():
         raise ExperimentError(f"{run_dir}: the result of {outcome.method} has no retrained "
                               "reference (an experiment's metrics need one)")

@@ -1,10 +1,26 @@
 """Round records: what the history store keeps about each training round.
 
 Records are frozen, JSON-serialisable, and have one canonical byte form
-(:meth:`RoundRecord.canonical_bytes`: JSON with sorted keys, compact separators, UTF-8, no
-NaN) which becomes a leaf of the history's Merkle tree. Mappings inside records (metrics,
+(:meth:`RoundRecord.canonical_bytes`: RFC 8785 canonical JSON, see :mod:`fedforget.canonical`)
+which becomes a leaf of the history's Merkle tree. Mappings inside records (metrics,
 config) are normalised through canonical JSON and held read-only, so that
 ``from_dict(to_dict(r)) == r`` and equal records have equal bytes.
+
+Wire form (record format 3)::
+
+    {"committed_at": "2025-01-31T12:00:00.000001Z", "config": {...},
+     "global_after": "sha256:<hex>", "global_before": "sha256:<hex>",
+     "participants": [{"client_id": "client-003", "metrics": {"train-loss": 0.41},
+                       "num_examples": 120, "retained": true, "seed": "8174515541398217473",
+                       "update_digest": "sha256:<hex>", "weight": 0.25}, ...],
+     "refused": [{"client_id": "client-007", "reason": "no reply"}],
+     "round": 4, "run": "sha256:<hex of the run context>"}
+
+Seeds are 63-bit integers, beyond the :math:`2^{53}` that a JSON number holds exactly, so
+they are written as decimal strings. ``run`` is the SHA-256 of the run context
+(:func:`run_context_bytes`: run configuration, roster, codec, retention, creation time and
+the initial model's digest), so that every leaf, hence every signed tree head, commits to the
+configuration the round was trained under.
 """
 
 from __future__ import annotations
@@ -24,31 +40,79 @@ from fedforget.canonical import canonical_dumps
 from fedforget.errors import HistoryError
 
 __all__ = [
+    "RECORD_FORMAT",
     "ParticipantRecord",
     "RefusedReply",
     "RoundRecord",
     "canonical_json",
     "is_digest",
+    "run_context_bytes",
     "utc_now",
 ]
 
+RECORD_FORMAT = 3
+"""Version of the round-record wire form (1-2: Python's sorted-key JSON, seeds as numbers,
+no run context; 3: RFC 8785, seeds as decimal strings, ``run``)."""
+
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
-
+_SEED = re.compile(r"-?(0|[1-9][0-9]*)", re.ASCII)
 
 
 def canonical_json(obj: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, compact separators, UTF-8, NaN/Infinity refused.
+    """RFC 8785 canonical JSON bytes (see :mod:`fedforget.canonical`).
 
     Raises
     ------
     HistoryError
-        If ``obj`` holds a value JSON cannot represent (NaN, infinity, an arbitrary object).
+        If ``obj`` holds a value RFC 8785 cannot represent (NaN, infinity, an integer
+        beyond 2**53 - 1, an arbitrary object).
     """
     try:
         return canonical_dumps(obj)
     except (TypeError, ValueError) as exc:
         raise HistoryError(f"value cannot be recorded as canonical JSON: {exc}") from exc
+
+
+def run_context_bytes(
+    *,
+    run_config: Mapping[str, Any],
+    codec: str,
+    retain_interval: int,
+    roster: Iterable[str],
+    initial_model: str,
+    created_at: str,
+    recording: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The canonical bytes of a run's context, whose SHA-256 every round record carries.
+
+    .. code-block:: json
+
+        {"codec": "fp32", "created-at": "2025-01-31T12:00:00.000001Z",
+         "format": "fedforget-run-context/v1", "initial-model": "sha256:..",
+         "recording": null, "retain-interval": 1, "roster": ["client-000", ...],
+         "run-config": {...}}
+
+    ``recording`` is the meta table's ``recording`` entry (how the run is sampled, seeded
+    and stored), when the store has one.
+
+    Raises
+    ------
+    HistoryError
+        If a value cannot be written as canonical JSON.
+    """
+    return canonical_json(
+        {
+            "format": "fedforget-run-context/v1",
+            "run-config": dict(run_config),
+            "codec": codec,
+            "retain-interval": retain_interval,
+            "roster": sorted(set(roster)),
+            "initial-model": initial_model,
+            "created-at": created_at,
+            "recording": None if recording is None else dict(recording),
+        }
+    )
 
 
 def is_digest(value: object) -> bool:
@@ -200,14 +264,24 @@ class ParticipantRecord(_Record):
             "update_digest": self.update_digest,
             "retained": self.retained,
             "metrics": dict(self.metrics),
-            "seed": self.seed,
+            "seed": str(self.seed),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParticipantRecord:
-        """Inverse of :meth:`to_dict`; refuses missing or unknown keys."""
+        """Inverse of :meth:`to_dict`; refuses missing or unknown keys.
+
+        ``seed`` must be a decimal string (format 3); a number is refused, since a 63-bit
+        seed does not survive a JSON number.
+        """
         _check_keys(data, _PARTICIPANT_KEYS, "participant record")
-        return cls(**data)
+        seed = data["seed"]
+        if not isinstance(seed, str) or _SEED.fullmatch(seed) is None:
+            raise HistoryError(
+                f"participant {data.get('client_id')!r} seed is {seed!r}; expected a decimal "
+                "string such as '8174515541398217473' (record format 3)"
+            )
+        return cls(**{**data, "seed": int(seed)})
 
 
 @dataclass(frozen=True, slots=True, eq=True)
@@ -260,6 +334,9 @@ class RoundRecord(_Record):
         Train config sent to the clients (``learning-rate``, ``local-epochs``, ...).
     committed_at
         RFC 3339 UTC time at which the round was committed.
+    run_digest
+        SHA-256 of the run context the round was trained under
+        (:func:`run_context_bytes`); keyword-only. Written as ``run``.
     """
 
     round: int
@@ -269,6 +346,7 @@ class RoundRecord(_Record):
     refused: tuple[RefusedReply, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
     committed_at: str = field(default_factory=utc_now)
+    run_digest: str = field(kw_only=True)
     # canonical_bytes(), computed once: the store writes them and the server's tree head
     # hashes them, for every round (the record is immutable).
     _canonical: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -288,6 +366,7 @@ class RoundRecord(_Record):
         _set(self, "round", t)
         _require_digest(self.global_before, f"round {t} global_before")
         _require_digest(self.global_after, f"round {t} global_after")
+        _require_digest(self.run_digest, f"round {t} run (the run context digest)")
         participants = tuple(self.participants)
         for p in participants:
             if not isinstance(p, ParticipantRecord):
@@ -341,6 +420,7 @@ class RoundRecord(_Record):
             "refused": [r.to_dict() for r in self.refused],
             "config": json.loads(canonical_json(dict(self.config))),
             "committed_at": self.committed_at,
+            "run": self.run_digest,
         }
 
     @classmethod
@@ -355,6 +435,7 @@ class RoundRecord(_Record):
             refused=tuple(RefusedReply.from_dict(r) for r in data["refused"]),
             config=data["config"],
             committed_at=data["committed_at"],
+            run_digest=data["run"],
         )
 
     @classmethod
@@ -390,4 +471,5 @@ _ROUND_KEYS = (
     "refused",
     "config",
     "committed_at",
+    "run",
 )

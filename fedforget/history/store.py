@@ -1,9 +1,16 @@
 """The embedded history store: an SQLite index plus content-addressed tensor blobs.
 
-Layout of a run directory (format version 2)::
+Layout of a run directory (format version 3)::
 
     <directory>/history.sqlite               index (WAL journal, synchronous=FULL)
     <directory>/blobs/<round>-<token>.pack   the new blobs of one commit, concatenated
+
+Format 3 (this version): round records, the run context and the withdrawal log are RFC 8785
+canonical JSON; every round record carries the digest of the run context (run
+configuration, roster, codec, retention, initial model), frozen when round 1 commits; the
+withdrawal requests are mirrored, by SQLite triggers, into an append-only event log
+(``withdrawal_events``) whose events are the leaves of the ledger's Merkle tree. Stores of
+formats 1 and 2 are refused with a message saying so.
 
 A *blob* is one encoded tensor dict (:func:`fedforget.tensors.encode`), named by the SHA-256
 of its bytes (content addressing: a blob already stored is never written again). The blobs
@@ -35,8 +42,10 @@ again. Every blob read is checked against its length and digest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -51,14 +60,35 @@ from typing import Any
 import numpy as np
 
 from fedforget.errors import ConfigError, HistoryError, IntegrityError
+from fedforget.fileio import StorageError, fsync_directory, storage_error
+from fedforget.history.commitment import (
+    Commitment,
+    LoggedHead,
+    commitment_of,
+    compare_heads,
+    read_head_log,
+    spans,
+)
 from fedforget.history.records import (
     ParticipantRecord,
     RefusedReply,
     RoundRecord,
     canonical_json,
+    run_context_bytes,
     utc_now,
 )
+from fedforget.history.wal import (
+    WAL_SUFFIX,
+    WalReport,
+    analyse_wal,
+    database_image,
+    open_image,
+)
+from fedforget.lock import LOCK_FILENAME
+from fedforget.rundir import HEADS_FILE
 from fedforget.tensors import CODECS, decode, encode, sha256_digest
+
+log = logging.getLogger("fedforget.history")
 
 __all__ = [
     "BLOB_DIRNAME",
@@ -76,9 +106,10 @@ __all__ = [
 FORMAT_NAME = "fedforget-history"
 """Value of ``meta.format`` in every history index."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the index schema and blob layout written and read by this module (1: one file
-per blob, ``blobs/<hh>/<hex>``; 2: one pack file per commit)."""
+per blob, ``blobs/<hh>/<hex>``; 2: one pack file per commit; 3: RFC 8785 records bound to
+the run context, withdrawal event log)."""
 
 INDEX_FILENAME = "history.sqlite"
 BLOB_DIRNAME = "blobs"
@@ -117,7 +148,126 @@ CREATE TABLE participants (
     PRIMARY KEY (round, client_id)
 );
 CREATE INDEX participants_by_client ON participants (client_id, round);
+CREATE TABLE withdrawals (
+    request_id  TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL UNIQUE,
+    received_at TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    method      TEXT,
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
+);
+CREATE TABLE erasures (
+    request_id  TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,        -- 'records' or 'class'
+    client_id   TEXT NOT NULL,
+    scope       TEXT NOT NULL,        -- JSON: the record ids or the labels
+    received_at TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    method      TEXT,
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT
+);
+CREATE TABLE withdrawal_events (
+    seq         INTEGER PRIMARY KEY,  -- 1, 2, 3, ...: leaf seq - 1 of the ledger tree
+    request_id  TEXT NOT NULL,
+    client_id   TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    method      TEXT,
+    detail      TEXT,
+    params      TEXT,
+    ordered_at  TEXT,
+    kind        TEXT NOT NULL,        -- 'client' (withdrawals), 'records' or 'class' (erasures)
+    scope       TEXT
+);
+CREATE TRIGGER withdrawals_logged_on_insert AFTER INSERT ON withdrawals BEGIN
+    INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
+    VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, 'client',
+            NULL);
+END;
+CREATE TRIGGER withdrawals_logged_on_update AFTER UPDATE ON withdrawals BEGIN
+    INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
+    VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, 'client',
+            NULL);
+END;
+CREATE TRIGGER withdrawals_never_deleted BEFORE DELETE ON withdrawals BEGIN
+    SELECT RAISE(ABORT, 'withdrawal requests are never deleted');
+END;
+CREATE TRIGGER erasures_logged_on_insert AFTER INSERT ON erasures BEGIN
+    INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
+    VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, NEW.kind,
+            NEW.scope);
+END;
+CREATE TRIGGER erasures_logged_on_update AFTER UPDATE ON erasures BEGIN
+    INSERT INTO withdrawal_events (request_id, client_id, received_at, reason, state,
+                                   updated_at, method, detail, params, ordered_at, kind, scope)
+    VALUES (NEW.request_id, NEW.client_id, NEW.received_at, NEW.reason, NEW.state,
+            NEW.updated_at, NEW.method, NEW.detail, NEW.params, NEW.ordered_at, NEW.kind,
+            NEW.scope);
+END;
+CREATE TRIGGER erasures_never_deleted BEFORE DELETE ON erasures BEGIN
+    SELECT RAISE(ABORT, 'erasure requests are never deleted');
+END;
+CREATE TRIGGER withdrawal_events_never_updated BEFORE UPDATE ON withdrawal_events BEGIN
+    SELECT RAISE(ABORT, 'the withdrawal event log is append-only');
+END;
+CREATE TRIGGER withdrawal_events_never_deleted BEFORE DELETE ON withdrawal_events BEGIN
+    SELECT RAISE(ABORT, 'the withdrawal event log is append-only');
+END;
 """
+
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The complete SQL statements of ``script`` (triggers hold ``;`` of their own)."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+    if buffer.strip():
+        raise HistoryError(f"incomplete SQL statement in the schema: {buffer.strip()!r}")
+
+
+@contextlib.contextmanager
+def _guard_sqlite(index: Path, action: str, consequence: str = "") -> Iterator[None]:
+    """Turn the operating system's and SQLite's storage refusals into a StorageError."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "disk is full" in text or "disk full" in text:
+            raise storage_error(OSError(errno.ENOSPC, "disk full"), index, action,
+                                consequence) from exc
+        if "readonly" in text or "read-only" in text:
+            raise storage_error(OSError(errno.EROFS, "read-only"), index, action,
+                                consequence) from exc
+        if "disk i/o error" in text:
+            raise storage_error(OSError(errno.EIO, "I/O error"), index, action,
+                                consequence) from exc
+        if "unable to open" in text:
+            raise storage_error(OSError(errno.EACCES, "cannot open"), index, action,
+                                consequence) from exc
+        raise HistoryError(f"cannot {action} {index}: {exc}") from exc
+    except OSError as exc:
+        raise storage_error(exc, index, action, consequence) from exc
+
 
 _KEEP_ENCODED_BYTES = 256 << 20
 _WRITE_BUFFER = 1 << 20
@@ -155,9 +305,23 @@ def _pack_name(round: int) -> str:
 
 
 def _read_range(location: BlobLocation, where: str) -> bytes:
-    """The bytes of the blob at ``location``, checked for length and SHA-256."""
+    """The bytes of the blob at ``location``, checked for length and SHA-256 (an index row
+    with an impossible offset or length, e.g. a flipped ``blobs.offset``, is an
+    IntegrityError naming the file, not an exception of the file API)."""
+    if location.offset < 0 or location.nbytes < 0:
+        raise IntegrityError(
+            f"{where}: the index places blob {location.digest} at offset {location.offset}, "
+            f"length {location.nbytes} in {location.path}: impossible (the index is damaged)"
+        )
     try:
         with open(location.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if location.offset + location.nbytes > size:
+                present = max(0, min(location.nbytes, size - location.offset))
+                raise IntegrityError(
+                    f"{where}: blob {location} is truncated: {present} of "
+                    f"{location.nbytes} bytes present"
+                )
             f.seek(location.offset)
             data = f.read(location.nbytes)
     except FileNotFoundError:
@@ -165,6 +329,8 @@ def _read_range(location: BlobLocation, where: str) -> bytes:
             f"{where}: blob {location} is missing: the file does not exist "
             f"(expected {location.digest})"
         ) from None
+    except (OSError, ValueError, OverflowError) as exc:
+        raise IntegrityError(f"{where}: blob {location} cannot be read: {exc}") from exc
     if len(data) != location.nbytes:
         raise IntegrityError(
             f"{where}: blob {location} is truncated: {len(data)} of {location.nbytes} bytes "
@@ -179,14 +345,7 @@ def _read_range(location: BlobLocation, where: str) -> bytes:
     return data
 
 
-def _fsync_directory(path: str | os.PathLike[str]) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # pragma: no cover - not POSIX
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_directory = fsync_directory
 
 
 def _connect(index: Path, *, create: bool, fsync: bool = True) -> sqlite3.Connection:
@@ -195,6 +354,17 @@ def _connect(index: Path, *, create: bool, fsync: bool = True) -> sqlite3.Connec
     # check_same_thread=False: a background writer thread may commit rounds; callers
     # use one store from one thread at a time (HistoryRecording serialises its commits).
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+    def text(data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise IntegrityError(
+                f"{index} holds a text value that is not UTF-8 ({exc}): the index is "
+                "damaged; `fedforget history verify` names what"
+            ) from None
+
+    conn.text_factory = text
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
@@ -218,11 +388,16 @@ def _read_meta(conn: sqlite3.Connection, directory: Path) -> dict[str, str]:
             f"expected {FORMAT_NAME!r}"
         )
     if meta.get("format_version") != str(FORMAT_VERSION):
+        found = meta.get("format_version")
+        why = {
+            "1": " (version 1 stores, one file per blob, were written before packs)",
+            "2": " (version 2 stores hash their records as Python's sorted-key JSON, not "
+                 "RFC 8785, and do not bind the run context or the withdrawal ledger to "
+                 "the signed tree heads)",
+        }.get(str(found), "")
         raise HistoryError(
-            f"{index} has format version {meta.get('format_version')!r}; this fedforget "
-            f"reads version {FORMAT_VERSION} only"
-            + (" (version 1 stores, one file per blob, were written before packs; "
-               "train the run again)" if meta.get("format_version") == "1" else "")
+            f"{index} has format version {found!r}; this fedforget reads version "
+            f"{FORMAT_VERSION} only{why}; train the run again into a new directory"
         )
     missing = [k for k in ("codec", "retain_interval", "run_config", "created_at") if k not in meta]
     if missing:
@@ -232,6 +407,57 @@ def _read_meta(conn: sqlite3.Connection, directory: Path) -> dict[str, str]:
             f"{index} records codec {meta['codec']!r}; expected one of {', '.join(CODECS)}"
         )
     return meta
+
+
+def _refuse_lost_commits(directory: Path, snapshot: sqlite3.Connection, wal: WalReport) -> None:
+    """Refuse a store whose write-ahead log lost committed transactions (see ``open``).
+
+    ``snapshot`` is the store as a reader sees it. A damaged log is always refused; a torn
+    last commit frame only when a signed head in the run directory covers more rounds or
+    withdrawal events than the snapshot holds (else it is a write a crash interrupted before
+    it committed, which SQLite discards, as it should).
+    """
+    if wal.damage is None and wal.torn_commit is None:
+        return
+    readable = commitment_of(snapshot)
+    heads, _ = read_head_log(directory / HEADS_FILE)
+    signed = max((h.head.size for h in heads), default=0)
+    signed_ledger = max((h.head.ledger_size for h in heads), default=0)
+    lost: list[str] = []
+    if signed > readable.size:
+        lost.append(f"rounds {readable.size + 1}-{signed} are covered by a signed tree head "
+                    f"in {directory / HEADS_FILE} (size {signed})")
+    if signed_ledger > readable.ledger_size:
+        lost.append(f"withdrawal events {readable.ledger_size + 1}-{signed_ledger} are "
+                    f"covered by a signed tree head (ledger size {signed_ledger})")
+    if wal.damage is None and not lost:
+        log.warning(
+            "%s: its last commit frame is torn (a write interrupted by a crash before it "
+            "committed); SQLite discards it and the store stays at round %d",
+            wal.path, readable.size,
+        )
+        return
+    held = ""
+    try:
+        image, _ = database_image(directory / INDEX_FILENAME, wal, through_damage=True)
+        with contextlib.closing(open_image(image)) as beyond:
+            rounds = [t for (t,) in beyond.execute("SELECT round FROM rounds ORDER BY round")
+                      if t > readable.size]
+        if rounds:
+            held = f"; the frames past the damage hold rounds {spans(rounds)}"
+    except (sqlite3.Error, HistoryError, OSError):
+        pass  # the damaged part cannot be read: say what is certain only
+    damage = wal.damage or wal.torn_commit
+    assert damage is not None
+    affected = "; ".join(lost) if lost else (
+        f"committed transactions after round {readable.size} may be affected")
+    raise IntegrityError(
+        f"refusing to use the history in {directory}: {damage.describe(wal.path)}. The "
+        f"readable store holds rounds 1-{readable.size} and {readable.ledger_size} withdrawal "
+        f"event(s); {affected}{held}. Reading on would shorten the history without a word "
+        "and a resumed run would sign a second root for sizes already signed. Restore "
+        f"{wal.path.name} and {INDEX_FILENAME} from a backup, or train into a new directory."
+    )
 
 
 def _retained(t: int, retain_interval: int) -> bool:
@@ -314,6 +540,7 @@ class HistoryStore:
         meta: Mapping[str, str],
         *,
         fsync: bool = True,
+        read_only: bool = False,
     ) -> None:
         self._directory = directory
         self._blob_root = os.path.join(directory, BLOB_DIRNAME)
@@ -321,14 +548,20 @@ class HistoryStore:
         self._conn: sqlite3.Connection | None = conn
         self._codec = meta["codec"]
         self._created_at = meta["created_at"]
+        self._read_only = read_only
         try:
             self._retain_interval = int(meta["retain_interval"])
             self._run_config_json = meta["run_config"]
             json.loads(self._run_config_json)
-        except ValueError as exc:
+            self._roster_meta: tuple[str, ...] = tuple(json.loads(meta.get("roster", "[]")))
+        except (ValueError, TypeError) as exc:
             raise HistoryError(
                 f"{directory / INDEX_FILENAME} has a corrupt meta table: {exc}"
             ) from exc
+        context = meta.get("run_context")
+        self._run_context: bytes | None = None if context is None else context.encode("utf-8")
+        row = conn.execute("SELECT digest FROM models WHERE round = 0").fetchone()
+        self._initial_digest: str | None = None if row is None else str(row[0])
         if self._retain_interval < 1:
             raise HistoryError(
                 f"{directory / INDEX_FILENAME} records retain_interval "
@@ -391,15 +624,13 @@ class HistoryStore:
         if path.exists():
             if not path.is_dir():
                 raise HistoryError(f"cannot create a history store at {path}: not a directory")
-            if any(path.iterdir()):
+            if any(p.name != LOCK_FILENAME for p in path.iterdir()):
                 what = "a history store" if (path / INDEX_FILENAME).exists() else "other files"
                 raise HistoryError(
                     f"refusing to create a history store in {path}: the directory is not "
                     f"empty (it holds {what}); expected a new or empty directory"
                 )
-        path.mkdir(parents=True, exist_ok=True)
-        (path / BLOB_DIRNAME).mkdir(exist_ok=True)
-        conn = _connect(path / INDEX_FILENAME, create=True, fsync=fsync)
+        existed = path.exists()
         meta = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
@@ -408,29 +639,71 @@ class HistoryStore:
             "retain_interval": str(retain_interval),
             "run_config": run_config_json,
         }
+        index = path / INDEX_FILENAME
+        conn: sqlite3.Connection | None = None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
+            with _guard_sqlite(index, "create the history index",
+                               "nothing of the store was left behind"):
+                path.mkdir(parents=True, exist_ok=True)
+                (path / BLOB_DIRNAME).mkdir(exist_ok=True)
+                conn = _connect(index, create=True, fsync=fsync)
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _statements(_SCHEMA):
                     conn.execute(statement)
-            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
-            conn.execute("COMMIT")
+                conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+                conn.execute("COMMIT")
+                if fsync:
+                    fsync_directory(path)
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
+            # Nothing half-written: remove what this call created.
+            for name in (INDEX_FILENAME, INDEX_FILENAME + "-wal", INDEX_FILENAME + "-shm"):
+                with contextlib.suppress(OSError):
+                    (path / name).unlink()
+            with contextlib.suppress(OSError):
+                (path / BLOB_DIRNAME).rmdir()
+            if not existed:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
             raise
-        if fsync:
-            _fsync_directory(path)
         return cls(path, conn, meta, fsync=fsync)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike[str], *, fsync: bool = True) -> HistoryStore:
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        read_only: bool = False,
+    ) -> HistoryStore:
         """Open an existing store (``fsync`` as in :meth:`create`).
+
+        Before SQLite touches the index, its write-ahead log is validated
+        (:func:`fedforget.history.wal.analyse_wal`): SQLite would read a log with a damaged
+        frame as a shorter history, silently, and its next write or checkpoint would make
+        the loss permanent. A damaged log is refused; so is a log whose last commit frame
+        is torn while a signed tree head in ``tree_heads.jsonl`` covers more rounds or
+        withdrawal events than the readable store holds.
+
+        Parameters
+        ----------
+        read_only
+            Open an in-memory image of the index and its log
+            (:func:`fedforget.history.wal.database_image`): nothing on disk is written, not
+            even ``-shm``, so this works on a read-only or full disk; writes raise
+            :class:`HistoryError`.
 
         Raises
         ------
         HistoryError
             If the directory or its index is missing, the index is not a history index, or
             its format version is not :data:`FORMAT_VERSION`.
+        IntegrityError
+            If the write-ahead log is damaged (the message names the frame and what would be
+            lost).
+        StorageError
+            If the files cannot be read (or, read-write, the index cannot be opened).
         """
         path = Path(directory)
         if not path.is_dir():
@@ -438,9 +711,34 @@ class HistoryStore:
         index = path / INDEX_FILENAME
         if not index.is_file():
             raise HistoryError(f"{path} is not a history store: {index} is missing")
+        wal = analyse_wal(index.with_name(index.name + WAL_SUFFIX))
+        if read_only or wal.damage is not None or wal.torn_commit is not None:
+            image, wal = database_image(index, wal)
+            try:
+                snapshot = open_image(image)
+            except sqlite3.Error as exc:
+                raise HistoryError(f"{index} is not a history index: {exc}") from exc
+            owned = False
+            try:
+                _refuse_lost_commits(path, snapshot, wal)
+                if read_only:
+                    meta = _read_meta(snapshot, path)
+                    store = cls(path, snapshot, meta, fsync=fsync, read_only=True)
+                    owned = True  # the store closes it
+                    return store
+            finally:
+                if not owned:
+                    snapshot.close()
         try:
             conn = _connect(index, create=False, fsync=fsync)
         except sqlite3.Error as exc:
+            text = str(exc).lower()
+            if "unable to open" in text or "readonly" in text:
+                raise StorageError(
+                    f"cannot open {index} for writing: {exc} (on a read-only file system "
+                    "use HistoryStore.open(..., read_only=True) or `fedforget history "
+                    "verify`)", filename=str(index)
+                ) from exc
             raise HistoryError(f"{index} is not a history index: {exc}") from exc
         try:
             meta = _read_meta(conn, path)
@@ -507,6 +805,39 @@ class HistoryStore:
         return config
 
     @property
+    def read_only(self) -> bool:
+        """Whether the store was opened read-only (an in-memory image; writes refused)."""
+        return self._read_only
+
+    def _current_context(self) -> bytes:
+        if self._initial_digest is None:
+            raise HistoryError(
+                f"{self._directory} has no initial model yet: the run context (and so the "
+                "record of round 1) needs it; call put_initial_model first"
+            )
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'recording'").fetchone()
+        return run_context_bytes(
+            run_config=self.run_config,
+            codec=self._codec,
+            retain_interval=self._retain_interval,
+            roster=self._roster_meta,
+            initial_model=self._initial_digest,
+            created_at=self._created_at,
+            recording=None if row is None else json.loads(row[0]),
+        )
+
+    @property
+    def run_context(self) -> bytes:
+        """The canonical bytes of the run context (:func:`~fedforget.history.records.
+        run_context_bytes`): frozen when round 1 commits, the current one before."""
+        return self._run_context if self._run_context is not None else self._current_context()
+
+    @property
+    def run_digest(self) -> str:
+        """SHA-256 of :attr:`run_context`: what every round record's ``run`` holds."""
+        return sha256_digest(self.run_context)
+
+    @property
     def last_round(self) -> int:
         """Number of the last committed round; 0 when none is."""
         (last,) = self._db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()
@@ -517,6 +848,16 @@ class HistoryStore:
         """fp32 digest of θ_0, or None before :meth:`put_initial_model`."""
         row = self._db.execute("SELECT digest FROM models WHERE round = 0").fetchone()
         return None if row is None else str(row[0])
+
+    def commitment(self) -> Commitment:
+        """Sizes and Merkle roots of the store's round tree and withdrawal ledger, as a
+        signed tree head commits to them (:mod:`fedforget.history.commitment`)."""
+        return commitment_of(self._db)
+
+    def head_problems(self, heads: Sequence[LoggedHead]) -> list[str]:
+        """What the store fails to reproduce of ``heads`` (signatures not checked): see
+        :func:`fedforget.history.commitment.compare_heads`."""
+        return compare_heads(self._db, heads)
 
     def model_digest(self, t: int) -> str:
         """fp32 digest of θ after round ``t`` (``t = 0``: the initial model), from the index."""
@@ -535,17 +876,25 @@ class HistoryStore:
     # ------------------------------------------------------------------ writes
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed on success, rolled back on any exception."""
+    def _transaction(self, action: str = "write to") -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any exception (a full
+        or read-only disk becomes a StorageError naming the index; the store is then
+        unchanged)."""
+        if self._read_only:
+            raise HistoryError(
+                f"cannot {action} {self._directory}: the store was opened read-only"
+            )
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
+        index = self._directory / INDEX_FILENAME
+        with _guard_sqlite(index, action, "the store is unchanged"):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
 
     def _stored_digests(self, digests: Sequence[str]) -> set[str]:
         """Those of ``digests`` that the index already lists."""
@@ -586,15 +935,22 @@ class HistoryStore:
                 if self._fsync:
                     os.fsync(f.fileno())
                 f.close()
-        except BaseException:
+        except BaseException as exc:
             if f is not None:
                 with contextlib.suppress(OSError):
                     f.close()
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            if isinstance(exc, OSError):
+                what = "the initial model" if round == 0 else f"round {round}"
+                raise storage_error(
+                    exc, path, f"write the blobs of {what} to",
+                    f"the store is unchanged at round {self.last_round}",
+                ) from exc
             raise
         if rows and self._fsync:
-            _fsync_directory(self._blob_root)
+            with _guard_sqlite(Path(self._blob_root), "fsync"):
+                _fsync_directory(self._blob_root)
         return rows
 
     def _check_next_round(self, round: int, global_before: str) -> None:
@@ -625,20 +981,61 @@ class HistoryStore:
             )
 
     def set_roster(self, client_ids: Sequence[str]) -> None:
-        """Record the federation's client ids (every client that could take part)."""
-        value = json.dumps(sorted(set(client_ids)))
-        with self._transaction() as db:
+        """Record the federation's client ids (every client that could take part).
+
+        The roster is part of the run context, which round 1 freezes (the sampler draws
+        from it: another roster is another schedule). Setting the same roster again writes
+        nothing.
+
+        Raises
+        ------
+        HistoryError
+            If rounds are committed and ``client_ids`` is not the roster they were trained
+            with.
+        """
+        roster = tuple(sorted(set(client_ids)))
+        if self._read_only:
+            raise HistoryError(
+                f"cannot record the roster in {self._directory}: the store was opened read-only"
+            )
+        if roster == self._roster_meta:
+            return
+        if self._run_context is not None:
+            frozen = tuple(json.loads(self._run_context)["roster"])
+            added = sorted(set(roster) - set(frozen))
+            removed = sorted(set(frozen) - set(roster))
+            raise HistoryError(
+                f"cannot change the roster of {self._directory}: rounds are committed under "
+                f"the roster of {len(frozen)} clients they record (the run context); the new "
+                f"one adds {added or 'none'} and drops {removed or 'none'}. A federation with "
+                "other clients is another run: use a new run directory"
+            )
+        value = json.dumps(list(roster))
+        with self._transaction("record the roster in") as db:
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('roster', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (value,),
             )
+        self._roster_meta = roster
 
     def set_recording(self, settings: Mapping[str, Any]) -> None:
         """Record how the run is sampled, seeded and stored
-        (:meth:`fedforget.settings.RecordingSettings.to_dict`)."""
+        (:meth:`fedforget.settings.RecordingSettings.to_dict`).
+
+        Part of the run context, which round 1 freezes: other settings afterwards are
+        refused (they would sample, seed or store the run differently).
+        """
         value = canonical_json(dict(settings)).decode("utf-8")
-        with self._transaction() as db:
+        if self._run_context is not None:
+            frozen = json.loads(self._run_context).get("recording")
+            if frozen != json.loads(value):
+                raise HistoryError(
+                    f"cannot record the settings {value} in {self._directory}: its rounds were "
+                    f"committed with {json.dumps(frozen, sort_keys=True)}"
+                )
+            return
+        with self._transaction("record the recording settings of") as db:
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('recording', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -662,7 +1059,8 @@ class HistoryStore:
     def fork(self, directory: str | os.PathLike[str], *, upto_round: int) -> HistoryStore:
         """A new store in ``directory`` holding this store's rounds ``1..upto_round``.
 
-        The fork has the same run config, codec and retention; its index rows are copied
+        The fork has the same run config, codec, retention, roster and creation time (the
+        run context its copied records commit to); its index rows are copied
         and the packs holding its blobs hard-linked (copied across file systems; packs are
         never modified), so it costs little. Exact unlearning replays later rounds into a
         fork: the original history stays as it was.
@@ -714,10 +1112,23 @@ class HistoryStore:
                     shutil.copyfile(source, target)
             if packs and self._fsync:
                 _fsync_directory(fork._blob_root)
-            copied = src.execute(
-                "SELECT key, value FROM meta WHERE key IN ('roster', 'recording')").fetchall()
-            with fork._transaction() as db:
-                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", copied)
+            roster = src.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
+            recording = src.execute(
+                "SELECT value FROM meta WHERE key = 'recording'").fetchone()
+            context = self._run_context if upto_round >= 1 else None
+            with fork._transaction("fork into") as db:
+                # The fork is this history's first rounds: it keeps its creation time (part of
+                # the run context its copied records commit to).
+                db.execute("UPDATE meta SET value = ? WHERE key = 'created_at'",
+                           (self._created_at,))
+                if roster is not None:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('roster', ?)", roster)
+                if recording is not None:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('recording', ?)",
+                               recording)
+                if context is not None:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('run_context', ?)",
+                               (context.decode("utf-8"),))
                 db.executemany(
                     "INSERT INTO blobs (digest, pack, offset, nbytes) VALUES (?, ?, ?, ?)", blobs
                 )
@@ -735,6 +1146,10 @@ class HistoryStore:
         except BaseException:
             fork.close()
             raise
+        fork._created_at = self._created_at
+        fork._roster_meta = self._roster_meta if roster is not None else ()
+        fork._run_context = context
+        fork._initial_digest = self._initial_digest
         return fork
 
     def put_initial_model(self, tensors: Mapping[str, np.ndarray]) -> str:
@@ -745,6 +1160,9 @@ class HistoryStore:
         HistoryError
             If an initial model is already stored.
         """
+        if self._read_only:
+            raise HistoryError(f"cannot store an initial model in {self._directory}: the "
+                               "store was opened read-only")
         existing = self.initial_model_digest
         if existing is not None:
             raise HistoryError(
@@ -754,7 +1172,7 @@ class HistoryStore:
         data = encode(tensors, "fp32")
         digest = sha256_digest(data)
         rows = [] if self._stored_digests([digest]) else self._write_pack(0, iter([(digest, data)]))
-        with self._transaction() as db:
+        with self._transaction("store the initial model in") as db:
             if db.execute("SELECT 1 FROM models WHERE round = 0").fetchone() is not None:
                 raise HistoryError(f"{self._directory} already holds an initial model")
             db.executemany(
@@ -762,6 +1180,7 @@ class HistoryStore:
                 rows,
             )
             db.execute("INSERT INTO models (round, digest) VALUES (0, ?)", (digest,))
+        self._initial_digest = digest
         return digest
 
     def _check_participants(
@@ -912,6 +1331,7 @@ class HistoryStore:
             refused=tuple(refused),
             config=config,
             committed_at=when,
+            run_digest=self.run_digest,
         )
         record.canonical_bytes()  # computed (and kept) here, not on the writer
         return PreparedRound(
@@ -938,7 +1358,17 @@ class HistoryStore:
                 f"round {round} was prepared for codec {prepared.codec!r}; this store "
                 f"records {self._codec!r}"
             )
+        if self._read_only:
+            raise HistoryError(f"cannot commit round {round} to {self._directory}: the store "
+                               "was opened read-only")
         self._check_next_round(round, global_before)
+        context = self.run_context
+        if record.run_digest != sha256_digest(context):
+            raise HistoryError(
+                f"round {round} was prepared under run context {record.run_digest}; the "
+                f"store's run context is {sha256_digest(context)} (its roster or initial "
+                "model changed in between)"
+            )
         model_digest = record.global_after
         record_bytes = record.canonical_bytes()
 
@@ -970,8 +1400,13 @@ class HistoryStore:
 
         blob_rows = self._write_pack(round, new_blobs())
 
-        with self._transaction() as db:
+        with self._transaction(f"commit round {round} to") as db:
             self._check_next_round(round, global_before)  # against a concurrent writer
+            if self._run_context is None:  # round 1 freezes the run context
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('run_context', ?)",
+                    (context.decode("utf-8"),),
+                )
             db.executemany(
                 "INSERT OR IGNORE INTO blobs (digest, pack, offset, nbytes) VALUES (?, ?, ?, ?)",
                 blob_rows,
@@ -997,6 +1432,7 @@ class HistoryStore:
                     for r in record.participants
                 ],
             )
+        self._run_context = context
         return record
 
     # ------------------------------------------------------------------ reads

@@ -7,13 +7,13 @@ import binascii
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedforget.canonical import canonical_dumps
+from fedforget.fileio import write_new
 from fedforget.receipts.errors import ReceiptError
 
 _RFC3339_UTC = re.compile(
@@ -25,10 +25,8 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
 
 
 def canonical_json(obj: Any, error: type[ReceiptError] = ReceiptError) -> bytes:
-    """JSON with sorted keys, compact separators, UTF-8, NaN and infinities refused.
-
-    NumPy scalars are written as the Python numbers they hold.
-    """
+    """RFC 8785 canonical JSON (:func:`fedforget.canonical.canonical_dumps`); a value it
+    cannot represent raises ``error``."""
     try:
         return canonical_dumps(obj)
     except (TypeError, ValueError) as exc:
@@ -43,8 +41,8 @@ def parse_canonical_json(data: bytes, what: str, error: type[ReceiptError]) -> A
         raise error(f"{what} is not UTF-8 JSON: {exc}") from exc
     if canonical_json(parsed, error) != data:
         raise error(
-            f"{what} is not canonical JSON (sorted keys, no spaces, UTF-8); "
-            "it was altered or not written by fedforget"
+            f"{what} is not RFC 8785 canonical JSON (sorted keys, no spaces, UTF-8, "
+            "ECMAScript numbers); it was altered or not written by this fedforget"
         )
     return parsed
 
@@ -150,30 +148,14 @@ def require_fields(
 
 
 def write_new_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> Path:
-    """Write ``data`` to ``path`` atomically, refusing to replace an existing file.
-
-    The bytes go to a temporary file in the same directory, are fsync'ed, and are linked to
-    ``path`` (``os.link`` fails if ``path`` exists), so ``path`` is either absent or complete.
+    """Write ``data`` to ``path`` atomically, refusing to replace an existing file
+    (:func:`fedforget.fileio.write_new`).
 
     Raises
     ------
     FileExistsError
         If ``path`` exists.
+    StorageError
+        If it cannot be written (nothing is left behind).
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(tmp, target)
-    finally:
-        os.unlink(tmp)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return target
+    return write_new(path, data, mode=mode)

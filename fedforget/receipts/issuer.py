@@ -1,10 +1,11 @@
 """The server side of the history commitment and of erasure receipts.
 
-* :func:`signing_key` gives the run's Ed25519 key (made on first use);
-* :class:`HeadSigner` keeps the Merkle tree of the run's round records (RFC 9162 hashing,
-  leaves = canonical record bytes), signs a tree head after every committed round,
-  appends it to ``tree_heads.jsonl`` and hands the latest one to the clients in every train
-  message (:data:`fedforget.protocol.TREE_HEAD`), which keep it;
+* :func:`signing_key` gives the run's Ed25519 key (made only for a run that has signed
+  nothing);
+* :func:`head_log` gives the run's :class:`fedforget.history.HeadLog`, which signs a tree
+  head after every committed round and every ledger change, appends it to
+  ``tree_heads.jsonl`` and hands the latest one to the clients in every train message
+  (:data:`fedforget.protocol.TREE_HEAD`), which keep it;
 * :func:`sign_receipt` signs the receipt of one unlearning result into the result's
   *staging* directory, so that it is committed with the result (one rename) or not at all;
   :func:`publish_receipt` then links it into ``receipts/`` and moves ``receipts/latest``
@@ -17,15 +18,12 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedforget import protocol
 from fedforget.fileio import write_atomic
-from fedforget.history import HistoryStore, RoundRecord
-from fedforget.receipts.errors import ReceiptError
-from fedforget.receipts.keys import generate_keys, load_private_key
-from fedforget.receipts.merkle import MerkleAccumulator
+from fedforget.history import HeadLog, HistoryStore
 from fedforget.receipts.receipt import (
     ReceiptInput,
     build_receipt,
@@ -34,14 +32,16 @@ from fedforget.receipts.receipt import (
     receipt_digest,
     write_receipt,
 )
+from fedforget.receipts.records import commit_records
+from fedforget.receipts.run_keys import load_manifest, run_signing_key
 from fedforget.receipts.statement import Comparison
-from fedforget.receipts.tree_head import TreeHead, sign_tree_head, verify_tree_head
+from fedforget.receipts.tree_head import TreeHead
 from fedforget.results import ReceiptInfo, UnlearningOutcome
-from fedforget.rundir import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, RunDirectory
+from fedforget.rundir import RunDirectory
 
 __all__ = [
-    "HeadSigner",
     "StagedReceipt",
+    "head_log",
     "publish_receipt",
     "saved_head_of",
     "sign_receipt",
@@ -52,61 +52,19 @@ STAGED_RECEIPT = "receipt.json"
 """The receipt's file name inside the result directory it is committed with."""
 
 
-def signing_key(directory: Path) -> tuple[Ed25519PrivateKey, Path]:
-    """The private key in ``directory`` (generated on first use) and its public key's path."""
-    if not (directory / PRIVATE_KEY_FILE).exists():
-        generate_keys(directory)
-    return load_private_key(directory / PRIVATE_KEY_FILE), directory / PUBLIC_KEY_FILE
+def signing_key(run: RunDirectory, keys_dir: Path | None = None
+                ) -> tuple[Ed25519PrivateKey, Path]:
+    """The run's private key and its public key's path (made only for a run that has signed
+    nothing: :func:`fedforget.receipts.run_keys.run_signing_key`)."""
+    return run_signing_key(run.path, keys_dir)
 
 
-class HeadSigner:
-    """Sign a tree head over the round records after every committed round."""
-
-    def __init__(self, store: HistoryStore, key: Ed25519PrivateKey) -> None:
-        self._key = key
-        self._path = RunDirectory(store.directory).tree_heads
-        self._tree = MerkleAccumulator()
-        for record in store.record_bytes():  # streamed: O(log n) memory, nothing parsed
-            self._tree.append(record)
-        self.latest: TreeHead | None = None
-        if self._tree.size:
-            self.latest = self._last_logged() or self._sign()
-
-    def _last_logged(self) -> TreeHead | None:
-        """The last head of the log, if it is this tree's (same size and root): a resumed or
-        unlearning run shows it again instead of signing a duplicate."""
-        if not self._path.exists():
-            return None
-        lines = self._path.read_bytes().splitlines()
-        if not lines:
-            return None
-        try:
-            head = TreeHead.from_json(lines[-1])
-            verify_tree_head(head, public_key=self._key.public_key())
-        except ReceiptError:
-            return None
-        if head.size == self._tree.size and head.root == self._tree.root().hex():
-            return head
-        return None
-
-    def _sign(self) -> TreeHead:
-        head = sign_tree_head(self._tree.size, self._tree.root(), self._key)
-        # A log of the heads shown, not the record of truth (the store is; any head can be
-        # signed again from it): no fsync on the training thread.
-        with self._path.open("ab") as fh:
-            fh.write(head.to_json())
-        return head
-
-    def on_commit(self, record: RoundRecord) -> None:
-        """Add ``record`` (the next round) to the tree and sign the new head."""
-        self._tree.append(record.canonical_bytes())
-        self.latest = self._sign()
-
-    def config(self) -> dict[str, str]:
-        """Train-config entries carrying the latest head to the clients."""
-        if self.latest is None:
-            return {}
-        return {protocol.TREE_HEAD: self.latest.to_json().decode()}
+def head_log(store: HistoryStore, run: RunDirectory, keys_dir: Path | None = None) -> HeadLog:
+    """The run's head log: it checks that the store reproduces every head signed so far and
+    signs a head over the store as it is now (rounds and withdrawal ledger)."""
+    key, _ = signing_key(run, keys_dir)
+    folder = keys_dir if keys_dir is not None else run.default_keys
+    return HeadLog(store, key, manifest=load_manifest(folder))
 
 
 def saved_head_of(run: RunDirectory, request_id: str, client_id: str
@@ -131,13 +89,35 @@ def _comparison_metrics(outcome: UnlearningOutcome) -> dict[str, float]:
     """The figures a receipt states: each model's test accuracy, forgotten-data accuracy
     and backdoor success where measured, and the L2 distance to the retrained model."""
     flat: dict[str, float] = {}
-    for name in ("test_accuracy", "forgotten_accuracy", "backdoor_success", "l2_to_retrained"):
+    for name in ("test_accuracy", "forgotten_accuracy", "backdoor_success", "l2_to_retrained",
+                 "forgotten_class_accuracy", "retained_class_accuracy"):
         values = outcome.metrics.get(name)
         if not isinstance(values, dict):
             continue
         for model, value in values.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 flat[f"{name.replace('_', '-')}-{model}"] = float(value)
+    flat.update(_collateral_metrics(outcome.metrics.get("collateral")))
+    return flat
+
+
+def _collateral_metrics(collateral: object) -> dict[str, float]:
+    """Who else is hurt, as receipt figures: each similarity's correlation with the harm
+    and its interval, the size of the hurt group and its mean harm against the others'
+    (no client is named: the names stay in result.json)."""
+    if not isinstance(collateral, dict):
+        return {}
+    flat: dict[str, float] = {}
+    for kind, corr in (collateral.get("correlation") or {}).items():
+        for part in ("r", "low", "high"):
+            value = (corr or {}).get(part)
+            if isinstance(value, int | float):
+                flat[f"collateral-{kind}-correlation-{part}"] = float(value)
+    flat["collateral-hurt-clients"] = float(len(collateral.get("hurt") or []))
+    for key in ("hurt_mean_harm", "others_mean_harm"):
+        value = collateral.get(key)
+        if isinstance(value, int | float):
+            flat[f"collateral-{key.replace('_', '-')}"] = float(value)
     return flat
 
 
@@ -150,6 +130,7 @@ def sign_receipt(
     public_key_path: Path,
     staging: Path,
     issuer: str | None = None,
+    request: Any = None,
 ) -> StagedReceipt:
     """Sign the receipt of ``outcome`` into ``staging`` (the result's staging directory).
 
@@ -158,6 +139,12 @@ def sign_receipt(
     (``withdrawals/<request>/outbox/<receipt-id>.salt``, mode 0600) until it is delivered to
     the client (:mod:`fedforget.delivery`); should the result not commit, that salt opens no
     receipt.
+
+    For a record-level ``request`` (a :class:`~fedforget.withdrawal.WithdrawalRequest`) the
+    receipt also commits to its record ids (:mod:`fedforget.receipts.records`), under a
+    second salt waiting in the same outbox (``<receipt-id>.records-salt``) with the ids
+    (``<receipt-id>.records``), so that the client can open it for any one record; for a
+    class-level request it names the labels.
     """
     previous = None
     if run.latest_receipt.exists():
@@ -166,6 +153,18 @@ def sign_receipt(
     saved_head, head_path = saved_head_of(run, outcome.request_id, outcome.client_id)
     salt = new_client_salt()
     receipt_id = f"rc-{uuid.uuid4().hex[:16]}"
+    kind = getattr(request, "kind", "client")
+    scope: dict[str, Any] | None = None
+    records_salt = new_client_salt() if kind == "records" else None
+    if records_salt is not None:
+        scope = {"kind": "records",
+                 "records": commit_records(records_salt, request.record_ids).to_dict()}
+    elif kind == "class":
+        scope = {"kind": "class", "labels": sorted(request.labels)}
+    if kind == "class":  # every client's contributions held the class
+        rounds_affected = [r.round for r in store.rounds() if r.participants]
+    else:
+        rounds_affected = store.client_rounds(outcome.client_id)
     comparison = None
     if outcome.reference.model_digest is not None:
         comparison = Comparison(retrained_model_digest=outcome.reference.model_digest,
@@ -179,7 +178,7 @@ def sign_receipt(
             reason=outcome.reason,
             client_id=outcome.client_id,
             client_salt=salt,
-            rounds_affected=store.client_rounds(outcome.client_id),
+            rounds_affected=rounds_affected,
             history=commit_history(store.record_bytes(),
                                    saved_head=saved_head),
             method=outcome.method,
@@ -190,6 +189,7 @@ def sign_receipt(
             original_model_digest=outcome.original_model_digest,
             comparison=comparison,
             previous_receipt_digest=previous,
+            scope=scope,
         ),
         key,
     )
@@ -200,6 +200,13 @@ def sign_receipt(
     fd = os.open(salt_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(salt.hex() + "\n")
+    if records_salt is not None:
+        fd = os.open(salt_dir / f"{receipt_id}.records-salt",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(records_salt.hex() + "\n")
+        (salt_dir / f"{receipt_id}.records").write_text(
+            "\n".join(request.record_ids) + "\n")
     info = ReceiptInfo(
         receipt_id=receipt_id,
         receipt_path=run.relative(run.receipt(receipt_id)),

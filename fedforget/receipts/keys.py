@@ -15,9 +15,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedforget.fileio import storage_error
 from fedforget.receipts._util import write_new_file
 from fedforget.receipts.errors import SigningKeyError
 
@@ -85,7 +87,12 @@ def generate_keys(directory: str | os.PathLike[str]) -> GeneratedKeys:
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
             raise SigningKeyError(f"{path} exists; refusing to overwrite a key file")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SigningKeyError(
+            f"cannot create the key directory {folder}: {storage_error(exc, folder, 'create')}"
+        ) from exc
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM,
@@ -101,6 +108,9 @@ def generate_keys(directory: str | os.PathLike[str]) -> GeneratedKeys:
     except FileExistsError:
         private_path.unlink()
         raise SigningKeyError(f"{public_path} exists; refusing to overwrite a key file") from None
+    except BaseException:
+        private_path.unlink(missing_ok=True)  # nothing half-written: no key without its pub
+        raise
     return GeneratedKeys(private_path, public_path, key_id(private_key.public_key()))
 
 
@@ -122,7 +132,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     data = _read(path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SigningKeyError(f"{path} is not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} holds a {type(key).__name__}; expected an Ed25519 key")
@@ -139,7 +149,7 @@ def public_key_from_pem(data: bytes, what: str = "public key") -> Ed25519PublicK
     """
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise SigningKeyError(f"{what} is not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"{what} holds a {type(key).__name__}; expected an Ed25519 key")

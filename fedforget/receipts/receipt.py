@@ -168,6 +168,10 @@ class ReceiptInput:
         The comparison with the model retrained without the client, when it was made.
     previous_receipt_digest
         :func:`receipt_digest` of the previous receipt this server issued, if any.
+    scope
+        For a record-level request ``{"kind": "records", "records": <RecordCommitment
+        .to_dict()>}``, for a class-level one ``{"kind": "class", "labels": [...]}``;
+        None (no ``scope`` field) for a whole client.
     issued_at
         RFC 3339 UTC time of issue (default: now).
     """
@@ -190,6 +194,7 @@ class ReceiptInput:
     comparison: Comparison | None = None
     previous_receipt_digest: str | None = None
     issued_at: str | None = None
+    scope: Mapping[str, Any] | None = None  # predicate "scope": record or class requests
 
 
 def _integers(values: Iterable[object], what: str) -> list[int]:
@@ -209,6 +214,13 @@ def _subject(name: str, digest: str) -> dict[str, Any]:
 
 
 def _statement(inputs: ReceiptInput, signer_key_id: str) -> dict[str, Any]:
+    statement = _base_statement(inputs, signer_key_id)
+    if inputs.scope is not None:
+        statement["predicate"]["scope"] = dict(inputs.scope)
+    return statement
+
+
+def _base_statement(inputs: ReceiptInput, signer_key_id: str) -> dict[str, Any]:
     return {
         "_type": STATEMENT_TYPE,
         "subject": [

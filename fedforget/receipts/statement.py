@@ -1,6 +1,6 @@
 """The erasure-receipt statement: an in-toto Statement v1 with our predicate, and its schema.
 
-Wire form of the payload (canonical JSON; keys of our predicate are kebab-case):
+Wire form of the payload (RFC 8785 canonical JSON; keys of our predicate are kebab-case):
 
 .. code-block:: text
 
@@ -10,7 +10,7 @@ Wire form of the payload (canonical JSON; keys of our predicate are kebab-case):
         {"name": "unlearned-model", "digest": {"sha256": "<hex>"}},
         {"name": "original-model",  "digest": {"sha256": "<hex>"}}
       ],
-      "predicateType": "https://fedforget.dev/erasure-receipt/v1",
+      "predicateType": "https://fedforget.dev/erasure-receipt/v2",
       "predicate": {
         "receipt-id": "...", "issued-at": "<RFC 3339 UTC>", "issuer": "...",
         "signer-key-id": "<hex SHA-256 of the raw Ed25519 public key>",
@@ -25,9 +25,15 @@ Wire form of the payload (canonical JSON; keys of our predicate are kebab-case):
                    "seeds": {"name": 7, ...}},
         "comparison": null | {"retrained-model": "sha256:<hex>",
                               "metrics": {"name": "<decimal string>", ...}},
-        "previous-receipt": null | "sha256:<hex of the previous receipt file>"
+        "previous-receipt": null | "sha256:<hex of the previous receipt file>",
+        "scope": {"kind": "records", "records": {"count": 5, "root": "<hex>",
+                                                 "scheme": "..."}}
+                 | {"kind": "class", "labels": [3]}       (only below whole clients)
       }
     }
+
+``scope`` is present only in receipts of record- and class-level requests
+(:mod:`fedforget.erasure`); a whole-client receipt has none, as before.
 
 :func:`parse_statement` checks every field: an unknown field, a missing one, another
 ``_type`` or ``predicateType``, or a value of the wrong form raises.
@@ -81,8 +87,12 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 """``_type`` of an in-toto Statement v1."""
 
-PREDICATE_TYPE = "https://fedforget.dev/erasure-receipt/v1"
-"""The one predicate version this code writes and accepts."""
+PREDICATE_TYPE = "https://fedforget.dev/erasure-receipt/v2"
+"""The one predicate version this code writes and accepts (v1: Python's sorted-key JSON and
+version 1 tree heads; v2: RFC 8785 canonical JSON, version 2 tree heads that also commit to
+the withdrawal ledger)."""
+
+_OLDER_PREDICATES = ("https://fedforget.dev/erasure-receipt/v1",)
 
 UNLEARNED_SUBJECT = "unlearned-model"
 ORIGINAL_SUBJECT = "original-model"
@@ -111,6 +121,8 @@ _HISTORY_FIELDS = ("consistency", "root", "tree-size")
 _CONSISTENCY_FIELDS = ("from-head", "proof")
 _METHOD_FIELDS = ("name", "parameters", "seeds", "version")
 _COMPARISON_FIELDS = ("metrics", "retrained-model")
+_SCOPE_KINDS = {"records": ("kind", "records"), "class": ("kind", "labels")}
+_RECORDS_FIELDS = ("count", "root", "scheme")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", re.ASCII)
 
 
@@ -242,6 +254,7 @@ class ErasureStatement:
     comparison: Comparison | None
     previous_receipt: str | None
     statement: Mapping[str, Any]
+    scope: Mapping[str, Any] | None = None  # record- or class-level requests only
 
 
 def _subject(data: object, index: int, name: str) -> str:
@@ -328,6 +341,29 @@ def _comparison(data: object) -> Comparison | None:
     return Comparison(digest, metrics)
 
 
+def _scope(data: object) -> Mapping[str, Any]:
+    where = "predicate.scope"
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in _SCOPE_KINDS:
+        raise PredicateError(f"{where}.kind is {kind!r}; expected 'records' or 'class'")
+    fields = require_fields(data, where, PredicateError, _SCOPE_KINDS[kind])
+    if kind == "records":
+        records = require_fields(fields["records"], f"{where}.records", PredicateError,
+                                 _RECORDS_FIELDS)
+        require_int(records["count"], f"{where}.records.count", PredicateError, minimum=1)
+        require_hex64(records["root"], f"{where}.records.root", PredicateError)
+        require_str(records["scheme"], f"{where}.records.scheme", PredicateError)
+    else:
+        labels = fields["labels"]
+        if not isinstance(labels, list) or not labels:
+            raise PredicateError(f"{where}.labels is {labels!r}; expected a list of labels")
+        values = [require_int(v, f"{where}.labels[{i}]", PredicateError)
+                  for i, v in enumerate(labels)]
+        if values != sorted(set(values)):
+            raise PredicateError(f"{where}.labels is {values}; expected increasing labels")
+    return MappingProxyType(dict(fields))
+
+
 def parse_statement(payload: bytes) -> ErasureStatement:
     """Parse and schema-check the payload of an erasure receipt.
 
@@ -346,8 +382,14 @@ def parse_statement(payload: bytes) -> ErasureStatement:
     if fields["_type"] != STATEMENT_TYPE:
         raise StatementError(f"_type is {fields['_type']!r}; expected {STATEMENT_TYPE!r}")
     if fields["predicateType"] != PREDICATE_TYPE:
+        older = (
+            " (an older receipt version: its bytes were not RFC 8785 canonical JSON and its "
+            "tree heads did not bind the withdrawal ledger; this fedforget verifies "
+            "version 2 only)" if fields["predicateType"] in _OLDER_PREDICATES else ""
+        )
         raise PredicateVersionError(
             f"predicateType is {fields['predicateType']!r}; expected {PREDICATE_TYPE!r}"
+            + older
         )
     subjects = fields["subject"]
     if not isinstance(subjects, list) or len(subjects) != 2:
@@ -358,7 +400,10 @@ def parse_statement(payload: bytes) -> ErasureStatement:
     unlearned = _subject(subjects[0], 0, UNLEARNED_SUBJECT)
     original = _subject(subjects[1], 1, ORIGINAL_SUBJECT)
 
-    p = require_fields(fields["predicate"], "predicate", PredicateError, _PREDICATE_FIELDS)
+    optional = ("scope",) if isinstance(fields["predicate"], dict) and \
+        "scope" in fields["predicate"] else ()
+    p = require_fields(fields["predicate"], "predicate", PredicateError,
+                       _PREDICATE_FIELDS + optional)
     receipt_id = require_str(p["receipt-id"], "predicate.receipt-id", PredicateError)
     issued_at = p["issued-at"]
     parse_utc(issued_at, "predicate.issued-at", PredicateError)
@@ -417,6 +462,7 @@ def parse_statement(payload: bytes) -> ErasureStatement:
         comparison=comparison,
         previous_receipt=previous,
         statement=MappingProxyType(data),
+        scope=_scope(p["scope"]) if optional else None,
     )
 
 

@@ -20,6 +20,8 @@ check that failed, its message prefixed with the check's name. The checks, in or
 9. **subject digest** – the model files' SHA-256 equal the subjects (when given).
 10. **client commitment** – ``SHA256(salt || client_id)`` equals the commitment (when given).
 11. **previous receipt** – the chain link names the given previous receipt (when given).
+12. **record commitment** – a record opening (:mod:`fedforget.receipts.records`) leads to
+    the receipt's record commitment (when given; the receipt must be record-level).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ from fedforget.receipts.errors import (
 from fedforget.receipts.manifest import KeyManifest, check_key_valid, verify_envelope_signature
 from fedforget.receipts.merkle import verify_consistency
 from fedforget.receipts.receipt import client_commitment, receipt_digest
+from fedforget.receipts.records import (
+    RecordCommitmentError,
+    RecordOpening,
+    verify_record_opening,
+)
 from fedforget.receipts.statement import PAYLOAD_TYPE, ErasureStatement, parse_statement
 from fedforget.receipts.tree_head import TreeHead, verify_tree_head
 
@@ -195,6 +202,7 @@ def verify_receipt(
     salt: bytes | None = None,
     client_id: str | None = None,
     previous_receipt: bytes | None = None,
+    record_opening: RecordOpening | None = None,
 ) -> VerifiedReceipt:
     """Verify a receipt file's bytes; return its summary or raise.
 
@@ -216,6 +224,9 @@ def verify_receipt(
         Together: check that the receipt is about ``client_id``.
     previous_receipt
         The previous receipt file; checked against ``previous-receipt``.
+    record_opening
+        The client's opening of one record; checked against the receipt's record
+        commitment (``scope.records``).
 
     Raises
     ------
@@ -268,4 +279,10 @@ def verify_receipt(
                 f"{found}"
             )
         checks.append("previous receipt")
+    if record_opening is not None:
+        if s.scope is None or s.scope.get("kind") != "records":
+            raise RecordCommitmentError("the receipt commits to no records (it is not a "
+                                        "record-level receipt)")
+        verify_record_opening(record_opening, s.scope["records"])
+        checks.append(f"record {record_opening.record_id} covered")
     return VerifiedReceipt(s, signer, tuple(checks))

@@ -9,7 +9,6 @@ loop anywhere. A new method is one new module and one ``@register`` line.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,6 +17,8 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from fedforget.cost import Cost
+from fedforget.erasure import ErasureScope
 from fedforget.errors import ConfigError, FedForgetError
 from fedforget.history import HistoryStore
 from fedforget.registry import Registry
@@ -31,37 +32,6 @@ class UnlearningError(FedForgetError):
 
 class RetentionError(UnlearningError):
     """The history's retention dropped what a method needs."""
-
-
-# ---------------------------------------------------------------------------- cost
-@dataclass
-class Cost:
-    """What an unlearning run cost.
-
-    ``client_epochs`` counts local epochs of training asked of clients (one client
-    training E epochs is E); ``rounds`` counts federated rounds run; bytes are model
-    payloads sent to and received from clients; ``server_seconds`` is the server's wall
-    time, ``client_seconds`` the sum of the clients' reported training time.
-    """
-
-    client_epochs: float = 0.0
-    rounds: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    server_seconds: float = 0.0
-    client_seconds: float = 0.0
-
-    def add(self, other: Cost) -> None:
-        """Accumulate ``other`` into this cost (server time excluded)."""
-        self.client_epochs += other.client_epochs
-        self.rounds += other.rounds
-        self.bytes_sent += other.bytes_sent
-        self.bytes_received += other.bytes_received
-        self.client_seconds += other.client_seconds
-
-    def to_dict(self) -> dict[str, float | int]:
-        """A JSON-ready copy."""
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------- federation
@@ -160,6 +130,10 @@ class UnlearningRequest:
     workdir: str  # a fresh directory the method may write into
     current_model: TensorDict | None = None  # the model in service (after earlier unlearning)
     observe: Observer | None = None
+    # records and labels forgotten beyond whole clients (every record and class request in
+    # force); the clients leave them out of every round they train (fedforget.erasure)
+    scope: ErasureScope = field(default_factory=ErasureScope)
+    kind: str = "client"  # the size of the request served: client, records or class
 
     def report(self, server_round: int, model: Mapping[str, np.ndarray]) -> None:
         """Hand ``model``, the global model after ``server_round``, to the observer, if any.
@@ -244,6 +218,8 @@ class Unlearner(ABC, Generic[P]):
     exact: ClassVar[bool] = False
     multi_client: ClassVar[bool] = True
     needs_clients: ClassVar[bool] = True
+    # the sizes of request it serves (fedforget.erasure.KINDS)
+    request_kinds: ClassVar[tuple[str, ...]] = ("client",)
     Params: ClassVar[type[MethodParams]] = MethodParams
     params: P
 
@@ -262,6 +238,11 @@ class Unlearner(ABC, Generic[P]):
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse a request this method cannot serve, before any work (override to add)."""
+        if request.kind not in self.request_kinds:
+            raise UnlearningError(
+                f"{self.name} serves {', '.join(self.request_kinds)} requests; this is a "
+                f"{request.kind} request (methods for every size: retrain, rollback)"
+            )
         if not self.multi_client and len(request.forget) > 1:
             raise UnlearningError(
                 f"{self.name} forgets one client per request; got {sorted(request.forget)}"
@@ -281,7 +262,8 @@ class Unlearner(ABC, Generic[P]):
 
 
 METHOD_MODULES = (
-    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga"
+    "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga",
+    "rapid_retrain", "fucp", "repair",
 )
 """The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
 method is one module and one name here."""

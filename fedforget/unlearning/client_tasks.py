@@ -17,7 +17,9 @@ from torch import nn
 from fedforget.data.array_dataset import ArrayDataset
 from fedforget.registry import Registry
 
-TASK_MODULES = ("fedforget.unlearning.ascent",)
+TASK_MODULES = ("fedforget.unlearning.ascent", "fedforget.evaluation.profile",
+                "fedforget.unlearning.rapid_retrain", "fedforget.unlearning.fucp",
+                "fedforget.evaluation.on_client")
 """The modules that register the shipped client tasks."""
 
 TRAIN = "train"

@@ -11,6 +11,10 @@ drops the excluded ids afterwards), each training with the same seed.
 
 The replayed history is written to ``<workdir>/history`` (a full history of the retrained
 model, which later withdrawals can build on).
+
+Records and classes (:mod:`fedforget.erasure`): every client leaves out the records and
+labels in force in every replayed round, so the replay is the run as if they had never
+existed — exact at every size of request.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Retrain(Unlearner[MethodParams]):
 
     name = "retrain"
     exact = True
+    request_kinds = ("client", "records", "class")
     Params = MethodParams
 
     def run(self, request: UnlearningRequest) -> UnlearningResult:  # noqa: D102

@@ -13,6 +13,12 @@ training. Under deterministic seeding the result equals :mod:`retrain
 
 The history of rounds :math:`1..t_0-1` is forked (hard-linked) and the replayed rounds are
 appended to it in ``<workdir>/history``; the original history is left as it was.
+
+Records and classes (:mod:`fedforget.erasure`): :math:`t_0` is also no later than the
+first round in which a client whose records are forgotten took part (it trained on them
+from its first round: the data pipeline's records are there from the start), and is round
+1 when a class is forgotten (any client may hold it; the server does not know which). The
+replay leaves out the records and labels in force, so it stays exact.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ class Rollback(Unlearner[MethodParams]):
 
     name = "rollback"
     exact = True
+    request_kinds = ("client", "records", "class")
     Params = MethodParams
 
     def run(self, request: UnlearningRequest) -> UnlearningResult:  # noqa: D102
         store = request.store
         last = store.last_round
-        t0 = first_contribution(store, request.forget)
+        t0 = first_round(request)
         if t0 is None:
             return UnlearningResult(
                 model=store.global_model(last),
@@ -64,3 +71,11 @@ class Rollback(Unlearner[MethodParams]):
             notes=[f"restored the global model after round {t0 - 1}; replayed {t0}..{last}"],
             history_dir=history,
         )
+
+
+def first_round(request: UnlearningRequest) -> int | None:
+    """:math:`t_0`: the first round that saw anything ``request`` forgets (None: none did)."""
+    store = request.store
+    if request.scope.labels and store.last_round >= 1:
+        return 1
+    return first_contribution(store, request.forget | request.scope.record_clients())

@@ -1,0 +1,87 @@
+"""HeadLog: a head per committed round and per ledger change, none twice, never two roots
+for one size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedforget.history import ForkedHistoryError, HeadLog, HistoryStore, ParticipantUpdate
+from fedforget.history.commitment import read_head_log
+from fedforget.receipts.merkle import tree_root
+from fedforget.receipts.tree_head import EMPTY_LEDGER_ROOT, verify_tree_head
+from fedforget.withdrawal import WithdrawalLedger
+
+KEY = Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
+
+
+def model(t: int) -> dict[str, np.ndarray]:
+    return {"w": np.full(3, t, np.float32)}
+
+
+def commit(store: HistoryStore, t: int, before: str) -> str:
+    return store.commit_round(
+        round=t, global_before=before, global_after=model(t), config={},
+        participants=[ParticipantUpdate("client-000", 2, 1.0, t, model(t))],
+    ).global_after
+
+
+def test_a_head_per_round_and_per_ledger_change(tmp_path: Path) -> None:
+    store = HistoryStore.create(tmp_path / "run", run_config={"seed": 0})
+    store.set_roster(["client-000", "client-001"])
+    before = store.put_initial_model(model(0))
+    log = HeadLog(store, KEY)
+    assert log.latest is None and log.config() == {}
+    records = []
+    for t in (1, 2):
+        before = commit(store, t, before)
+        records.append(store.round(t))
+        log.on_commit(records[-1])
+    heads = [h.head for h in read_head_log(tmp_path / "run" / "tree_heads.jsonl")[0]]
+    assert [(h.size, h.ledger_size) for h in heads] == [(1, 0), (2, 0)]
+    assert heads[1].root == tree_root(r.canonical_bytes() for r in records)[1].hex()
+    assert heads[1].ledger_root == EMPTY_LEDGER_ROOT
+    for h in heads:
+        verify_tree_head(h, public_key=KEY.public_key())
+    # A ledger change, then its head: same rounds, one more event.
+    with WithdrawalLedger(tmp_path / "run") as ledger:
+        ledger.request("client-001", reason="", roster=frozenset(store.roster()))
+    head = log.sign()
+    assert (head.size, head.root, head.ledger_size) == (2, heads[1].root, 1)
+    # A resume signs nothing new; the latest head goes to the clients.
+    again = HeadLog(store, KEY)
+    assert again.latest == head and "fedforget.tree-head" in again.config()
+    assert len(read_head_log(tmp_path / "run" / "tree_heads.jsonl")[0]) == 3
+    store.close()
+
+
+def test_a_head_log_of_another_history_is_refused(tmp_path: Path) -> None:
+    # Two stores with different round 1; the second is given the first one's head log.
+    for name, t in (("a", 1), ("b", 7)):
+        store = HistoryStore.create(tmp_path / name, run_config={})
+        before = store.put_initial_model(model(0))
+        before = store.commit_round(
+            round=1, global_before=before, global_after=model(t), config={},
+            participants=[ParticipantUpdate("client-000", 2, 1.0, 1, model(t))],
+        ).global_after
+        if name == "a":
+            HeadLog(store, KEY)
+        store.close()
+    (tmp_path / "b" / "tree_heads.jsonl").write_bytes(
+        (tmp_path / "a" / "tree_heads.jsonl").read_bytes())
+    with HistoryStore.open(tmp_path / "b") as store, pytest.raises(ForkedHistoryError) as info:
+        HeadLog(store, KEY)
+    assert "round 1 differs from what tree_heads.jsonl line 1 signed" in str(info.value)
+
+
+def test_a_head_signed_by_another_key_is_refused_at_resume(tmp_path: Path) -> None:
+    store = HistoryStore.create(tmp_path / "run", run_config={})
+    commit(store, 1, store.put_initial_model(model(0)))
+    HeadLog(store, Ed25519PrivateKey.generate())
+    with pytest.raises(ForkedHistoryError, match="signature: tree_heads.jsonl line 1 does not "
+                       "verify under key"):
+        HeadLog(store, KEY)
+    store.close()
