@@ -310,8 +310,9 @@ class TaskMeasure:
 def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
                        forgotten: ArrayDataset | None, test_set: ArrayDataset
                        ) -> dict[str, Any] | None:
-    """Who else is hurt (:mod:`fedforget.evaluation.collateral`): every remaining client's
-    accuracy change against its similarity to the forgotten data, from the clients' own
+    """Who else is hurt (:mod:`fedforget.evaluation.collateral`): each remaining client's
+    (of the impact sample, :meth:`MeasureContext.impact_sample`) accuracy change against
+    its similarity to the forgotten data, from the clients' own
     evaluations (:mod:`fedforget.evaluation.profile`). The probe of the forgotten data is
     built here from the data the simulation can rebuild (``forgotten``). None without a
     federation or a remaining client."""
@@ -325,7 +326,10 @@ def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
     )
     from fedforget.task import client_group, client_partition
 
-    remaining = ctx.remaining()
+    # The same seeded sample of the remaining clients as the per-client impact (every one
+    # in a federation of at most impact_clients): at 1,000 clients, asking each of them
+    # twice would cost more than the unlearning.
+    remaining = ctx.impact_sample()
     if ctx.federation is None or not remaining:
         return None
     probe = None
@@ -337,8 +341,10 @@ def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
         # the data cannot be rebuilt here: the departing client answers its own probe
         probe = ask_probe(ctx.federation, ctx.original, ctx.request.client_id,
                           mean_representation(original, test_set).tolist())
-    before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
-    after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
+    with phase(f"collateral: {len(remaining)} clients profile both models",
+               enabled=ctx.progress):
+        before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
+        after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
     profiles = []
     for cid in remaining:
         b, a = before.get(cid, {}), after.get(cid, {})
