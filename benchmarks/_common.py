@@ -49,15 +49,23 @@ BENCH_CONFIG: dict[str, Any] = {
 }
 
 
-def demo_config(*, num_rounds: int, out_dir: str | Path = "", **overrides: Any) -> Any:
-    """The issue-2 demo configuration (:data:`BENCH_CONFIG`) with ``num-rounds``, no progress
-    output, and ``overrides`` (kebab-case keys)."""
+def demo_config(*, num_rounds: int, **overrides: Any) -> Any:
+    """The issue-2 demo configuration (:data:`BENCH_CONFIG`) with ``num-rounds`` and
+    ``overrides`` (kebab-case keys)."""
     from fedforget.config import RunConfig
 
     values = dict(BENCH_CONFIG)
-    values.update({"num-rounds": num_rounds, "out-dir": str(out_dir), "progress": False})
+    values["num-rounds"] = num_rounds
     values.update(overrides)
     return RunConfig.from_mapping(values)
+
+
+def train(cfg: Any, out: str | Path, *, engine: str = "inprocess", project: Any = None,
+          **settings: Any) -> None:
+    """``fedforget.engine.run_training(cfg, out=out, ...)`` without progress output."""
+    from fedforget.engine import run_training
+
+    run_training(cfg, out=out, engine=engine, project=project, progress=False, **settings)
 
 
 def describe(cfg: Any) -> str:
@@ -204,18 +212,30 @@ class SkippedCommits:
 
 @contextlib.contextmanager
 def no_tree_heads() -> Iterator[None]:
-    """BENCHMARK-LOCAL PATCH: the ServerApp signs no tree head and sends none to clients.
+    """BENCHMARK-LOCAL PATCH: the ServerApp signs no tree head per round and sends none to
+    clients.
 
-    Since the erasure receipts (commit 02ab2f8) the ServerApp's ``server.receipts.HeadSigner``
+    Since the erasure receipts (commit 02ab2f8) the server's head signer
+    (``fedforget.history.heads.HeadLog`` since the history-integrity work;
+    ``fedforget.receipts.issuer.HeadSigner`` and ``server.receipts.HeadSigner`` before)
     appends every committed round to a Merkle tree, signs a tree head (Ed25519), appends it
-    to ``tree_heads.jsonl`` with an fsync, and every train message carries the latest head,
-    which each client writes to its state directory. Inside the block ``on_commit`` does
-    nothing and ``config`` returns no entry (so clients write nothing either); the run's
-    signing key is still created. Without ``server.receipts`` (older code) nothing changes.
-    Needs the apps loaded (``project().load()``).
+    to ``tree_heads.jsonl``, and every train message carries the latest head, which each
+    client writes to its state directory. Inside the block ``on_commit`` does nothing and
+    ``config`` returns no entry (so clients write nothing either); the run's signing key is
+    still created, and the head signed when the run starts still is.
     """
-    receipts = sys.modules.get("server.receipts")
-    signer = getattr(receipts, "HeadSigner", None)
+    import importlib
+
+    signer = None
+    for module, name in (("fedforget.history.heads", "HeadLog"),
+                         ("fedforget.receipts.issuer", "HeadSigner"),
+                         ("server.receipts", "HeadSigner")):
+        try:
+            signer = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if signer is not None:
+            break
     if signer is None:
         yield
         return
@@ -379,14 +399,15 @@ def timed_calls(targets: list[tuple[Any, str, str]]) -> Iterator[dict[str, float
 
 
 @contextlib.contextmanager
-def commits_on_main_thread(project_: Any) -> Iterator[None]:
+def commits_on_main_thread() -> Iterator[None]:
     """BENCHMARK-LOCAL PATCH: ``HistoryRecording`` commits synchronously.
 
-    Changes the default of ``background_commit`` of ``strategies.history.HistoryRecording``
-    to False (the ServerApp passes none): each round is committed before the next starts.
+    Changes the default of ``background_commit`` of
+    ``fedforget.strategies.history.HistoryRecording`` to False (the federation passes none):
+    each round is committed before the next starts.
     """
-    project_.load()  # imports the apps, and strategies.history with them
-    recording = sys.modules["strategies.history"].HistoryRecording
+    from fedforget.strategies.history import HistoryRecording as recording
+
     with _keyword_default(recording.__init__, "background_commit", False):
         yield
 

@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import demo_config, describe, environment, project, scratch_dir
+from _common import demo_config, describe, environment, project, scratch_dir, train
 
-from fedforget.engine import run_training
 from fedforget.history import HistoryStore
 from fedforget.tensors import CODECS, bytes_per_parameter, num_parameters
 
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     with scratch_dir("fedforget-bench-codecs-") as scratch:
         for codec in CODECS:
-            cfg = demo_config(num_rounds=rounds, out_dir=scratch / codec, codec=codec)
-            run_training(cfg, engine="inprocess", project=proj)
+            train(demo_config(num_rounds=rounds, codec=codec), scratch / codec, project=proj)
             updates[codec] = stored_updates(scratch / codec)
             with HistoryStore.open(scratch / codec) as store:
                 summaries[codec] = store.summary()

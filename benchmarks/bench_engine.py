@@ -16,7 +16,8 @@ reply validation, history recording.
 Variants, run interleaved (rotating order) after a warm-up:
 
 * ``plain loop``: the baseline;
-* ``engine``: ``fedforget.engine.run_training(cfg, engine="inprocess")``, history store on
+* ``engine``: ``fedforget.engine.run_training(cfg, out=..., engine="inprocess")``, history
+  store on
   (fsync on, as ``fedforget train`` runs);
 * ``engine, no store writes``: the same with ``HistoryStore.commit_round`` replaced by a
   no-op and no tree heads signed over the rounds (BENCHMARK-LOCAL PATCH, see
@@ -57,10 +58,10 @@ from _common import (
     project,
     scratch_dir,
     timed_calls,
+    train,
     what_if_fast_records,
 )
 
-from fedforget.engine import run_training
 from fedforget.history import HistoryStore
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.task import load_client_data, load_test_set, new_model
@@ -118,7 +119,7 @@ def max_abs_difference(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray])
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
 
 
-def breakdown(proj: Any, new_cfg: Any, *, rounds: int, repetitions: int) -> str:
+def breakdown(proj: Any, new_run: Any, *, rounds: int, repetitions: int) -> str:
     """Where the time of one engine run goes (store writes off), in ms per round.
 
     Each engine phase is timed by a wrapper (BENCHMARK-LOCAL PATCH, ``_common.timed_calls``);
@@ -129,9 +130,11 @@ def breakdown(proj: Any, new_cfg: Any, *, rounds: int, repetitions: int) -> str:
     from flwr.serverapp.strategy import FedAvg
 
     proj.load()
-    client_app = sys.modules["clients.app"]
+    import fedforget.strategies.history as history_module
+
+    client_app = sys.modules["clients.app"]  # the project's apps, loaded from its root
     server_app = sys.modules["server.app"]
-    recording = sys.modules["strategies.history"].HistoryRecording
+    recording = history_module.HistoryRecording
     engine_targets = [
         (ClientApp, "__call__", "client"),
         (client_app, "train_local", "train"),
@@ -140,7 +143,7 @@ def breakdown(proj: Any, new_cfg: Any, *, rounds: int, repetitions: int) -> str:
         (recording, "configure_train", "configure"),
         (recording, "aggregate_train", "aggregate"),
         (recording, "_check_reply", "check"),  # older name
-        (sys.modules["strategies.history"], "check_train_reply", "check"),
+        (history_module, "check_train_reply", "check"),
         (FedAvg, "aggregate_train", "fedavg"),
         (server_app, "evaluate", "server_eval"),
     ]
@@ -151,7 +154,7 @@ def breakdown(proj: Any, new_cfg: Any, *, rounds: int, repetitions: int) -> str:
     for _ in range(repetitions):
         with no_store_writes(), timed_calls(engine_targets) as t:
             start = time.perf_counter()
-            run_training(new_cfg(), engine="inprocess", project=proj)
+            train(*new_run(), project=proj)
             wall = time.perf_counter() - start
         engine_rows.append(
             {
@@ -173,7 +176,7 @@ def breakdown(proj: Any, new_cfg: Any, *, rounds: int, repetitions: int) -> str:
         )
         with timed_calls(plain_targets) as t:
             start = time.perf_counter()
-            plain_fedavg(new_cfg())
+            plain_fedavg(new_run()[0])
             wall = time.perf_counter() - start
         plain_rows.append(
             {
@@ -218,35 +221,35 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_dir("fedforget-bench-engine-") as scratch:
         counter = itertools.count()
 
-        def fresh_cfg() -> Any:
-            return demo_config(num_rounds=rounds, out_dir=scratch / f"run-{next(counter)}")
+        def fresh_run() -> tuple[Any, Path]:
+            return demo_config(num_rounds=rounds), scratch / f"run-{next(counter)}"
 
         def engine() -> None:
-            cfg = fresh_cfg()
-            run_training(cfg, engine="inprocess", project=proj)
-            with HistoryStore.open(cfg.out_dir) as store:
+            cfg, out = fresh_run()
+            train(cfg, out, project=proj)
+            with HistoryStore.open(out) as store:
                 finals.setdefault("engine", []).append(store.global_model(rounds))
 
         def engine_no_store() -> None:
-            cfg = fresh_cfg()
+            cfg, out = fresh_run()
             with no_store_writes() as kept:
-                run_training(cfg, engine="inprocess", project=proj)
+                train(cfg, out, project=proj)
             finals.setdefault("engine, no store writes", []).append(kept.global_after[rounds])
 
         def plain() -> None:
-            finals.setdefault("plain loop", []).append(plain_fedavg(fresh_cfg()))
+            finals.setdefault("plain loop", []).append(plain_fedavg(fresh_run()[0]))
 
         def what_if() -> None:
-            cfg = fresh_cfg()
+            cfg, out = fresh_run()
             with what_if_fast_records():
-                run_training(cfg, engine="inprocess", project=proj)
-            with HistoryStore.open(cfg.out_dir) as store:
+                train(cfg, out, project=proj)
+            with HistoryStore.open(out) as store:
                 finals.setdefault(WHAT_IF, []).append(store.global_model(rounds))
 
         def what_if_no_store() -> None:
-            cfg = fresh_cfg()
+            cfg, out = fresh_run()
             with what_if_fast_records(), no_store_writes() as kept:
-                run_training(cfg, engine="inprocess", project=proj)
+                train(cfg, out, project=proj)
             finals.setdefault(WHAT_IF + ", no store writes", []).append(
                 kept.global_after[rounds]
             )
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             run()
         finals.clear()
         timings = interleave(variants, repetitions=repetitions)
-        parts = breakdown(proj, fresh_cfg, rounds=rounds, repetitions=max(3, repetitions // 2))
+        parts = breakdown(proj, fresh_run, rounds=rounds, repetitions=max(3, repetitions // 2))
 
     reference = finals["plain loop"][0]
     print(f"bench_engine: in-process engine vs plain PyTorch FedAvg loop ({environment()})")

@@ -61,11 +61,11 @@ from _common import (
     scratch_dir,
     store_without_fsync,
     timed_calls,
+    train,
 )
 
 from fedforget.arrays import model_tensors
 from fedforget.config import RunConfig, parse_assignments
-from fedforget.engine import run_training
 from fedforget.history import HistoryStore, ParticipantUpdate
 from fedforget.task import new_model
 
@@ -160,36 +160,39 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     proj = project()
     proj.load()
-    recording = sys.modules["strategies.history"].HistoryRecording
+    from fedforget.strategies.history import HistoryRecording as recording
+
     with scratch_dir("fedforget-bench-history-") as scratch:
         counter = itertools.count()
 
         def fresh_cfg(**extra: Any) -> Any:
-            out = scratch / f"run-{next(counter)}"
-            return demo_config(num_rounds=rounds, out_dir=out, **{**overrides, **extra})
+            return demo_config(num_rounds=rounds, **{**overrides, **extra})
+
+        def run(cfg: Any) -> None:
+            train(cfg, scratch / f"run-{next(counter)}", project=proj)
 
         def no_writes() -> None:
             with no_store_writes():
-                run_training(fresh_cfg(), engine="inprocess", project=proj)
+                run(fresh_cfg())
 
         def fsync_off() -> None:
             known_keys = RunConfig.keys()  # a tuple of kebab-case names
             if FSYNC_KEY in known_keys:
-                run_training(fresh_cfg(**{FSYNC_KEY: False}), engine="inprocess", project=proj)
+                run(fresh_cfg(**{FSYNC_KEY: False}))
             else:  # code from before the run-config key
                 with store_without_fsync():
-                    run_training(fresh_cfg(), engine="inprocess", project=proj)
+                    run(fresh_cfg())
 
         def fsync_on() -> None:
-            run_training(fresh_cfg(), engine="inprocess", project=proj)
+            run(fresh_cfg())
 
         def fsync_on_no_heads() -> None:
             with no_tree_heads():
-                run_training(fresh_cfg(), engine="inprocess", project=proj)
+                run(fresh_cfg())
 
         def fsync_on_sync() -> None:
-            with commits_on_main_thread(proj):
-                run_training(fresh_cfg(), engine="inprocess", project=proj)
+            with commits_on_main_thread():
+                run(fresh_cfg())
 
         variants = {
             BASELINE: no_writes,
@@ -198,15 +201,15 @@ def main(argv: list[str] | None = None) -> int:
             "store, fsync on, no tree heads": fsync_on_no_heads,
             "store, fsync on, no writer thread": fsync_on_sync,
         }
-        for run in variants.values():  # warm-up
-            run()
+        for variant in variants.values():  # warm-up
+            variant()
         timings = interleave(variants, repetitions=repetitions)
 
         # Instrumented pass: the writer thread's time per commit and the wait at the end.
         writer: dict[str, list[tuple[float, float, float]]] = {}
         sizes: dict[str, int] = {}
         for _ in range(max(2, repetitions // 3)):
-            for name, run in (("store, fsync off", fsync_off), ("store, fsync on", fsync_on)):
+            for name, variant in (("store, fsync off", fsync_off), ("store, fsync on", fsync_on)):
                 # Since store format 2 the wrapper calls prepare_round (training thread) and
                 # write_round (writer thread) instead of commit_round (writer thread).
                 targets = [(HistoryStore, "commit_round", "commit"),
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                            (HistoryStore, "prepare_round", "prepare"),
                            (recording, "flush", "flush"), (os, "fsync", "fsync")]
                 with timed_calls(targets) as t:
-                    run()
+                    variant()
                 writer.setdefault(name, []).append(
                     (t["commit"] + t["write"], t["flush"], t["fsync calls"], t["prepare"])
                 )

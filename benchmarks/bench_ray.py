@@ -1,22 +1,28 @@
-"""Flower's simulation engine (Ray, through ``flwr run``) vs the in-process engine.
+"""Flower's simulation engine (Ray, through ``flwr run``) vs the in-process engine, phase by
+phase.
 
-The same run (the issue-2 demo, ``_common.BENCH_CONFIG``, 20 rounds by default) on both engines via
-``fedforget.engine.run_training(cfg, engine=...)``; the simulation engine starts its own
-``flower-superlink --simulation``, submits the run with ``flwr run`` and stops the SuperLink,
-all inside the timed call. Each engine also runs a short run (2 rounds), so that the fixed
-cost (start-up, identification, shut-down) and the cost per round can be told apart:
+The same run (the issue-2 demo, ``_common.BENCH_CONFIG``, 20 rounds by default) through
+``fedforget.engine.run_training(cfg, out=..., engine=...)`` in three variants, interleaved
+(rotating order):
 
-.. math:: \\text{per round} = (T_{R} - T_{2}) / (R - 2), \\qquad
-          \\text{fixed} = T_{R} - R \\cdot \\text{per round}
+* ``in-process``: fedforget's in-process grid;
+* ``simulation``: one ``flwr run`` against a SuperLink started and stopped for that run
+  alone (what ``fedforget train --engine simulation`` does);
+* ``simulation, shared``: the same inside one
+  :func:`fedforget.engine.simulation.simulation_session`, whose SuperLink and Ray cluster
+  (``ray start --head``, no dashboard) every run reuses, as the runs of an experiment do;
+  the session's own start-up is reported apart.
 
-Runs are interleaved (rotating order). Both engines write the real history store; the script
-checks that their final model digests (``HistoryStore.summary()["final_model_digest"]``) agree.
-
-The interval between consecutive round commits (``RoundRecord.committed_at``) gives the
-round cadence of each engine directly, without the fixed cost.
+Each run is cut into phases from time stamps the run leaves behind: start-up (until the
+ServerApp creates the history store: for ``simulation`` the SuperLink's start, measured by a
+BENCHMARK-LOCAL PATCH of ``simulation._wait_for_port``, then ``flwr run``'s submission, the
+app's installation, the simulation process and Ray), identification and the first contact
+with the clients (until the initial model is stored: the Ray actors start and import torch
+here), the rounds (initial model to the last round's commit; per round = that / R, and the
+median interval between consecutive commits), and shut-down (last commit until the call
+returns). Both engines write the real history store; their final model digests are compared.
 
 Usage: ``python benchmarks/bench_ray.py [--quick] [--rounds R] [--repetitions N]``
-(``--quick`` still takes ~40 s: starting the SuperLink and Ray alone takes ~30 s here.)
 """
 
 from __future__ import annotations
@@ -25,17 +31,18 @@ import argparse
 import itertools
 import statistics
 import sys
+import time
 import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import demo_config, describe, environment, interleave, project, scratch_dir
+from _common import demo_config, describe, environment, interleave, project, scratch_dir, train
 
-from fedforget.engine import run_training
+import fedforget.engine.simulation as simulation
 from fedforget.history import HistoryStore
 
-SHORT = 2
+PHASES = ("start-up", "  of which SuperLink", "identification", "rounds", "shut-down")
 
 
 def _parse_time(stamp: str) -> float:
@@ -43,97 +50,128 @@ def _parse_time(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
+def phases(out: Path, start: float, end: float, superlink: float | None) -> dict[str, Any]:
+    """The phases of the run in ``out`` that was called at ``start`` and returned at
+    ``end`` (epoch seconds)."""
+    with HistoryStore.open(out) as store:
+        created = _parse_time(store.created_at)
+        commits = [_parse_time(r.committed_at) for r in store.rounds()]
+        summary = store.summary()
+    initial = min(p.stat().st_mtime for p in (out / "blobs").glob("000000-*.pack"))
+    return {
+        "start-up": created - start,
+        "  of which SuperLink": superlink if superlink is not None else 0.0,
+        "identification": initial - created,
+        "rounds": commits[-1] - initial,
+        "shut-down": end - commits[-1],
+        "intervals": [b - a for a, b in itertools.pairwise(commits)],
+        "digest": summary["final_model_digest"],
+        "rounds_done": summary["rounds"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 rounds, 1 repetition, no short runs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 repetition")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 20)")
     parser.add_argument("--repetitions", type=int, default=None, help="default 3")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 20)
     repetitions = args.repetitions or (1 if args.quick else 3)
-    with_short = not args.quick and rounds > SHORT
 
     proj = project()
-    digests: dict[str, set[str]] = {}
-    intervals: dict[str, list[float]] = {}
+    cut: dict[str, list[dict[str, Any]]] = {}
+    superlink_ready: list[float] = []
+    wait_for_port = simulation._wait_for_port
+
+    def timed_wait(*a: Any, **k: Any) -> None:  # BENCHMARK-LOCAL PATCH
+        begin = time.time()
+        wait_for_port(*a, **k)
+        if k.get("what", "flower-superlink") == "flower-superlink":
+            superlink_ready.append(time.time() - begin)
+
+    simulation._wait_for_port = timed_wait  # type: ignore[assignment]
     with scratch_dir("fedforget-bench-ray-") as scratch:
         counter = itertools.count()
+        session_start = time.perf_counter()
+        with simulation.simulation_session() as session:
+            session_seconds = time.perf_counter() - session_start
+            superlink_ready.clear()
 
-        def runner(engine: str, num_rounds: int) -> Any:
-            label = "in-process" if engine == "inprocess" else engine
+            def runner(label: str, engine: str, shared: bool) -> Any:
+                def run() -> None:
+                    out = scratch / f"{engine}-{next(counter)}"
+                    superlink_ready.clear()
+                    begin = time.time()
+                    if engine == "simulation" and not shared:
+                        previous, simulation._active = simulation._active, None
+                        try:
+                            train(demo_config(num_rounds=rounds), out, engine=engine,
+                                  project=proj)
+                        finally:
+                            simulation._active = previous
+                    else:
+                        train(demo_config(num_rounds=rounds), out, engine=engine, project=proj)
+                    end = time.time()
+                    link = superlink_ready[0] if superlink_ready else None
+                    cut.setdefault(label, []).append(phases(out, begin, end, link))
 
-            def run() -> None:
-                out = scratch / f"{engine}-{num_rounds}-{next(counter)}"
-                run_training(demo_config(num_rounds=num_rounds, out_dir=out), engine=engine,
-                             project=proj)
-                with HistoryStore.open(out) as store:
-                    summary = store.summary()
-                    stamps = [_parse_time(r.committed_at) for r in store.rounds()]
-                intervals.setdefault(label, []).extend(
-                    b - a for a, b in itertools.pairwise(stamps)
-                )
-                if summary["rounds"] != num_rounds:
-                    raise RuntimeError(f"{engine}: {summary['rounds']} rounds in {out}")
-                key = f"{label}, {num_rounds} rounds"
-                digests.setdefault(key, set()).add(summary["final_model_digest"])
+                return run
 
-            return run
+            variants = {
+                "in-process": runner("in-process", "inprocess", False),
+                "simulation": runner("simulation", "simulation", False),
+                "simulation, shared": runner("simulation, shared", "simulation", True),
+            }
+            try:
+                runner("warm-up", "inprocess", False)()  # imports, caches, torch
+                cut.clear()
+                timings = interleave(variants, repetitions=repetitions)
+            except Exception:
+                print("bench_ray: a run failed:", file=sys.stderr)
+                traceback.print_exc()
+                return 1
+            ray_address = session.ray_address
 
-        variants = {f"in-process, {rounds} rounds": runner("inprocess", rounds),
-                    f"simulation, {rounds} rounds": runner("simulation", rounds)}
-        if with_short:
-            variants[f"in-process, {SHORT} rounds"] = runner("inprocess", SHORT)
-            variants[f"simulation, {SHORT} rounds"] = runner("simulation", SHORT)
-        try:
-            runner("inprocess", 1)()  # warm-up of this process (imports, caches, torch)
-            digests.clear()
-            intervals.clear()
-            timings = interleave(variants, repetitions=repetitions)
-        except Exception:
-            print("bench_ray: a run failed:", file=sys.stderr)
-            traceback.print_exc()
-            return 1
-
-    inproc, sim = f"in-process, {rounds} rounds", f"simulation, {rounds} rounds"
     print(f"bench_ray: Flower simulation engine (Ray) vs in-process ({environment()})")
     print(
         f"config: issue-2 demo ({describe(demo_config(num_rounds=rounds))}), "
-        f"{rounds} rounds; {repetitions} interleaved "
-        f"repetitions; every run includes engine start-up and shut-down; run directories under "
-        f"{Path(scratch).parent}"
+        f"{rounds} rounds; {repetitions} interleaved repetitions; run directories under "
+        f"{Path(scratch).parent}; the shared session (SuperLink + Ray head at {ray_address}, "
+        f"no dashboard) took {session_seconds:.2f} s to start, outside the runs' times"
     )
     print()
-    print(f"wall time per run (ratio = median / median of '{inproc}')")
-    print(timings.table(baseline=inproc))
+    print("wall time per run (ratio = median / median of in-process)")
+    print(timings.table(baseline="in-process"))
     print()
-    ratio = timings.median(sim) / timings.median(inproc)
-    print(f"simulation / in-process, {rounds} rounds: {ratio:.2f}")
-    if with_short:
-        print()
-        print(f"fixed cost and cost per round (from the {SHORT}- and {rounds}-round medians):")
-        for engine in ("in-process", "simulation"):
-            long = timings.median(f"{engine}, {rounds} rounds")
-            short = timings.median(f"{engine}, {SHORT} rounds")
-            per_round = (long - short) / (rounds - SHORT)
-            print(
-                f"  {engine:<10}  per round {per_round * 1e3:7.1f} ms   "
-                f"fixed {long - rounds * per_round:6.2f} s"
-            )
+    print("phases, seconds (median over repetitions; see the docstring):")
+    names = list(variants)
+    print(f"{'phase':<24}" + "".join(f"{n:>22}" for n in names))
+    for phase in PHASES:
+        values = [statistics.median(c[phase] for c in cut[n]) for n in names]
+        print(f"{phase:<24}" + "".join(f"{v:>22.3f}" for v in values))
+    per_round = [statistics.median(c["rounds"] for c in cut[n]) / rounds * 1e3 for n in names]
+    print(f"{'per round (ms)':<24}" + "".join(f"{v:>22.1f}" for v in per_round))
+    interval = [statistics.median(i for c in cut[n] for i in c["intervals"]) * 1e3
+                for n in names]
+    print(f"{'commit interval (ms)':<24}" + "".join(f"{v:>22.1f}" for v in interval))
     print()
-    print("interval between consecutive round commits (RoundRecord.committed_at), all runs:")
-    for label, values in intervals.items():
-        print(
-            f"  {label:<10}  median {statistics.median(values) * 1e3:7.1f} ms   "
-            f"min {min(values) * 1e3:7.1f} ms   max {max(values) * 1e3:7.1f} ms   "
-            f"({len(values)} intervals)"
-        )
+    base = timings.median("in-process")
+    for name in names[1:]:
+        ratio = timings.median(name) / base
+        print(f"{name} / in-process, {rounds} rounds: {ratio:.2f} (goal <= 2: "
+              f"{'MET' if ratio <= 2 else 'NOT MET'})")
+        fixed = sum(statistics.median(c[p] for c in cut[name])
+                    for p in ("start-up", "identification", "shut-down"))
+        in_rounds = statistics.median(c["rounds"] for c in cut[name])
+        print(f"  of its {timings.median(name):.2f} s: fixed {fixed:.2f} s (start-up, "
+              f"identification, shut-down), rounds {in_rounds:.2f} s")
     print()
-    print("final model digests:")
-    for key, found in digests.items():
-        print(f"  {key:<22} {', '.join(sorted(found))}")
-    same = digests[inproc] == digests[sim] and len(digests[inproc]) == 1
-    print(f"in-process and simulation agree ({rounds} rounds): {'yes' if same else 'NO'}")
+    digests = {n: {c["digest"] for c in cut[n]} for n in names}
+    for n in names:
+        print(f"final model digests, {n:<20} {', '.join(sorted(digests[n]))}")
+    same = len(set().union(*digests.values())) == 1
+    print(f"every engine and variant agrees: {'yes' if same else 'NO'}")
     return 0 if same else 1
 
 

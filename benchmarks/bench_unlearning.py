@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedforget.config import load_config, parse_assignments  # noqa: E402
-from fedforget.engine import run_training  # noqa: E402
+from fedforget.engine import run_training, run_unlearning  # noqa: E402
 from fedforget.engine.apps import find_project  # noqa: E402
-from fedforget.engine.unlearning import run_unlearning  # noqa: E402
+from fedforget.rundir import RunDirectory  # noqa: E402
 
 CLIENT = "client-003"
 METHODS: list[tuple[str, dict[str, Any]]] = [
@@ -56,26 +56,28 @@ def run_seed(seed: int, rounds: int, workdir: Path, overrides: dict[str, Any]
     out = workdir / f"seed-{seed}"
     cfg = load_config(
         ROOT / "simulations" / "demo.toml",
-        **{**overrides, "seed": seed, "num-rounds": rounds, "out-dir": str(out),
-           "progress": False},
+        **{**overrides, "seed": seed, "num-rounds": rounds},
     )
     t0 = time.perf_counter()
-    run_training(cfg, engine="inprocess", project=project)
+    run_training(cfg, out=out, engine="inprocess", project=project, progress=False)
     print(f"seed {seed}: trained {rounds} rounds in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     results: dict[str, dict[str, Any]] = {}
     for name, params in METHODS:
         t1 = time.perf_counter()
+        # every method starts from the trained model (as in `fedforget run`)
+        RunDirectory(out).current.unlink(missing_ok=True)
         try:
-            info = run_unlearning(out, client=CLIENT, method=name, params=params,
-                                  reason="benchmark", project=project, progress=False)
+            outcome = run_unlearning(out, client=CLIENT, method=name, params=params,
+                                     reason="benchmark", project=project, progress=False)
         except Exception as exc:  # a method that fails is reported, not hidden
             print(f"seed {seed}: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
-        assert info is not None
+        if outcome is None:
+            raise RuntimeError(f"{CLIENT} never contributed to {out}")
         print(f"seed {seed}: {name} done in {time.perf_counter() - t1:.1f} s", file=sys.stderr)
-        results[name] = info
+        results[name] = outcome.to_dict()
     return results
 
 

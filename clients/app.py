@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedforget import protocol
 from fedforget.arrays import from_array_record, load_tensors, model_array_record
+from fedforget.cache import FederationCache
 from fedforget.clients.mod import client_id_of, state_dir_of, unlearning_mod_with
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset, poison
@@ -56,14 +57,15 @@ def local_data(
     a seeded ``backdoor-fraction`` of its training examples carry the trigger and the label
     ``backdoor-target``.
     """
-    return _local_data(
-        cfg if cfg is not None else run_config_of(context),
-        int(context.node_config.get("partition-id", 0)),
-        client_id_of(context),
-    )
+    cfg = cfg if cfg is not None else run_config_of(context)
+    key = (cfg, int(context.node_config.get("partition-id", 0)), client_id_of(context))
+    # sized to the federation: every client of this run (and of one more) stays cached
+    return _LOCAL_DATA.get(key, lambda: _local_data(*key), capacity=2 * cfg.num_clients)
 
 
-@lru_cache(maxsize=256)
+_LOCAL_DATA: FederationCache[tuple[ArrayDataset, ArrayDataset]] = FederationCache(minimum=64)
+
+
 def _local_data(cfg: RunConfig, partition: int, cid: str) -> tuple[ArrayDataset, ArrayDataset]:
     # The data layer caches the arrays; this skips its argument checks on every message.
     train_data, holdout = load_client_data(cfg, partition)

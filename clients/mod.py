@@ -145,6 +145,12 @@ def _mod(msg: Message, context: Context, call_next: ClientAppCallable,
 def _identity(context: Context, cid: str) -> ConfigRecord:
     """``{"client-id": ...}``, and the client's own withdrawal while it has no receipt."""
     record = ConfigRecord({protocol.CLIENT_ID: cid})
+    # Every reply carries this: one stat of a path built once per client, and the state
+    # directory only looked at when the client asked to leave.
+    asked = _withdrawal_path(context.node_config.get("state-dir"),
+                             context.run_config.get(PREFIX + "out-dir"), cid)
+    if asked is None or not os.path.exists(asked):
+        return record
     state = state_dir_of(context)
     ask = withdrawal_status(state) if state is not None else None
     if ask is not None and ask.get("state") == "asked":
@@ -228,15 +234,20 @@ def _seeded(seed: object) -> Iterator[None]:
         yield
         return
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    torch_state = torch.get_rng_state()
+    # The CPU generator alone: torch.manual_seed would also queue a seeding of every
+    # accelerator backend, each formatting a stack trace when none is initialised (about a
+    # millisecond per message).
+    generator = torch.default_generator
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
 
 
 @contextlib.contextmanager
@@ -288,7 +299,17 @@ def _keep_tree_head(context: Context, conf: ConfigRecord, cid: str) -> None:
     _saved_heads[path] = (size, len(data))
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=16384)
+def _withdrawal_path(explicit_state_dir: object, out_dir: object, client_id: str) -> str | None:
+    """``state_dir_of(context) / WITHDRAWAL_FILE`` as a string, built once per client."""
+    if explicit_state_dir:
+        return str(Path(str(explicit_state_dir)) / WITHDRAWAL_FILE)
+    if out_dir:
+        return str(RunDirectory(str(out_dir)).client_state(client_id) / WITHDRAWAL_FILE)
+    return None
+
+
+@lru_cache(maxsize=16384)
 def _head_path(explicit_state_dir: object, out_dir: object, client_id: str) -> Path | None:
     """``state_dir_of(context) / "head.json"``, built once per client."""
     if explicit_state_dir:

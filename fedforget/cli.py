@@ -30,6 +30,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; expected an integer >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connection", default=None, metavar="NAME|HOST:PORT",
                    help="deployment: a connection of $FLWR_HOME/config.toml, or the "
@@ -104,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "skip the retrained reference")
     unlearn.add_argument("--keys", default=None, metavar="DIR",
                          help="the server's signing keys (default: DIR/keys)")
+    unlearn.add_argument("--impact-clients", type=_non_negative, default=None, metavar="N",
+                         help="remaining clients (a sample seeded by the run seed) asked for "
+                              "the per-client impact (default 100; 0: every one)")
+    unlearn.add_argument("--shadow-attack", choices=("auto", "on", "off"), default="auto",
+                         help="the shadow-model membership attack (auto, the default: unless "
+                              "--reference none)")
 
     client = sub.add_parser("client", help="a client's own side (run on the client's node)")
     csub = client.add_subparsers(dest="client_command", required=True)
@@ -123,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (finished cells are skipped when it exists)")
     run.add_argument("--app", default=None, help="Flower app project directory")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--workers", type=_positive, default=1, metavar="N",
+                     help="train and unlearn independent training runs in N processes "
+                          "(results identical to a serial run)")
+    run.add_argument("--ray", default=None, metavar="ADDRESS",
+                     help="run the training runs as tasks of an existing Ray cluster (every "
+                          "node must see --out at the same path)")
 
     from fedforget.receipts.cli import add_subcommands
 
@@ -408,7 +435,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     project = find_project(args.app)
     spec = load_experiment(args.config)
     t0 = time.perf_counter()
-    records = run_experiment(spec, args.out, project=project, progress=not args.quiet)
+    records = run_experiment(spec, args.out, project=project, progress=not args.quiet,
+                             workers=args.workers, ray_address=args.ray)
     out = Path(args.out)
     print(f"experiment {spec.name}: {len(records)} cells in {time.perf_counter() - t0:.1f} s")
     print(f"results: {out / 'results.csv'}")
@@ -425,7 +453,7 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 
     with HistoryStore.open(args.dir) as store:
         roster = frozenset(store.roster())
-        contributed = bool(store.clients().get(args.client))
+        contributed = bool(store.client_rounds(args.client))
         with WithdrawalLedger(args.dir) as ledger:
             request, created = ledger.request(args.client, reason=args.reason, roster=roster)
         if created:  # the ledger change is covered by a signed head
@@ -487,6 +515,8 @@ def _cmd_unlearn(args: argparse.Namespace) -> int:
             app_dir=args.app, progress=not (args.quiet or args.json),
             reference=args.reference, keys_dir=args.keys, records=records, labels=labels,
             connection=_connection(args), node_auth=args.node_auth,
+            shadow_attack=args.shadow_attack,
+            **({} if args.impact_clients is None else {"impact_clients": args.impact_clients}),
         )
     if outcome is None:
         print(f"no-op: {client} has no stored contribution in {args.dir}; "

@@ -30,9 +30,9 @@ from flwr.serverapp.strategy import Strategy
 from fedforget import protocol
 from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, HistoryError
-from fedforget.history import HistoryStore
+from fedforget.history import HistoryStore, RoundRecord
 from fedforget.identity import NodePins
-from fedforget.progress import RoundProgress
+from fedforget.progress import RoundProgress, phase
 from fedforget.protocol import WithdrawalAsk, read_ask
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.settings import DEFAULT_REPLY_TIMEOUT, RecordingSettings
@@ -43,6 +43,9 @@ log = logging.getLogger("fedforget.server")
 
 __all__ = ["FederationApp", "GridFederation", "identify_clients"]
 
+EVALUATION_BATCH = 256
+"""Clients asked per batch of evaluate messages (progress is shown between batches)."""
+
 ACCURACY_KEYS = ("accuracy", "eval_acc", "eval-acc", "acc")
 """Metric names read as a client's held-out accuracy in an evaluate reply, in this order."""
 
@@ -52,10 +55,12 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                      extra_config: Mapping[str, Any] | None = None,
                      sizes: dict[str, int] | None = None,
                      *, pins: NodePins | None = None,
-                     reply_timeout: float | None = None) -> dict[str, int]:
+                     reply_timeout: float | None = None,
+                     progress: bool = False) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
 
-    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds), then for
+    Waits until ``expected`` nodes are connected (at most ``timeout`` seconds, looking
+    again after 10 ms, then less and less often, at most every second), then for
     their answers at most ``reply_timeout`` seconds (default ``timeout``). Withdrawals
     the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
     the message (the latest signed tree head, which every client keeps). The data sizes
@@ -63,13 +68,23 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
     the message (the latest signed tree head, which every client keeps). A node claiming a
     client id that another node already speaks for — in this identification, or by a pin
     of ``pins`` (:class:`fedforget.identity.NodePins`) — is refused, logged and recorded,
-    and left out; the others go on.
+    and left out; the others go on. ``progress`` shows the phase for large federations.
     """
+    with phase(f"identifying {expected} clients", enabled=progress and expected >= 100):
+        return _identify(grid, expected, timeout, asks, extra_config, sizes, pins,
+                         reply_timeout)
+
+
+def _identify(grid: Grid, expected: int, timeout: float, asks: list[WithdrawalAsk] | None,
+              extra_config: Mapping[str, Any] | None, sizes: dict[str, int] | None,
+              pins: NodePins | None, reply_timeout: float | None) -> dict[str, int]:
     deadline = time.monotonic() + timeout
+    pause = 0.01
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise HistoryError(f"only {len(node_ids)} of {expected} nodes connected in time")
-        time.sleep(1.0)
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
     config = ConfigRecord({**(extra_config or {}), protocol.TASK: protocol.IDENTIFY})
     messages = [
         Message(content=RecordDict({protocol.CONFIG_RECORD: config}), dst_node_id=node,
@@ -221,6 +236,13 @@ class GridFederation:
         roster = store.roster() or self.roster
         progress = RoundProgress(total=end_round, start=start_round - 1, label=progress_label,
                                  enabled=self.progress)
+        size = _nbytes(model)
+
+        def committed(record: RoundRecord) -> None:
+            self._count(record, size)
+            if head_signer is not None:
+                head_signer.on_commit(record)
+
         wrapper = HistoryRecording(
             self.app.fresh_strategy(),
             store=store,
@@ -232,7 +254,7 @@ class GridFederation:
             exclude=exclude,
             evaluate_rounds=evaluate_rounds,
             roster=roster,
-            on_commit=head_signer.on_commit if head_signer is not None else None,
+            on_commit=committed,
             extra_config=head_signer.config if head_signer is not None else None,
             refresh_exclude=refresh_exclude,
             on_ask=on_ask,
@@ -259,23 +281,25 @@ class GridFederation:
                 evaluate_fn=after_round,
             )
         finally:
-            records = wrapper.flush()
+            wrapper.flush()
             progress.close()
-            size = _nbytes(model)
-            for record in records:
-                asked = len(record.participants) + sum(
-                    1 for r in record.refused if r.reason not in ("no reply", "not connected")
-                )
-                self.cost.rounds += 1
-                self.cost.client_epochs += asked * self.local_epochs
-                self.cost.bytes_sent += asked * size
-                self.cost.bytes_received += len(record.participants) * size
-                self.cost.client_seconds += sum(
-                    float(p.metrics.get("train-seconds", 0.0)) for p in record.participants
-                )
         self.last_evaluation = getattr(wrapper, "last_evaluation", None)
         self.last_result = result
         return from_array_record(result.arrays)
+
+    def _count(self, record: RoundRecord, size: int) -> None:
+        """Add the cost of one committed round (each client asked trains the app's epochs
+        and exchanges the model once each way)."""
+        asked = len(record.participants) + sum(
+            1 for r in record.refused if r.reason not in ("no reply", "not connected")
+        )
+        self.cost.rounds += 1
+        self.cost.client_epochs += asked * self.local_epochs
+        self.cost.bytes_sent += asked * size
+        self.cost.bytes_received += len(record.participants) * size
+        self.cost.client_seconds += sum(
+            float(p.metrics.get("train-seconds", 0.0)) for p in record.participants
+        )
 
     # --------------------------------------------------------- direct requests
     def train(
@@ -387,14 +411,22 @@ class GridFederation:
             if cid in self.clients
         ]
         out: dict[str, float] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
-            cid = self._client_of_node.get(reply.metadata.src_node_id, "?")
-            if reply.has_error():
-                log.warning("evaluation failed on client %s", cid)
-                continue
-            for record in reply.content.metric_records.values():
-                found = next((k for k in ACCURACY_KEYS if k in record), None)
-                if found is not None:
-                    out[cid] = float(record[found])  # type: ignore[arg-type]
-                    break
+        # Many clients are asked in batches, so that progress can be shown between them.
+        batch = EVALUATION_BATCH if len(messages) > EVALUATION_BATCH else max(1, len(messages))
+        progress = RoundProgress(total=len(messages), label="clients evaluated", every=1,
+                                 enabled=self.progress and len(messages) > batch)
+        for start in range(0, len(messages), batch):
+            chunk = messages[start:start + batch]
+            for reply in self.grid.send_and_receive(chunk, timeout=self.reply_timeout):
+                cid = self._client_of_node.get(reply.metadata.src_node_id, "?")
+                if reply.has_error():
+                    log.warning("evaluation failed on client %s", cid)
+                    continue
+                for record in reply.content.metric_records.values():
+                    found = next((k for k in ACCURACY_KEYS if k in record), None)
+                    if found is not None:
+                        out[cid] = float(record[found])  # type: ignore[arg-type]
+                        break
+            progress.update(start + len(chunk))
+        progress.close()
         return dict(sorted(out.items()))

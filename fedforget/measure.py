@@ -18,21 +18,29 @@ measured depends on the app:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from fedforget.arrays import TensorDict, to_array_record
+from fedforget.arrays import TensorDict, load_tensors, model_tensors, to_array_record
+from fedforget.canonical import canonical_dumps
 from fedforget.comparison import speedups
 from fedforget.config import RunConfig
 from fedforget.data import ArrayDataset
 from fedforget.erasure import ErasureScope
 from fedforget.evaluation import client_impact, cosine_distance, l2_distance
 from fedforget.history import HistoryStore
+from fedforget.progress import phase
+from fedforget.rundir import RunDirectory
+from fedforget.sampling import derive_seed
 from fedforget.unlearning.base import Cost, Federation
 
 if TYPE_CHECKING:
@@ -68,6 +76,9 @@ class MeasureContext:
     # the records and classes in force, and the request served (its kind, its records)
     scope: ErasureScope = field(default_factory=ErasureScope)
     request: WithdrawalRequest | None = None
+    impact_clients: int = 0  # remaining clients asked for the per-client impact (0: all)
+    seed: int = 0  # the run seed (seeds that sample)
+    progress: bool = False  # announce the long phases on stderr
 
     @property
     def kind(self) -> str:
@@ -85,6 +96,17 @@ class MeasureContext:
         """The clients that stay: the federation's roster minus ``not_remaining``."""
         roster = self.federation.roster if self.federation is not None else self.store.roster()
         return [cid for cid in roster if cid not in self.not_remaining]
+
+    def impact_sample(self) -> list[str]:
+        """The remaining clients asked for the per-client impact: all of them, or a sample
+        of ``impact_clients`` drawn without replacement by a generator seeded from the run
+        seed (the same clients for every method of a run), sorted."""
+        remaining = self.remaining()
+        if not 0 < self.impact_clients < len(remaining):
+            return remaining
+        rng = np.random.default_rng(derive_seed(self.seed, "impact-sample"))
+        chosen = rng.choice(len(remaining), size=self.impact_clients, replace=False)
+        return sorted(remaining[int(i)] for i in chosen)
 
 
 class Measure(Protocol):
@@ -111,10 +133,17 @@ def common_figures(ctx: MeasureContext, *, with_clients: bool = True) -> dict[st
         out["l2_to_retrained"] = {k: l2_distance(v, ctx.retrained) for k, v in pair.items()}
         out["cosine_to_retrained"] = {k: _cosine_or_none(v, ctx.retrained)
                                       for k, v in pair.items()}
-    remaining = ctx.remaining()
+    remaining = ctx.impact_sample()
+    out["client_impact_sample"] = None
     if with_clients and ctx.federation is not None and remaining:
-        before = ctx.federation.evaluate_local(ctx.original, remaining)
-        after = ctx.federation.evaluate_local(ctx.unlearned, remaining)
+        if len(remaining) < len(ctx.remaining()):
+            out["client_impact_sample"] = {"asked": len(remaining),
+                                           "remaining": len(ctx.remaining()),
+                                           "seed": ctx.seed}
+        with phase(f"per-client impact: {len(remaining)} clients evaluate both models",
+                   enabled=ctx.progress):
+            before = ctx.federation.evaluate_local(ctx.original, remaining)
+            after = ctx.federation.evaluate_local(ctx.unlearned, remaining)
         answered = sorted(set(before) & set(after))
         if answered:
             b = {cid: before[cid] for cid in answered}
@@ -125,7 +154,7 @@ def common_figures(ctx: MeasureContext, *, with_clients: bool = True) -> dict[st
         out.update(speedups(ctx.method_cost, ctx.retrain_cost))
     else:
         out.update({"speedup_wall": None, "speedup_client_epochs": None})
-    out["storage_bytes"] = int(ctx.store.summary()["bytes_stored"])
+    out["storage_bytes"] = ctx.store.bytes_stored()
     return out
 
 
@@ -220,12 +249,13 @@ class TaskMeasure:
 
     def __init__(self, cfg: RunConfig, *, shadow_attack: bool = True,
                  on_clients: bool | None = None, original_model_attack: bool = True,
-                 resamples: int = 1000) -> None:
+                 resamples: int = 1000, cache: Path | None = None) -> None:
         self.cfg = cfg
         self.shadow_attack = shadow_attack
         self.on_clients = on_clients
         self.original_model_attack = original_model_attack
         self.resamples = resamples
+        self.cache = cache  # where the trained shadow model is kept (a run directory)
         self.server_side = TaskServerSide(cfg)  # the service hands it to server-side repairs
 
     def _remote(self, ctx: MeasureContext) -> bool:
@@ -328,9 +358,19 @@ class TaskMeasure:
         else:
             members, non_members = self.request_data(ctx)
         usable = members is not None and non_members is not None
-        shadow = run_shadow_attack(cfg, test_set) if self.shadow_attack and usable else None
-        original_attack = (self._original_attack(ctx, test_set)
-                           if self.original_model_attack and usable else None)
+        shadow = None
+        if self.shadow_attack and usable:
+            if self.cache is None:
+                with phase("shadow attack: training the shadow model", enabled=ctx.progress):
+                    shadow = run_shadow_attack(cfg, test_set)
+            else:
+                shadow = cached_shadow_attack(cfg, test_set, RunDirectory(self.cache),
+                                              progress=ctx.progress)
+        original_attack = None
+        if self.original_model_attack and usable:
+            with phase("FedEraser's attack: the original model as shadow",
+                       enabled=ctx.progress):
+                original_attack = self._original_attack(ctx, test_set)
         backdoor = ctx.forget & cfg.backdoor_client_ids()
         poisoned_holdout = None
         if backdoor and non_members is not None and mask is not None:
@@ -338,16 +378,19 @@ class TaskMeasure:
                                       fraction=1.0, seed=0)
         scratch = new_model(cfg)
         common = common_figures(ctx)
-        figures = evaluate_unlearning(
-            model=scratch, original=ctx.original, unlearned=ctx.unlearned,
-            retrained=ctx.retrained, test_set=test_set, forgotten=members, holdout=non_members,
-            backdoor_target=cfg.backdoor_target if backdoor else None,
-            shadow=shadow, original_attack=original_attack,
-            forgotten_poisoned=mask if backdoor and mask is not None else None,
-            poisoned_holdout=poisoned_holdout,
-            resamples=self.resamples, seed=derive_seed(cfg.seed, "mia-bootstrap") % 2**32,
-            balance=True,
-        )
+        with phase("evaluation: test set, forgotten data, attacks, divergences",
+                   enabled=ctx.progress):
+            figures = evaluate_unlearning(
+                model=scratch, original=ctx.original, unlearned=ctx.unlearned,
+                retrained=ctx.retrained, test_set=test_set, forgotten=members,
+                holdout=non_members,
+                backdoor_target=cfg.backdoor_target if backdoor else None,
+                shadow=shadow, original_attack=original_attack,
+                forgotten_poisoned=mask if backdoor and mask is not None else None,
+                poisoned_holdout=poisoned_holdout,
+                resamples=self.resamples, seed=derive_seed(cfg.seed, "mia-bootstrap") % 2**32,
+                balance=True,
+            )
         if ctx.kind == "class" and ctx.request is not None:
             figures.update(class_figures(scratch, ctx, test_set, ctx.request.labels))
         figures["collateral"] = collateral_figures(ctx, cfg, scratch, members, test_set)
@@ -367,8 +410,9 @@ class TaskMeasure:
 def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
                        forgotten: ArrayDataset | None, test_set: ArrayDataset
                        ) -> dict[str, Any] | None:
-    """Who else is hurt (:mod:`fedforget.evaluation.collateral`): every remaining client's
-    accuracy change against its similarity to the forgotten data, from the clients' own
+    """Who else is hurt (:mod:`fedforget.evaluation.collateral`): each remaining client's
+    (of the impact sample, :meth:`MeasureContext.impact_sample`) accuracy change against
+    its similarity to the forgotten data, from the clients' own
     evaluations (:mod:`fedforget.evaluation.profile`). The probe of the forgotten data is
     built here from the data the simulation can rebuild (``forgotten``). None without a
     federation or a remaining client."""
@@ -382,7 +426,10 @@ def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
     )
     from fedforget.task import client_group, client_partition
 
-    remaining = ctx.remaining()
+    # The same seeded sample of the remaining clients as the per-client impact (every one
+    # in a federation of at most impact_clients): at 1,000 clients, asking each of them
+    # twice would cost more than the unlearning.
+    remaining = ctx.impact_sample()
     if ctx.federation is None or not remaining:
         return None
     probe = None
@@ -394,8 +441,10 @@ def collateral_figures(ctx: MeasureContext, cfg: RunConfig, scratch: Any,
         # the data cannot be rebuilt here: the departing client answers its own probe
         probe = ask_probe(ctx.federation, ctx.original, ctx.request.client_id,
                           mean_representation(original, test_set).tolist())
-    before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
-    after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
+    with phase(f"collateral: {len(remaining)} clients profile both models",
+               enabled=ctx.progress):
+        before = ask_profiles(ctx.federation, ctx.original, remaining, probe)
+        after = ask_profiles(ctx.federation, ctx.unlearned, remaining, None)
     profiles = []
     for cid in remaining:
         b, a = before.get(cid, {}), after.get(cid, {})
@@ -467,3 +516,56 @@ def parameter_measure(ctx: MeasureContext) -> dict[str, Any]:
     :func:`common_figures` without client evaluation."""
     return {**common_figures(ctx, with_clients=False), "test_accuracy": None, "trace": []}
 
+
+
+def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirectory, *,
+                         progress: bool = False) -> Any:
+    """:func:`fedforget.evaluation.run_shadow_attack` of ``cfg``, its shadow model trained
+    once per run directory and kept (``unlearned/shadow-<key>/``).
+
+    The shadow model depends on nothing but the run's configuration (the attacker trains
+    the run's architecture on half of the test set, seeded from the run seed), so every
+    method and every request of a run faces the same attacker: the model trained for the
+    first is stored (fp32, with its digest) and later ones load it and fit only the attack
+    model on its features. The recipe is ``run_shadow_attack``'s; a test checks that both
+    give the same attack.
+    """
+    from fedforget.evaluation.membership import ShadowAttack
+    from fedforget.evaluation.suite import SHADOW_EPOCHS, shadow_halves
+    from fedforget.fileio import write_atomic
+    from fedforget.task import new_model
+    from fedforget.tensors import decode, encode, sha256_digest
+    from fedforget.training import train_local
+
+    key = hashlib.sha256(canonical_dumps({"training": cfg.training_mapping(),
+                                          "shadow-epochs": SHADOW_EPOCHS})).hexdigest()[:12]
+    directory = run.shadow_dir(key)
+    model_path, record_path = directory / "model.fft", directory / "shadow.json"
+    cached: TensorDict | None = None
+    if model_path.exists() and record_path.exists():
+        data = model_path.read_bytes()
+        if json.loads(record_path.read_text()).get("model_digest") == sha256_digest(data):
+            cached = decode(data)
+    shadow_train, shadow_out = shadow_halves(
+        test_set, derive_seed(cfg.seed, "shadow-attack", "split"))
+
+    def train(shadow: torch.nn.Module, data: ArrayDataset) -> None:
+        if cached is not None:
+            load_tensors(shadow, cached)
+            return
+        with phase("shadow attack: training the shadow model (kept for the run's later "
+                   "measurements)", enabled=progress):
+            train_local(shadow, data, epochs=SHADOW_EPOCHS, learning_rate=cfg.learning_rate,
+                        batch_size=cfg.batch_size,
+                        seed=derive_seed(cfg.seed, "shadow-attack", "train"))
+        blob = encode(model_tensors(shadow), "fp32")
+        write_atomic(model_path, blob)
+        write_atomic(record_path, json.dumps({"model_digest": sha256_digest(blob),
+                                              "shadow_epochs": SHADOW_EPOCHS,
+                                              "training": cfg.training_mapping()},
+                                             indent=2, sort_keys=True))
+
+    return ShadowAttack.fit(
+        shadow_train=shadow_train, shadow_out=shadow_out, build_shadow=lambda: new_model(cfg),
+        train_shadow=train, seed=derive_seed(cfg.seed, "shadow-attack", "attack") % 2**32,
+    )

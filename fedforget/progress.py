@@ -1,9 +1,11 @@
-"""A small progress display for long work (rounds, cells), written to stderr."""
+"""A small progress display for long work (rounds, cells, phases), written to stderr."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
 
@@ -60,3 +62,24 @@ class RoundProgress:
         if self.enabled and self._tty and self._last_line:
             self.stream.write("\n")
             self.stream.flush()
+
+
+@contextlib.contextmanager
+def phase(label: str, *, enabled: bool = True, stream: TextIO | None = None) -> Iterator[None]:
+    """Announce one long phase of work on stderr: ``[label] ...`` when it starts and
+    ``[label] done in 3.2 s`` (or ``failed after ...``) when it ends."""
+    if not enabled:
+        yield
+        return
+    out = stream if stream is not None else sys.stderr
+    out.write(f"[{label}] ...\n")
+    out.flush()
+    start = time.perf_counter()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        outcome = "done in" if ok else "failed after"
+        out.write(f"[{label}] {outcome} {time.perf_counter() - start:.1f} s\n")
+        out.flush()

@@ -179,11 +179,24 @@ class ReferenceRecord:
     rounds_affected: list[int]
     history_dir: str | None  # relative to the reference directory
     notes: list[str] = field(default_factory=list)
+    # the history it was retrained from: its last round and final model (a reference is
+    # valid for a later request only while the history is unchanged; None: not recorded)
+    trained_rounds: int | None = None
+    original_model_digest: str | None = None
     scope: dict[str, Any] | None = None  # records and classes it was trained without
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""
         return dataclasses.asdict(self)
+
+    def valid_for(self, *, rounds: int, original_model_digest: str) -> bool:
+        """Whether this reference is the retrained model of a history that ends at round
+        ``rounds`` with the model ``original_model_digest`` (a reference recorded before
+        these fields were kept counts as valid when its replay covered as many rounds)."""
+        if self.original_model_digest is not None:
+            return (self.trained_rounds == rounds
+                    and self.original_model_digest == original_model_digest)
+        return bool(self.rounds_affected) and max(self.rounds_affected) == rounds
 
     def write(self, path: Path) -> Path:
         """Write as the reference's ``result.json``."""

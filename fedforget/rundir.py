@@ -11,6 +11,7 @@
     <run>/receipts/<receipt-id>.json      erasure receipts; ``receipts/latest`` names the last
     <run>/unlearned/<request>/<method>/   one unlearning result: model.fft, result.json, history/
     <run>/unlearned/reference-<key>/      the cached retrained reference for one forget set
+    <run>/unlearned/shadow-<key>/         the shadow model of the membership attack
     <run>/unlearned/current.json          the model in service after the latest unlearning
     <run>/withdrawals/<request>/head.json the tree head a client handed in with its request
     <run>/withdrawals/<request>/asked.json how and by which node a client asked itself
@@ -132,6 +133,11 @@ class RunDirectory:
     def reference_dir(self, forget: Iterable[str]) -> Path:
         """The cached retrained reference for the forget set ``forget``."""
         return self.unlearned / f"reference-{forget_key(forget)}"
+
+    def shadow_dir(self, key: str) -> Path:
+        """The shadow model of the membership attack, trained once per run
+        configuration (``key``) and kept for every later measurement."""
+        return self.unlearned / f"shadow-{key}"
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the run directory (as result files record paths)."""

@@ -51,6 +51,7 @@ from fedforget.fileio import write_atomic
 from fedforget.history import HistoryStore
 from fedforget.history.records import utc_now
 from fedforget.measure import Measure, MeasureContext
+from fedforget.progress import phase
 from fedforget.receipts.issuer import (
     STAGED_RECEIPT,
     head_log,
@@ -66,6 +67,7 @@ from fedforget.rundir import (
     RESULT_FILE,
     RunDirectory,
 )
+from fedforget.settings import DEFAULT_IMPACT_CLIENTS
 from fedforget.tensors import decode, encode, sha256_digest
 from fedforget.unlearning import Cost, UnlearningRequest, UnlearningResult, get_method
 from fedforget.unlearning.base import (
@@ -177,6 +179,9 @@ class UnlearningService:
         The model and proxy data the server holds, for server-side repairs (FUKD); None
         takes the measure's ``server_side`` attribute if it has one (fedforget's
         :class:`~fedforget.measure.TaskMeasure` does), else the server holds none.
+    impact_clients : int
+        Remaining clients asked for the per-client impact: a sample of this many, seeded by
+        the run seed (0: every one; default 100).
     """
 
     def __init__(
@@ -189,6 +194,7 @@ class UnlearningService:
         engine: str,
         reference: str = "compute",
         server_side: ServerSideTask | None = None,
+        impact_clients: int = DEFAULT_IMPACT_CLIENTS,
     ) -> None:
         self.run = run
         # fedforget's TaskMeasure knows the task: its server side serves when none is given
@@ -199,6 +205,7 @@ class UnlearningService:
         self.keys_dir = keys_dir
         self.engine = engine
         self.reference_policy = reference
+        self.impact_clients = impact_clients
 
     # ----------------------------------------------------------------- serving
     def serve(self, request_id: str | None = None) -> UnlearningOutcome:
@@ -263,7 +270,9 @@ class UnlearningService:
                                           notes=list(reference.record.notes))
                 replayed = reference.history
             else:
-                result = method.unlearn(unlearning_request)
+                with phase(f"{method.name}: forgetting {', '.join(sorted(forget))}",
+                           enabled=bool(getattr(self.federation, "progress", False))):
+                    result = method.unlearn(unlearning_request)
                 replayed = Path(result.history_dir) if result.history_dir else None
             original = store.global_model(store.last_round)
             metrics = self.measure(MeasureContext(
@@ -275,6 +284,9 @@ class UnlearningService:
                 retrain_cost=reference.record.cost if reference is not None else None,
                 trace=history_trace(replayed) if replayed is not None else snapshots,
                 scope=scope, request=request,
+                impact_clients=self.impact_clients,
+                seed=_run_seed(store, self.federation),
+                progress=bool(getattr(self.federation, "progress", False)),
             ))
             digest = write_model(partial / MODEL_FILE, result.model)
             outcome = UnlearningOutcome(
@@ -388,26 +400,38 @@ class UnlearningService:
             return None
         scope = scope or ErasureScope()
         final = self.run.reference_dir(forget | scope.tokens())
+        last = store.last_round
+        original = store.model_digest(last)
         if (final / RESULT_FILE).exists():
             record = ReferenceRecord.read(final / RESULT_FILE)
-            model = read_model(final / record.model_path)
-            if sha256_digest(encode(model, "fp32")) != record.model_digest:
-                raise ResultError(f"{final / record.model_path} does not match the digest "
-                                  f"{record.model_digest} its reference record states")
-            return _Reference(model, record, "cached", final)
+            if record.valid_for(rounds=last, original_model_digest=original):
+                model = read_model(final / record.model_path)
+                if sha256_digest(encode(model, "fp32")) != record.model_digest:
+                    raise ResultError(f"{final / record.model_path} does not match the "
+                                      f"digest {record.model_digest} its reference record "
+                                      "states")
+                return _Reference(model, record, "cached", final)
+            log.warning("the cached reference in %s was retrained from another history "
+                        "(%s rounds, now %d): %s", final, record.trained_rounds
+                        or max(record.rounds_affected, default=0), last,
+                        "retraining it" if want == "compute" and self.federation is not None
+                        else "not used")
         if want == "cached" or self.federation is None:
             return None
         partial = _stage(final)
         try:
-            result = get_method("retrain").unlearn(UnlearningRequest(
-                store=store, forget=forget, federation=self.federation, workdir=str(partial),
-                scope=scope))
+            with phase(f"reference: retraining {last} rounds without {', '.join(sorted(forget))}",
+                       enabled=bool(getattr(self.federation, "progress", False))):
+                result = get_method("retrain").unlearn(UnlearningRequest(
+                    store=store, forget=forget, federation=self.federation,
+                    workdir=str(partial), scope=scope))
             digest = write_model(partial / MODEL_FILE, result.model)
             record = ReferenceRecord(
                 forgotten=sorted(forget), model_path=MODEL_FILE, model_digest=digest,
                 cost=result.cost, rounds_affected=list(result.rounds_affected),
                 history_dir=REPLAYED_HISTORY_DIR if result.history_dir else None,
-                notes=list(result.notes), scope=scope.to_dict() if scope else None)
+                notes=list(result.notes), scope=scope.to_dict() if scope else None,
+                trained_rounds=last, original_model_digest=original)
             record.write(partial / RESULT_FILE)
             _commit(partial, final)
         except BaseException:

@@ -19,6 +19,13 @@ key                        meaning
 ``fedforget.engine``       (optional) the engine's name in results (fedforget's CLI sets it)
 ``fedforget.withdrawal-    (optional) the method that serves the withdrawals clients ask for
 method``, ``-params``      themselves, after the training rounds (default: record them only)
+``fedforget.impact-        (optional) how many remaining clients (a sample seeded by the run
+clients``                  seed) evaluate the original and unlearned models for the
+                           per-client impact (default 100); 0: every one
+``fedforget.shadow-        (optional) the shadow-model membership attack, where the app's
+attack``                   measure runs one (fedforget's own task): ``on``, ``off``, or
+                           ``auto`` (default): on unless ``reference`` is ``none`` (the
+                           cheap mode trains no model to measure with)
 ``fedforget.node-auth``    (optional) ``true`` when the SuperLink authenticates SuperNodes:
                            each client id is pinned to the first node id claiming it, and
                            any other claimant refused (:mod:`fedforget.identity`)
@@ -49,8 +56,16 @@ from fedforget.errors import ConfigError
 PREFIX = "fedforget."
 MODES = ("train", "unlearn")
 REFERENCE_POLICIES = ("compute", "cached", "none")
+SHADOW_ATTACK = ("auto", "on", "off")
 CODECS = ("fp32", "fp16", "bf16")
 DEFAULT_REPLY_TIMEOUT = 300.0
+DEFAULT_IMPACT_CLIENTS = 100
+"""Remaining clients asked for the per-client impact by default (a seeded sample when the
+federation has more; every client of a smaller one)."""
+WEIGHTED_MEAN = "weighted-mean"
+"""The ``aggregation`` a history records (next to its :class:`RecordingSettings`) when every
+global model is the example-weighted mean of the clients' models (Flower's FedAvg and
+FedProx); server-side methods may then read only what their update rule needs."""
 
 
 def app_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,6 +99,10 @@ class RunSettings:
     # parameters, a JSON object) that serves them after the training rounds; "" = record only
     withdrawal_method: str = ""
     withdrawal_params: str = ""
+    # the cost of measuring an unlearning at scale: per-client impact on a seeded sample of
+    # the remaining clients (0: all), the shadow attack on or off
+    impact_clients: int = field(default=DEFAULT_IMPACT_CLIENTS, metadata=_meta(int, low=0))
+    shadow_attack: str = field(default="auto", metadata=_meta(str, choices=SHADOW_ATTACK))
     # the SuperLink authenticates SuperNodes (--enable-supernode-auth): node ids are bound to
     # registered keys, and each client id is pinned to the first node id claiming it
     node_auth: bool = False
@@ -135,6 +154,14 @@ class RunSettings:
             raise ConfigError(f"{PREFIX}withdrawal-params = {self.withdrawal_params!r}: "
                               "expected a JSON object")
         return self.withdrawal_method, params
+
+    def wants_shadow_attack(self) -> bool:
+        """Whether the membership attacks that train a model (the shadow attack and FedEraser's
+        attack on the original model) run: ``on``; not ``off``; ``auto``: unless the
+        reference is ``none``."""
+        if self.shadow_attack == "auto":
+            return self.reference != "none"
+        return self.shadow_attack == "on"
 
     def replace(self, **changes: Any) -> RunSettings:
         """A copy with some settings changed (validated again)."""

@@ -36,6 +36,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,8 +49,10 @@ if TYPE_CHECKING:
 __all__ = [
     "CODECS",
     "MAGIC",
+    "StoredTensor",
     "TensorError",
     "add",
+    "blob_layout",
     "bytes_per_parameter",
     "decode",
     "encode",
@@ -318,6 +321,88 @@ def decode(blob: bytes) -> dict[str, np.ndarray]:
             f"tensor blob has {len(view) - offset} trailing bytes after the last tensor"
         )
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTensor:
+    """Where one tensor of an encoded tensor dict lies, and how it is stored.
+
+    ``dtype`` is the header's: ``"<f4"``, ``"<f2"``, ``"bf16"`` (upper 16 bits of binary32,
+    read as ``"<u2"``) or a raw integer/bool dtype; ``offset`` counts from the start of the
+    blob (header included), so ``blob[offset : offset + nbytes]`` are the tensor's bytes.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def floating(self) -> bool:
+        """Whether the tensor is a floating one (stored under the blob's codec)."""
+        return self.dtype in ("<f4", "<f2", "bf16")
+
+    def view(self, blob: Any) -> np.ndarray:
+        """The tensor's stored values as a read-only array over ``blob``, without a copy
+        (bf16 as its ``uint16`` bit patterns; see :func:`decode` for the values)."""
+        raw = np.dtype("<u2" if self.dtype == "bf16" else self.dtype)
+        array = np.frombuffer(blob, dtype=raw, count=self.nbytes // raw.itemsize,
+                              offset=self.offset).reshape(self.shape)
+        array.flags.writeable = False
+        return array
+
+
+def blob_layout(blob: bytes | bytearray | memoryview) -> tuple[str, tuple[StoredTensor, ...]]:
+    """The codec and tensor layout of an encoded tensor dict, checked as :func:`decode`
+    checks them, without decoding (or copying) any tensor.
+
+    Raises
+    ------
+    IntegrityError
+        As :func:`decode`: a bad magic, a header that is not canonical or does not agree
+        with the payload, a truncated or over-long blob.
+    """
+    start = len(MAGIC) + _HEADER_LENGTH.size
+    head = bytes(blob[:start])
+    if len(head) == start and head.startswith(MAGIC):
+        (header_length,) = _HEADER_LENGTH.unpack_from(head, len(MAGIC))
+        header = bytes(blob[start : start + header_length])
+        if len(header) == header_length:
+            return _layout(header, len(blob))
+    _parse_header(bytes(blob))  # raises the precise error (an error path: a copy is fine)
+    raise IntegrityError("tensor blob has an unreadable header")  # pragma: no cover
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(header: bytes, blob_length: int) -> tuple[str, tuple[StoredTensor, ...]]:
+    """The layout of a blob of ``blob_length`` bytes whose header is ``header`` (cached:
+    the blobs of one run share a handful of headers)."""
+    prefix = MAGIC + _HEADER_LENGTH.pack(len(header)) + header
+    codec, entries, payload_start = _parse_header(prefix)
+    out: list[StoredTensor] = []
+    offset = 0
+    names: set[str] = set()
+    payload = blob_length - payload_start
+    for entry in entries:
+        dtype, shape = _check_entry(entry, codec, offset)
+        name = entry["name"]
+        if name in names:
+            raise IntegrityError(f"tensor blob names tensor {name!r} twice")
+        names.add(name)
+        nbytes = entry["nbytes"]
+        if offset + nbytes > payload:
+            raise IntegrityError(
+                f"truncated tensor blob: tensor {name!r} needs payload bytes "
+                f"{offset}..{offset + nbytes}, payload has {payload}"
+            )
+        out.append(StoredTensor(name, dtype, shape, payload_start + offset, nbytes))
+        offset += nbytes
+    if offset != payload:
+        raise IntegrityError(
+            f"tensor blob has {payload - offset} trailing bytes after the last tensor"
+        )
+    return codec, tuple(out)
 
 
 def sha256_digest(data: bytes) -> str:

@@ -10,6 +10,8 @@ Grid, ``flwr run .`` with the simulation engine, and a SuperLink with SuperNodes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -28,7 +30,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Train (or resume), or serve the ordered withdrawal, as ``fedforget.mode`` says."""
     cfg = RunConfig.from_mapping(app_run_config(context.run_config))
-    training = RunSettings.from_run_config(context.run_config).mode == "train"
+    settings = RunSettings.from_run_config(context.run_config)
+    training = settings.mode == "train"
     test_set = load_test_set(cfg)
     scratch = new_model(cfg)
 
@@ -38,7 +41,11 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = Unlearnable(
         build_strategy(cfg), context,
-        measure=TaskMeasure(cfg),
+        # the two attacks that train a model (the shadow attack, FedEraser's attack on the
+        # original model) follow one setting: off in the cheap mode with no reference
+        measure=TaskMeasure(cfg, shadow_attack=settings.wants_shadow_attack(),
+                            original_model_attack=settings.wants_shadow_attack(),
+                            cache=Path(settings.out_dir) if settings.out_dir else None),
         local_epochs_key="local-epochs",
         # federated evaluation on the clients' held-out splits after the last round
         evaluate_rounds=[cfg.num_rounds] if cfg.holdout_fraction > 0 else [],

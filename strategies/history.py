@@ -47,6 +47,7 @@ from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
 from fedforget.history.records import RefusedReply
 from fedforget.robust import RobustPolicy, screen_reply
 from fedforget.sampling import ClientSampler, client_train_seed
+from fedforget.settings import WEIGHTED_MEAN
 from fedforget.tensors import tensors_digest
 
 log = logging.getLogger("fedforget.strategies")
@@ -155,6 +156,19 @@ def _plain_fedavg_aggregation(strategy: Strategy) -> bool:
         and type(strategy).aggregate_train is FedAvg.aggregate_train
         and strategy.weighted_by_key == "num-examples"
     )
+
+
+
+def aggregation_kind(strategy: Strategy) -> str:
+    """How ``strategy`` aggregates, as the history records it (``aggregation`` of the
+    recording settings): ``weighted-mean`` for Flower's FedAvg arithmetic weighted by
+    example count (FedAvg, FedProx: every global model is
+    :math:`\\sum_k n_k \theta_{t,k} / \\sum_k n_k`, which server-side methods may rely on),
+    else the strategy's class (``flwr.serverapp.strategy.FedMedian``)."""
+    if _plain_fedavg_aggregation(strategy):
+        return WEIGHTED_MEAN
+    kind = type(strategy)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 class _NodeSubsetGrid(Grid):
@@ -295,7 +309,9 @@ class HistoryRecording(Strategy):
             else None
         )
         self._commits: list[Future[RoundRecord]] = []
-        self.records: list[RoundRecord] = []
+        # Records are handed to on_commit and not kept: memory stays flat over any number
+        # of rounds (the store has them all).
+        self.committed_rounds = 0
 
     # ------------------------------------------------------------------ commits
     def _commit(self, **kwargs: object) -> None:
@@ -311,12 +327,13 @@ class HistoryRecording(Strategy):
             self._committed(self._commits.pop(0).result())  # re-raises a failed commit
 
     def _committed(self, record: RoundRecord) -> None:
-        self.records.append(record)
+        self.committed_rounds += 1
         if self.on_commit is not None:
             self.on_commit(record)
 
-    def flush(self) -> list[RoundRecord]:
-        """Wait for every pending commit; raise the first that failed; return the records."""
+    def flush(self) -> int:
+        """Wait for every pending commit; raise the first that failed; return how many
+        rounds this wrapper committed."""
         try:
             while self._commits:
                 self._committed(self._commits.pop(0).result())
@@ -324,7 +341,7 @@ class HistoryRecording(Strategy):
             if self._writer is not None and not self._commits:
                 self._writer.shutdown(wait=True)
                 self._writer = None
-        return self.records
+        return self.committed_rounds
 
     def summary(self) -> None:  # noqa: D102
         self.strategy.summary()

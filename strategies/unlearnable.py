@@ -67,6 +67,7 @@ from fedforget.receipts.issuer import head_log, signing_key
 from fedforget.rundir import RunDirectory
 from fedforget.service import UnlearningService, read_model
 from fedforget.settings import RecordingSettings, RunSettings, app_run_config
+from fedforget.strategies.history import aggregation_kind
 from fedforget.withdrawal import WithdrawalLedger
 
 log = logging.getLogger("fedforget.server")
@@ -171,7 +172,7 @@ class Unlearnable:
         evaluate_fn: EvaluateFn | None = None,
     ) -> Result:
         """Train (or resume) ``num_rounds`` rounds, or serve the ordered withdrawal."""
-        grid = fast_polling(grid)  # a deployment Grid polls every 3 s otherwise
+        grid = fast_polling(grid)  # replies picked up in ms, not on Flower's 0.1 s / 3 s steps
         app = FederationApp(
             strategy=self.strategy,
             train_config={**dict(train_config or {}), **self._erasure_config()},
@@ -215,7 +216,8 @@ class Unlearnable:
                                    extra_config=signer.config() if signer else None,
                                    sizes=sizes,
                                    pins=NodePins(self.run.nodes, pin=self.settings.node_auth),
-                                   reply_timeout=reply_timeout)
+                                   reply_timeout=reply_timeout,
+                                   progress=self.settings.progress)
         if not clients:
             raise HistoryError("no client identified itself: is fedforget's client mod "
                                "(fedforget.flower.unlearning_mod) in the ClientApp's mods?")
@@ -240,7 +242,9 @@ class Unlearnable:
                                     codec=self.recording.codec,
                                     retain_interval=self.recording.retain_interval,
                                     fsync=fsync)
-        store.set_recording(self.recording.to_dict())
+        # the aggregation lets server-side methods read only what their rule needs
+        store.set_recording({**self.recording.to_dict(),
+                             "aggregation": aggregation_kind(self.strategy)})
         return store
 
     def _check_same_training(self, store: HistoryStore) -> None:
@@ -381,7 +385,7 @@ class Unlearnable:
             self.run, federation=federation,
             measure=self.measure or EvaluateFnMeasure(evaluate_fn, final_round=last_round),
             keys_dir=self._keys_dir(), engine=engine_of(federation.grid, self.settings),
-            reference=self.settings.reference,
+            reference=self.settings.reference, impact_clients=self.settings.impact_clients,
         )
 
     def _keys_dir(self) -> Path:

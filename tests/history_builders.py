@@ -26,8 +26,10 @@ def build_store(
     *,
     retain_interval: int = 1,
     local_epochs: int = 2,
+    recording: dict[str, object] | None = None,
 ) -> HistoryStore:
-    """A history whose global models are the FedAvg sums of the given updates."""
+    """A history whose global models are the FedAvg sums of the given updates (with the
+    recording settings ``recording``, frozen at round 1, if given)."""
     store = HistoryStore.create(
         path,
         run_config={"local-epochs": local_epochs, "learning-rate": 0.1, "batch-size": 8,
@@ -35,6 +37,8 @@ def build_store(
         retain_interval=retain_interval,
         fsync=False,
     )
+    if recording is not None:
+        store.set_recording(recording)
     digest = store.put_initial_model(theta0)
     theta = {k: v.astype(np.float64) for k, v in theta0.items()}
     for t, parts in enumerate(rounds, start=1):

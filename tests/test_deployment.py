@@ -484,3 +484,14 @@ def test_pyproject_registers_the_deployment_marker() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     markers = config["tool"]["pytest"]["ini_options"]["markers"]
     assert any(m.startswith("deployment:") for m in markers), json.dumps(markers)
+
+
+def test_fast_polling_wraps_the_simulation_grid_once() -> None:
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from fedforget.engine.polling import PollingGrid, fast_polling
+
+    grid = InMemoryGrid.__new__(InMemoryGrid)  # its constructor wants a running LinkState
+    wrapped = fast_polling(grid)
+    assert isinstance(wrapped, PollingGrid) and wrapped.grid is grid
+    assert fast_polling(wrapped) is wrapped

@@ -85,3 +85,46 @@ def test_a_head_signed_by_another_key_is_refused_at_resume(tmp_path: Path) -> No
                        "verify under key"):
         HeadLog(store, KEY)
     store.close()
+
+
+def test_the_log_is_read_again_only_when_another_signer_appended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: count the full reads of the log by the signer
+    import fedforget.history.heads as heads_module
+
+    reads: list[int] = []
+    real = heads_module.read_head_log
+
+    def counting(path: object) -> object:
+        reads.append(1)
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(heads_module, "read_head_log", counting)
+    store = HistoryStore.create(tmp_path / "run", run_config={"seed": 0})
+    store.set_roster(["client-000", "client-001"])
+    before = store.put_initial_model(model(0))
+    log = HeadLog(store, KEY)
+    # Execute: five rounds signed by this signer alone, then another signer (a `withdraw`
+    # in another process) appends a head, then one more round
+    for t in range(1, 6):
+        before = commit(store, t, before)
+        log.on_commit(store.round(t))
+    alone = len(reads)
+    with WithdrawalLedger(tmp_path / "run") as ledger:
+        ledger.request("client-001", reason="", roster=frozenset(store.roster()))
+    other = HeadLog(store, KEY)  # signs the ledger change
+    before = commit(store, 6, before)
+    log.on_commit(store.round(6))
+    # Assert: two reads to construct (the resume check and the latest head), one for the
+    # first signature, none for rounds 2-5; the other signer's three, and one more for
+    # round 6, after its append; the log is what a full read finds, its lines numbered as
+    # read_head_log numbers them
+    assert alone == 3
+    assert len(reads) == 3 + 3 + 1
+    logged = real(tmp_path / "run" / "tree_heads.jsonl")[0]
+    assert [(h.head.size, h.head.ledger_size) for h in logged] == [
+        (1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (5, 1), (6, 1)]
+    assert log._known is not None and log._known[1] == logged  # noqa: SLF001
+    assert other.latest is not None and other.latest.ledger_size == 1
+    store.close()

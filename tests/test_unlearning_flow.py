@@ -90,8 +90,8 @@ def test_unlearn_json_reports_method_model_cost_and_metrics(
         "test_accuracy", "forgotten_accuracy", "backdoor_success", "mia_loss_auc",
         "mia_confidence_auc", "shadow_attack", "l2_to_retrained", "cosine_to_retrained",
         "kl_to_retrained", "js_to_retrained", "client_impact", "client_accuracy",
-        "speedup_wall", "speedup_client_epochs", "storage_bytes", "trace",
-        "collateral", "group_accuracy",
+        "client_impact_sample", "speedup_wall", "speedup_client_epochs", "storage_bytes",
+        "trace", "collateral", "group_accuracy",
         # issue 12: the clean and poisoned members apart, FedEraser's attack, bootstrap
         # intervals and the within-noise comparison, divergences on the forgotten data
         "forgotten_accuracy_clean", "forgotten_accuracy_poisoned", "mia_loss_auc_clean",
@@ -99,6 +99,7 @@ def test_unlearn_json_reports_method_model_cost_and_metrics(
         "mia_vs_retrained", "mia_sizes", "kl_to_retrained_forgotten",
         "js_to_retrained_forgotten",
     }
+    assert result["metrics"]["client_impact_sample"] is None  # 3 remaining: all asked
     assert result["cost"]["client_epochs"] > 0
     with WithdrawalLedger(run) as ledger:
         assert ledger.for_client("client-002").state == "done"  # type: ignore[union-attr]

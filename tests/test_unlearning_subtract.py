@@ -19,6 +19,7 @@ from fedforget.unlearning.base import (
     ClientUpdate,
     Cost,
     RetentionError,
+    UnlearningError,
     UnlearningRequest,
     UnlearningResult,
 )
@@ -263,4 +264,168 @@ def test_bad_parameters_are_refused(params: dict[str, Any], message: str) -> Non
 
 
 def test_params_defaults() -> None:
-    assert SubtractParams().to_dict() == {"repair-rounds": 0, "repair-epochs": 0}
+    assert SubtractParams().to_dict() == {"repair-rounds": 0, "repair-epochs": 0,
+                                          "shortcut": "auto"}
+
+
+def test_a_bad_shortcut_is_refused() -> None:
+    with pytest.raises(ConfigError, match=re.escape(
+            "shortcut = 'maybe'; expected one of auto, on, off")):
+        get_method("subtract", {"shortcut": "maybe"})
+
+
+# ------------------------------------------------------------ the weighted-mean shortcut
+def test_the_shortcut_gives_the_hand_computed_model(tmp_path: Path) -> None:
+    # Prepare: the history of the other tests, recorded as aggregated by a weighted mean
+    # (as fedforget's strategy wrapper records for FedAvg and FedProx). Round 1,
+    # c = (1 - 1/2) / (1/2) = 1:
+    #   r_1 = 1·(g_1) - 2·(u's part 1/2·[8, 8], [[4, 4]]) = w [5-8, 5-8], b [[2-4, 3-4]]
+    #       = w [-3, -3], b [[-2, -1]]  (as test_residual_of_a_round_by_hand)
+    with build_store(tmp_path / "run", THETA0, ROUNDS,
+                     recording={"aggregation": "weighted-mean"}) as store:
+        _check_the_shortcut(store, tmp_path)
+
+
+def _check_the_shortcut(store: HistoryStore, tmp_path: Path) -> None:
+    r1 = removal_residual(store, 1, frozenset({"u"}))
+    np.testing.assert_allclose(r1["w"], [-3, -3], atol=1e-12)
+    np.testing.assert_allclose(r1["b"], [[-2, -1]], atol=1e-12)
+    # Execute
+    result = run({}, request(store, {"u"}, RepairFederation({}, {"a": 1}), tmp_path))
+    # Assert: the same model as the general rule, from fewer blobs.
+    assert_tensors(result.model, EXPECTED)
+    assert any("weighted-mean shortcut" in n for n in result.notes)
+
+
+def test_shortcut_on_is_refused_where_the_aggregation_is_unknown(
+    store: HistoryStore, tmp_path: Path
+) -> None:
+    with pytest.raises(UnlearningError, match="shortcut = on needs a history"):
+        run({"shortcut": "on"}, request(store, {"u"}, RepairFederation({}, {}), tmp_path))
+
+
+def _random_fedavg_store(path: Path, *, codec: str, seed: int) -> HistoryStore:
+    """A 6-round FedAvg history of 5 clients over a 3-tensor model (one of them int64),
+    aggregated in float32 as the engine does: θ_t = Σ_k (n_k/N)·θ_{t,k}."""
+    rng = np.random.default_rng(seed)
+    store = HistoryStore.create(path, run_config={"local-epochs": 1}, codec=codec,
+                                fsync=False)
+    store.set_recording({"aggregation": "weighted-mean"})
+    theta = {"w": rng.standard_normal((40, 30)).astype(np.float32),
+             "steps": np.array([7], dtype=np.int64),
+             "b": rng.standard_normal(30).astype(np.float32)}
+    digest = store.put_initial_model(theta)
+    from fedforget.history import ParticipantUpdate
+
+    for t in range(1, 7):
+        clients = sorted(rng.choice(["a", "b", "c", "d", "u"], size=3, replace=False))
+        if t in (2, 5) and "u" not in clients:
+            clients = sorted([*clients[:2], "u"])
+        counts = {c: int(rng.integers(5, 50)) for c in clients}
+        total = sum(counts.values())
+        locals_ = {c: {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+                       if v.dtype.kind == "f" else v for k, v in theta.items()}
+                   for c in clients}
+        after: dict[str, np.ndarray] = {}
+        for c in clients:
+            for k, v in locals_[c].items():
+                if v.dtype.kind != "f":
+                    after[k] = v
+                elif k in after:
+                    after[k] += v * (counts[c] / total)
+                else:
+                    after[k] = v * (counts[c] / total)
+        participants = [
+            ParticipantUpdate(client_id=c, num_examples=counts[c], weight=counts[c] / total,
+                              seed=t, update={k: locals_[c][k] - theta[k] for k in theta})
+            for c in clients
+        ]
+        record = store.commit_round(round=t, global_before=digest, global_after=after,
+                                    participants=participants, config={})
+        digest, theta = record.global_after, after
+    return store
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16"])
+def test_shortcut_and_general_rule_agree_on_a_random_fedavg_history(
+    tmp_path: Path, codec: str
+) -> None:
+    # Prepare
+    with _random_fedavg_store(tmp_path / "run", codec=codec, seed=3) as store:
+        federation = RepairFederation({}, {})
+        # Execute
+        fast = run({"shortcut": "on"}, request(store, {"u"}, federation, tmp_path / "1"))
+        general = run({"shortcut": "off"}, request(store, {"u"}, federation, tmp_path / "2"))
+        stored = store.global_model(store.last_round)
+    # Assert: same rounds, same non-floating tensors, floats equal up to the rounding of
+    # the float32 global models (each |θ| < 6: a few ulps of 6 per round, 2^-21 ≈ 5e-7)
+    # plus, with fp16 updates, the general rule's rounding of every remaining update
+    # (|Δ| < 1: 2^-11 relative per update, weighted sum < 1e-3).
+    assert fast.rounds_affected == general.rounds_affected
+    assert 2 in fast.rounds_affected and 5 in fast.rounds_affected
+    assert list(fast.model) == list(stored) == ["w", "steps", "b"]
+    np.testing.assert_array_equal(fast.model["steps"], stored["steps"])
+    atol = 1e-5 if codec == "fp32" else 2e-3
+    for k in ("w", "b"):
+        assert fast.model[k].dtype == np.float32
+        np.testing.assert_allclose(fast.model[k], general.model[k], rtol=0, atol=atol)
+        assert np.abs(fast.model[k] - stored[k]).max() > 10 * atol  # something changed
+
+
+def test_a_recorded_flower_run_is_served_by_the_shortcut_as_by_the_general_rule(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    # Prepare: fedforget's app records FedAvg as a weighted-mean aggregation.
+    with HistoryStore.open(trained_run) as store:
+        assert store.recording["aggregation"] == "weighted-mean"
+        federation = RepairFederation({}, {})
+        forget = {"client-001"}
+        # Execute
+        fast = run({}, request(store, forget, federation, tmp_path / "1"))
+        general = run({"shortcut": "off"}, request(store, forget, federation, tmp_path / "2"))
+        original = store.global_model(store.last_round)
+    # Assert: the shortcut read fewer blobs, and both rules give the same model up to the
+    # float32 rounding of the stored models (|θ| < 1 here: ulp 2^-23 per term, a few terms
+    # per round, three rounds: well under 2e-6).
+    assert "weighted-mean shortcut" in fast.notes[1]
+    assert "every participant's update" in general.notes[1]
+    assert fast.rounds_affected == general.rounds_affected == [1, 2, 3]
+    for k, v in original.items():
+        np.testing.assert_allclose(fast.model[k], general.model[k], rtol=0, atol=2e-6)
+        assert np.abs(fast.model[k] - v).max() > 1e-4
+
+
+@pytest.mark.parametrize("blas_from", [1 << 60, 0], ids=["numpy", "blas"])
+def test_the_in_place_sum_is_the_float64_sum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             blas_from: int) -> None:
+    # Prepare: a model of two tensors (one spanning several chunks), two stored updates
+    from fedforget.history import ParticipantUpdate
+    from fedforget.history.views import BlobViews
+    from fedforget.unlearning import subtract
+
+    monkeypatch.setattr(subtract, "_BLAS_FROM", blas_from)
+    rng = np.random.default_rng(1)
+    n = 3 * subtract._CHUNK + 5
+    theta = {"w": rng.standard_normal(n).astype(np.float32),
+             "b": rng.standard_normal((3, 2)).astype(np.float32)}
+    ups = {c: {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in theta.items()}
+           for c in ("a", "b")}
+    with HistoryStore.create(tmp_path / "run", run_config={}, fsync=False) as store:
+        start = store.put_initial_model(theta)
+        record = store.commit_round(
+            round=1, global_before=start, global_after=theta, config={},
+            participants=[ParticipantUpdate(client_id=c, num_examples=1, weight=0.5, seed=1,
+                                            update=ups[c]) for c in ("a", "b")])
+        digests = {p.client_id: p.update_digest for p in record.participants}
+        terms = [(0.3, start, "θ"), (-1.7, digests["a"], "a"), (1.0, digests["b"], "b"),
+                 (-1.0, digests["a"], "a again")]
+        # Execute
+        with BlobViews(store) as views:
+            acc, head = subtract.combine(views, terms)
+            assert head is not None and head.digest == start
+    # Assert: 0.3 θ - 1.7 a + b - a, in float64
+    for k in theta:
+        expected = (0.3 * theta[k].astype(np.float64) - 2.7 * ups["a"][k].astype(np.float64)
+                    + ups["b"][k].astype(np.float64))
+        assert acc[k].dtype == np.float64
+        np.testing.assert_allclose(acc[k], expected, rtol=1e-15, atol=1e-15)

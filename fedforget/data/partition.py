@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fedforget.cache import FederationCache
 from fedforget.data.array_dataset import ArrayDataset, check_fraction
 from fedforget.data.datasets import load_dataset
 from fedforget.errors import ConfigError, DataError
@@ -98,7 +99,69 @@ def partition_indices(
     )
     if min_partition_size is None:
         min_partition_size = min(10, max(1, n // (10 * num_partitions)))
+    # IID and Dirichlet are computed here, as Flower Datasets computes them (tests check
+    # the partitions are the same), without importing ``flwr_datasets``, whose package
+    # loads datasets, pyarrow, pandas, matplotlib, seaborn and scipy (some 200 MB and
+    # seconds of every process that partitions: each simulated client's).
+    if partitioner == "iid":
+        # IidPartitioner's contiguous shards of the shuffled rows (``Dataset.shard``: the
+        # first N mod K parts one longer)
+        order = np.random.default_rng(seed).permutation(n).astype(np.int64)
+        return [np.sort(p) for p in np.array_split(order, num_partitions)]
+    if partitioner == "dirichlet":
+        return _dirichlet(labels, num_partitions=num_partitions, alpha=alpha, seed=seed,
+                          min_partition_size=min_partition_size,
+                          self_balancing=self_balancing)
+    return _flower_partition(labels, num_partitions=num_partitions, partitioner=partitioner,
+                             seed=seed, alpha=alpha, shards_per_partition=shards_per_partition,
+                             min_partition_size=min_partition_size,
+                             self_balancing=self_balancing)
 
+
+def _dirichlet(labels: np.ndarray, *, num_partitions: int, alpha: float, seed: int,
+               min_partition_size: int, self_balancing: bool) -> list[np.ndarray]:
+    """DirichletPartitioner's assignment (``shuffle=False``), step for step: for each class
+    in ascending order, proportions :math:`p \\sim \\mathrm{Dir}_K(\alpha)` from one
+    generator seeded with ``seed`` (with self-balancing, clients already above the mean
+    size get 0 and the rest are renormalised), the class's indices cut at
+    ``int(cumsum(p) * n_c)``; the whole draw repeated until every client has
+    ``min_partition_size`` examples, at most 11 times."""
+    rng = np.random.default_rng(seed)
+    concentration = np.array([float(alpha)], dtype=float).repeat(num_partitions)
+    average = labels.shape[0] / num_partitions
+    classes = sorted(int(c) for c in np.unique(labels))
+    for attempt in range(11):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        for k in classes:
+            members = np.nonzero(labels == k)[0]
+            proportions = list(rng.dirichlet(concentration))
+            if self_balancing:
+                proportions = [0 if len(parts[i]) > average else p
+                               for i, p in enumerate(proportions)]
+                total = sum(proportions)
+                proportions = [p / total for p in proportions]
+            cuts = (np.cumsum(proportions) * len(members)).astype(int)[:-1]
+            for i, piece in enumerate(np.split(members, cuts)):
+                parts[i].extend(piece.tolist())
+        if min(len(p) for p in parts) >= min_partition_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+        if attempt == 10:
+            break
+    raise DataError(
+        f"dirichlet partitioning of {labels.shape[0]} examples into {num_partitions} clients "
+        f"failed (dirichlet-alpha = {alpha}, min-partition-size = {min_partition_size}): "
+        "The max number of attempts (10) was reached. Please update the values of alpha "
+        "and try again. Expected a feasible setting: raise dirichlet-alpha, lower "
+        "min-partition-size or use fewer clients."
+    )
+
+
+def _flower_partition(labels: np.ndarray, *, num_partitions: int, partitioner: str, seed: int,
+                      alpha: float, shards_per_partition: int, min_partition_size: int,
+                      self_balancing: bool) -> list[np.ndarray]:
+    """The partition by one of Flower Datasets' partitioners (see
+    :func:`partition_indices`)."""
+    n = int(labels.shape[0])
     import datasets
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -229,21 +292,17 @@ def client_data(
     pool, _ = load_dataset(
         name, seed=seed, data_path=data_path, test_fraction=test_fraction, **options
     )
-    return _client_data_cached(
-        pool,
-        partition_id,
-        num_partitions,
-        partitioner,
-        seed,
-        alpha,
-        shards_per_partition,
-        min_partition_size,
-        holdout_fraction,
-    )
+    args = (pool, partition_id, num_partitions, partitioner, seed, alpha,
+            shards_per_partition, min_partition_size, holdout_fraction)
+    # Every client of the federation (and of one more, e.g. the previous run of a grid)
+    # stays cached: a round of a large federation re-derives nothing.
+    return _CLIENT_DATA.get(args, lambda: _client_data(*args), capacity=2 * num_partitions)
 
 
-@functools.lru_cache(maxsize=256)
-def _client_data_cached(
+_CLIENT_DATA: FederationCache[tuple[ArrayDataset, ArrayDataset]] = FederationCache(minimum=64)
+
+
+def _client_data(
     pool: ArrayDataset,
     partition_id: int,
     num_partitions: int,

@@ -59,8 +59,16 @@ def load_synthetic(
     centres = rng.standard_normal((num_classes, num_features))
     centres *= np.sqrt(num_features) / np.linalg.norm(centres, axis=1, keepdims=True)
     y = np.arange(num_samples, dtype=np.int64) % num_classes
-    x = centres[y] + cluster_std * rng.standard_normal((num_samples, num_features))
-    full = ArrayDataset(x=x.astype(np.float32), y=y, num_classes=num_classes, name="synthetic",
+    # Drawn and converted a block of rows at a time (the same numbers as one draw of the
+    # whole (N, D) array: the generator's stream is the same), so that a large set never
+    # holds its float64 intermediates in memory at once.
+    x = np.empty((num_samples, num_features), dtype=np.float32)
+    block = max(1, (1 << 20) // num_features)
+    for start in range(0, num_samples, block):
+        rows = slice(start, min(num_samples, start + block))
+        noise = rng.standard_normal((rows.stop - rows.start, num_features))
+        x[rows] = centres[y[rows]] + cluster_std * noise
+    full = ArrayDataset(x=x, y=y, num_classes=num_classes, name="synthetic",
                         ids=np.arange(num_samples))
     train_idx, test_idx = stratified_split(full.y, test_fraction=test_fraction, seed=seed)
     return full.subset(train_idx), full.subset(test_idx, name="synthetic/test")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fedforget.config import RunConfig
 from fedforget.engine.apps import FlowerProject, find_project, find_run_app
 from fedforget.errors import ConfigError
-from fedforget.settings import PREFIX, RunSettings
+from fedforget.settings import DEFAULT_IMPACT_CLIENTS, PREFIX, RunSettings
 
 if TYPE_CHECKING:
     from fedforget.engine.deployment import SuperLinkTarget
@@ -125,12 +125,19 @@ def run_unlearning(
     labels: Collection[int] | None = None,
     connection: SuperLinkTarget | None = None,
     node_auth: bool = False,
+    impact_clients: int = DEFAULT_IMPACT_CLIENTS,
+    shadow_attack: str = "auto",
 ) -> UnlearningOutcome | None:
     """Forget ``client`` from the run in ``run_dir`` with ``method``; return the result.
 
     With ``records``: forget only those records of ``client`` (it stays); with ``labels``:
     forget those classes on every client, ``client`` naming who asked (see
     :func:`fedforget.service.order_unlearning`).
+
+    ``reference`` (``compute``, ``cached``, ``none``), ``impact_clients`` (remaining
+    clients, a seeded sample, asked for the per-client impact; 0: all) and
+    ``shadow_attack`` (``auto``: unless ``reference`` is ``none``; ``on``; ``off``) set
+    what the measurement costs (:mod:`fedforget.settings`).
 
     The withdrawal is recorded and ordered (:func:`fedforget.service.order_unlearning`:
     everything that can be refused is refused before anything is written); then the run's
@@ -179,6 +186,7 @@ def run_unlearning(
         )
     keys = Path(keys_dir) if keys_dir else run.default_keys
     here = project is None or engine == "inprocess"
+    measurement = {"impact_clients": impact_clients, "shadow_attack": shadow_attack}
     with run_lock(run.path, command=f"fedforget unlearn --method {unlearner.name}"):
         request = order_unlearning(run, client=client, method=unlearner.name,
                                    params=unlearner.params.to_dict(), reason=reason,
@@ -191,12 +199,13 @@ def run_unlearning(
         elif here:
             _serve_with_app(project, run, request.request_id, app_config, roster, keys,
                             engine=engine, progress=progress, reference=reference,
-                            connection=connection, node_auth=node_auth)
+                            connection=connection, node_auth=node_auth,
+                            measurement=measurement)
     if not here:
         assert project is not None
         _serve_with_app(project, run, request.request_id, app_config, roster, keys,
                         engine=engine, progress=progress, reference=reference,
-                        connection=connection, node_auth=node_auth)
+                        connection=connection, node_auth=node_auth, measurement=measurement)
     return UnlearningOutcome.read(run.result_dir(request.request_id, unlearner.name)
                                   / RESULT_FILE)
 
@@ -204,12 +213,14 @@ def run_unlearning(
 def _serve_with_app(project: FlowerProject, run: Any, request_id: str,
                     app_config: Mapping[str, Any], roster: tuple[str, ...], keys: Path, *,
                     engine: str, progress: bool, reference: str,
-                    connection: SuperLinkTarget | None, node_auth: bool) -> None:
+                    connection: SuperLinkTarget | None, node_auth: bool,
+                    measurement: Mapping[str, Any] | None = None) -> None:
     """Run the app in unlearning mode for ``request_id``; a failure before its service
-    recorded one leaves the request ``failed`` with the reason."""
+    recorded one leaves the request ``failed`` with the reason. ``measurement``: further
+    :class:`RunSettings` of what is measured (``impact_clients``, ``shadow_attack``)."""
     settings = RunSettings(out_dir=str(run.path), mode="unlearn", request_id=request_id,
                            progress=progress, reference=reference, engine=engine,
-                           keys_dir=str(keys), node_auth=node_auth)
+                           keys_dir=str(keys), node_auth=node_auth, **(measurement or {}))
     try:
         run_app(project, run_config={**app_config, **settings.to_run_config()},
                 num_nodes=len(roster), engine=engine, progress=progress,

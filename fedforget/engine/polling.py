@@ -10,8 +10,10 @@ and pulls with the Grid's own public ``push_messages``/``pull_messages`` and wai
 ``timeout`` has Flower's meaning (None: wait for every reply; else return the replies that
 came in time).
 
-:func:`fast_polling` wraps only the deployment Grid; other Grids (fedforget's in-process
-Grid, the simulation's InMemoryGrid) are returned unchanged.
+:func:`fast_polling` wraps the deployment Grid and the simulation's ``InMemoryGrid``
+(``flwr.superlink.grid.inmemory_grid``, which sleeps a fixed 0.1 s between two pulls, so
+that every simulated round ended on a 100 ms step); fedforget's in-process Grid, which
+answers synchronously, is returned unchanged.
 """
 
 from __future__ import annotations
@@ -106,20 +108,27 @@ class PollingGrid(Grid):
 
 
 def fast_polling(grid: Grid) -> Grid:
-    """``grid`` wrapped in a :class:`PollingGrid` if it is Flower's deployment Grid.
+    """``grid`` wrapped in a :class:`PollingGrid` if it is Flower's deployment Grid or the
+    simulation's ``InMemoryGrid``.
 
-    Then also, in this process (a ServerApp under a SuperLink runs in its own
+    For the deployment Grid also, in this process (a ServerApp under a SuperLink runs in its own
     ``flwr-serverapp`` process): a reply whose objects are not all at the SuperLink yet —
     the SuperLink lists a reply as soon as its message is pushed, before its arrays, and a
     fast poll sees it in between — is pulled again after 5 ms (growing, at most 0.25 s)
     instead of Flower's 1 s, 2 s, 4 s, ... (``pull_objects``' ``initial_backoff``).
     """
+    if isinstance(grid, PollingGrid):
+        return grid
     try:
         from flwr.superlink.grid import http_grid
     except ImportError:  # another Flower layout: keep its own polling
         return grid
     if not isinstance(grid, http_grid.HttpGrid):
-        return grid
+        try:
+            from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+        except ImportError:  # pragma: no cover - another Flower layout
+            return grid
+        return PollingGrid(grid) if isinstance(grid, InMemoryGrid) else grid
     pull = getattr(http_grid, "pull_objects", None)
     if pull is not None and not isinstance(pull, functools.partial) and (
             "initial_backoff" in inspect.signature(pull).parameters):

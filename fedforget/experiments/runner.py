@@ -27,11 +27,12 @@ one client per request gets them one after another, each starting from the previ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -81,49 +82,69 @@ def run_experiment(
     progress: bool = True,
     stream: TextIO | None = None,
     report: bool = True,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``spec`` not yet finished in ``out``; return all cell records.
 
-    Writes ``results.csv`` after each cell and, when ``report`` is true, ``report.md`` and
-    the plots at the end.
+    Writes ``results.csv`` after each cell (with ``workers`` or ``ray_address``: after
+    each training run's cells) and, when ``report`` is true, ``report.md`` and the plots at
+    the end.
+
+    Parallel runs: the cells of one training run share its run directory (its withdrawal
+    ledger, receipt chain, cached reference), so they run one after another, in the spec's
+    order, exactly as in a serial run; different training runs are independent and run
+    in ``workers`` processes of this machine, or as tasks of the Ray cluster at
+    ``ray_address`` (every node must see ``out`` at the same path and have fedforget and
+    the app installed). Each cell is seeded as in a serial run, so the results (model
+    digests included) are the same, wall times aside.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if workers < 1:
+        raise ExperimentError(f"workers = {workers!r}; expected an integer >= 1")
     project = project or find_project()
     _write_json(out / "experiment.json", spec.to_dict() | {"fingerprint": spec.fingerprint})
     cells = spec.cells()
     shown = _Progress(total=len(cells), stream=stream or sys.stderr, enabled=progress)
     done = {c.cell_id: r for c in cells if (r := _finished(out, c, spec)) is not None}
     todo = [c for c in cells if c.cell_id not in done]
-    shown.say(f"experiment {spec.name}: {len(cells)} cells ({len(spec.points())} trained "
-              f"runs x {len(spec.methods)} methods); {len(done)} already "
-              f"finished, {len(todo)} to run -> {out}")
-    t_start = time.perf_counter()
     by_point: dict[str, list[Cell]] = {}
     for cell in todo:
         by_point.setdefault(cell.point.run_id, []).append(cell)
-    index = {c.cell_id: i + 1 for i, c in enumerate(cells)}
+    where = (f"the Ray cluster at {ray_address}" if ray_address else
+             f"{workers} worker processes" if workers > 1 else "this process")
+    shown.say(f"experiment {spec.name}: {len(cells)} cells ({len(spec.points())} trained "
+              f"runs x {len(spec.methods)} methods); {len(done)} already "
+              f"finished, {len(todo)} to run in {where} -> {out}")
 
     def in_order() -> list[dict[str, Any]]:
         return [done[c.cell_id] for c in cells if c.cell_id in done]
 
-    for point_cells in by_point.values():
-        point = point_cells[0].point
-        run_dir = out / RUNS / run_dir_name(point)
-        _train(spec, point, run_dir, project, shown, progress)
-        for cell in point_cells:
-            t0 = time.perf_counter()
-            shown.say(f"[cell {index[cell.cell_id]}/{len(cells)}] {cell.cell_id}: "
-                      f"{cell.method.method} unlearning {', '.join(spec.forget)} ...")
-            record = _run_cell(spec, cell, run_dir, project, progress)
-            _write_json(out / CELLS / f"{cell.cell_id}.json", record)
-            done[cell.cell_id] = record
-            write_results_csv(out, in_order())
-            ran = len(done) - (len(cells) - len(todo))
-            eta = (time.perf_counter() - t_start) / ran * (len(cells) - len(done))
-            shown.say(f"[cell {index[cell.cell_id]}/{len(cells)}] {cell.cell_id}: "
-                      f"{_summary_line(record)} ({time.perf_counter() - t0:.1f} s; "
-                      f"{len(done)}/{len(cells)} done, eta {eta:.0f} s)")
+    index = {c.cell_id: i + 1 for i, c in enumerate(cells)}
+    jobs = [_PointJob(spec=spec, cells=tuple(point_cells), out=out, project=project,
+                      progress=progress, total=len(cells),
+                      index={c.cell_id: index[c.cell_id] for c in point_cells})
+            for point_cells in by_point.values()]
+    t_start = time.perf_counter()
+    finished_jobs: Iterable[tuple[_PointJob, list[tuple[str, Any]]]]
+    if ray_address is not None:
+        finished_jobs = _on_ray(jobs, ray_address)
+    elif workers > 1 and len(jobs) > 1:
+        finished_jobs = _in_processes(jobs, workers)
+    else:
+        session = _simulation_session(spec)
+        finished_jobs = _in_this_process(jobs, session, done, in_order)
+    for number, (job, job_records) in enumerate(finished_jobs, start=1):
+        for cell_id, record in job_records:
+            done[cell_id] = record
+        write_results_csv(out, in_order())
+        if len(jobs) > 1 and (workers > 1 or ray_address is not None):
+            elapsed = time.perf_counter() - t_start
+            eta = elapsed / number * (len(jobs) - number)
+            shown.say(f"[run {number}/{len(jobs)}] {job.cells[0].point.run_id}: "
+                      f"{len(job_records)} cells finished ({len(done)}/{len(cells)} done, "
+                      f"{elapsed:.0f} s, eta {eta:.0f} s)")
     records = in_order()
     write_results_csv(out, records)
     if report:
@@ -133,6 +154,120 @@ def run_experiment(
         shown.say(f"report: {path}")
     shown.say(f"results: {out / RESULTS_CSV} ({len(records)} cells)")
     return records
+
+
+@dataclass(frozen=True)
+class _PointJob:
+    """One training run and its cells: the unit of parallel work."""
+
+    spec: ExperimentSpec
+    cells: tuple[Cell, ...]
+    out: Path
+    project: FlowerProject
+    progress: bool
+    index: Mapping[str, int]  # cell id -> its number among all the experiment's cells
+    total: int
+
+
+def _run_point(job: _PointJob, after_cell: Any = None) -> list[tuple[str, dict[str, Any]]]:
+    """Train the job's run (or resume it) and run its cells in order; each cell's file is
+    written as soon as it is finished. ``after_cell(cell_id, record)`` is called after each."""
+    spec, out = job.spec, job.out
+    shown = _Progress(total=job.total, stream=sys.stderr, enabled=job.progress)
+    point = job.cells[0].point
+    run_dir = out / RUNS / run_dir_name(point)
+    _train(spec, point, run_dir, job.project, shown, job.progress)
+    records = []
+    for cell in job.cells:
+        t0 = time.perf_counter()
+        number = job.index[cell.cell_id]
+        shown.say(f"[cell {number}/{job.total}] {cell.cell_id}: "
+                  f"{cell.method.method} unlearning {', '.join(spec.forget)} ...")
+        record = _run_cell(spec, cell, run_dir, job.project, job.progress)
+        _write_json(out / CELLS / f"{cell.cell_id}.json", record)
+        records.append((cell.cell_id, record))
+        if after_cell is not None:
+            after_cell(cell.cell_id, record)
+        shown.say(f"[cell {number}/{job.total}] {cell.cell_id}: {_summary_line(record)} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+    return records
+
+
+def _in_this_process(jobs: list[_PointJob], session: Any, done: dict[str, Any],
+                     in_order: Any) -> list[tuple[_PointJob, list[tuple[str, Any]]]]:
+    """Every job here, one after another (results.csv rewritten after each cell)."""
+    def after_cell(cell_id: str, record: dict[str, Any]) -> None:
+        done[cell_id] = record
+        write_results_csv(jobs[0].out, in_order())
+
+    with session:
+        return [(job, _run_point(job, after_cell)) for job in jobs]
+
+
+def _worker(job: _PointJob) -> list[tuple[str, dict[str, Any]]]:
+    """A worker process's (or Ray task's) part: import the spec's plug-ins, run the job."""
+    import importlib
+
+    for module in job.spec.imports:
+        importlib.import_module(module)
+    with _simulation_session(job.spec):
+        return _run_point(job)
+
+
+def _in_processes(jobs: list[_PointJob], workers: int
+                  ) -> Iterator[tuple[_PointJob, list[tuple[str, Any]]]]:
+    """The jobs in ``workers`` fresh processes (spawned: no state inherited), yielded as
+    they finish; the first failure is raised once the others have stopped."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        pending = {pool.submit(_worker, job): job for job in jobs}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = pending.pop(future)
+                try:
+                    records = future.result()
+                except BaseException:
+                    for other in pending:
+                        other.cancel()
+                    raise
+                yield job, records
+
+
+def _on_ray(jobs: list[_PointJob], address: str
+            ) -> Iterator[tuple[_PointJob, list[tuple[str, Any]]]]:
+    """The jobs as tasks of the Ray cluster at ``address`` (one CPU each), yielded as they
+    finish."""
+    import ray
+
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    task = ray.remote(num_cpus=1)(_worker)
+    pending = {task.remote(job): job for job in jobs}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            yield job, ray.get(ready[0])
+    finally:
+        for ref in pending:
+            ray.cancel(ref)
+        if connected_here:
+            ray.shutdown()
+
+
+def _simulation_session(spec: ExperimentSpec) -> Any:
+    """One SuperLink and Ray cluster for every run of a simulation experiment (in this
+    process); nothing for the in-process engine."""
+    if spec.engine != "simulation":
+        return contextlib.nullcontext()
+    from fedforget.engine.simulation import simulation_session
+
+    return simulation_session()
 
 
 # ------------------------------------------------------------------------ helpers
@@ -152,6 +287,7 @@ def cell_fingerprint(spec: ExperimentSpec, cell: Cell) -> str:
         "forget": list(spec.forget),
         "engine": spec.engine,
         "metrics": list(spec.metrics),
+        **spec.measurement(),
     })).hexdigest()
 
 
@@ -213,7 +349,8 @@ def _run_cell(spec: ExperimentSpec, cell: Cell, run_dir: Path, project: FlowerPr
         outcome = run_unlearning(
             run_dir, client=client, method=method.name, params=dict(cell.method.params),
             reason=f"experiment {spec.name}", engine=spec.engine, project=project,
-            progress=progress,
+            progress=progress, reference=spec.reference,
+            impact_clients=spec.impact_clients, shadow_attack=spec.shadow_attack,
         )
     wall = time.perf_counter() - t0
     record: dict[str, Any] = {
@@ -295,8 +432,9 @@ def _summary_line(record: Mapping[str, Any]) -> str:
         return "no-op (the client never contributed)"
     m = record["result"]["metrics"]
     cost = record["result"]["cost"]
-    parts = [f"test acc {m['test_accuracy']['unlearned']:.4f} "
-             f"(retrained {m['test_accuracy']['retrained']:.4f})"]
+    acc = m.get("test_accuracy") or {}
+    parts = [f"test acc {acc.get('unlearned', float('nan')):.4f}"
+             + (f" (retrained {acc['retrained']:.4f})" if "retrained" in acc else "")]
     if m.get("backdoor_success"):
         parts.append(f"backdoor {m['backdoor_success']['unlearned']:.3f}")
     parts.append(f"{cost['client_epochs']:g} client-epochs")

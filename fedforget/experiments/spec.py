@@ -10,6 +10,12 @@ An experiment is a TOML file (see ``simulations/quickstart.toml``)::
     engine = "inprocess"             # or "simulation" (Flower's Ray engine)
     metrics = []                     # extra registered metrics (fedforget.evaluation.metrics)
     imports = []                     # modules imported first (plug-ins that register things)
+    reference = "compute"            # the retrained reference: compute (once per forget set
+                                     # and training run, shared by its methods), cached, none
+    impact-clients = 100             # remaining clients (seeded sample) for the per-client
+                                     # impact; 0: every one
+    shadow-attack = "auto"           # the shadow-model membership attack: true, false, or
+                                     # "auto" (unless reference = "none")
 
     [run]                            # the base run config: flat RunConfig keys
     dataset = "digits"
@@ -44,11 +50,12 @@ from typing import Any
 from fedforget.canonical import canonical_dumps
 from fedforget.config import RunConfig, read_toml
 from fedforget.errors import ConfigError
+from fedforget.settings import DEFAULT_IMPACT_CLIENTS, REFERENCE_POLICIES
 
 __all__ = ["Cell", "ExperimentSpec", "MethodSpec", "RunPoint", "load_experiment"]
 
 _EXPERIMENT_KEYS = frozenset({"name", "description", "seeds", "forget", "engine", "metrics",
-                              "imports"})
+                              "imports", "reference", "impact-clients", "shadow-attack"})
 _TABLES = frozenset({"experiment", "run", "grid", "methods"})
 _LABEL = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 # Keys the runner sets itself, per cell.
@@ -106,6 +113,9 @@ class ExperimentSpec:
     methods: tuple[MethodSpec, ...]
     metrics: tuple[str, ...] = ()
     imports: tuple[str, ...] = ()
+    reference: str = "compute"
+    impact_clients: int = DEFAULT_IMPACT_CLIENTS
+    shadow_attack: str = "auto"
     source: str = ""  # the file it was read from
     fingerprint: str = field(default="")  # SHA-256 of the canonical spec
 
@@ -139,7 +149,14 @@ class ExperimentSpec:
                         for m in self.methods],
             "metrics": list(self.metrics),
             "imports": list(self.imports),
+            **self.measurement(),
         }
+
+    def measurement(self) -> dict[str, Any]:
+        """The settings that shape what a cell measures (and costs): reference policy,
+        per-client impact sample, shadow attack (kebab-case keys)."""
+        return {"reference": self.reference, "impact-clients": self.impact_clients,
+                "shadow-attack": self.shadow_attack}
 
 
 def load_experiment(path: str | Path) -> ExperimentSpec:
@@ -189,6 +206,20 @@ def parse_experiment(doc: Mapping[str, Any], *, source: str = "<experiment>") ->
     if engine not in ("inprocess", "simulation"):
         raise ConfigError(f"{where}: [experiment] engine = {engine!r}; expected 'inprocess' or "
                           "'simulation'")
+    reference = exp.get("reference", "compute")
+    if reference not in REFERENCE_POLICIES:
+        raise ConfigError(f"{where}: [experiment] reference = {reference!r}; expected one of "
+                          f"{', '.join(repr(r) for r in REFERENCE_POLICIES)}")
+    impact = exp.get("impact-clients", DEFAULT_IMPACT_CLIENTS)
+    if isinstance(impact, bool) or not isinstance(impact, int) or impact < 0:
+        raise ConfigError(f"{where}: [experiment] impact-clients = {impact!r}; expected an "
+                          "integer >= 0 (0: every remaining client)")
+    shadow = exp.get("shadow-attack", "auto")
+    if isinstance(shadow, bool):
+        shadow = "on" if shadow else "off"
+    if shadow not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}: [experiment] shadow-attack = {shadow!r}; expected true, "
+                          "false or 'auto'")
     metrics = _str_list(exp.get("metrics", []), "metrics", where)
     from fedforget.experiments.metrics import METRICS
 
@@ -196,6 +227,9 @@ def parse_experiment(doc: Mapping[str, Any], *, source: str = "<experiment>") ->
         if metric not in METRICS:
             raise ConfigError(f"{where}: [experiment] metrics: unknown metric {metric!r}; "
                               f"registered: {', '.join(sorted(METRICS)) or '(none)'}")
+    if metrics and reference == "none":
+        raise ConfigError(f"{where}: [experiment] metrics {metrics} compare with the retrained "
+                          "reference; reference = 'none' computes none (use 'compute')")
 
     base = dict(_table(doc, "run", where))
     reserved = sorted(set(base) & _RESERVED)
@@ -238,7 +272,8 @@ def parse_experiment(doc: Mapping[str, Any], *, source: str = "<experiment>") ->
     spec = ExperimentSpec(
         name=name, description=str(exp.get("description", "")), seeds=tuple(seeds),
         forget=tuple(forget), engine=engine, base=base, grid=grid, methods=methods,
-        metrics=tuple(metrics), imports=tuple(imports), source=source,
+        metrics=tuple(metrics), imports=tuple(imports), reference=reference,
+        impact_clients=impact, shadow_attack=shadow, source=source,
     )
     return dataclasses.replace(
         spec, fingerprint=hashlib.sha256(canonical_dumps(spec.to_dict())).hexdigest()

@@ -191,8 +191,12 @@ class HeadLog:
         self._path = RunDirectory(store.directory).tree_heads
         now = check_resume(store, public_key=key.public_key(), manifest=manifest)
         self._tree = MerkleAccumulator()
-        for record in store.rounds():  # streamed: O(log n) memory
-            self._tree.append(record.canonical_bytes())
+        for record in store.record_bytes():  # streamed: O(log n) memory, nothing parsed
+            self._tree.append(record)
+        # The log as this signer last read or wrote it: (its size, its heads, its lines),
+        # so that a round's signature parses the log again only when another process
+        # appended to it (the log is append-only), not every round (O(rounds) each).
+        self._known: tuple[int, list[LoggedHead], int] | None = None
         if self._tree.size != now.size:  # pragma: no cover - the store changed under us
             raise ForkedHistoryError(f"{store.directory} changed while its heads were read")
         logged, _ = read_head_log(self._path)
@@ -226,19 +230,28 @@ class HeadLog:
         ledger_size, ledger_root = self._ledger()
         state = Commitment(self._tree.size, self._tree.root(), ledger_size, ledger_root)
         with _locked_log(self._path) as fd:
-            logged, _ = read_head_log(self._path)
+            size = os.fstat(fd).st_size
+            if self._known is not None and self._known[0] == size:
+                _, logged, lines = self._known  # nothing appended since: the same heads
+            else:
+                logged, _ = read_head_log(self._path)
+                lines = self._path.read_bytes().count(b"\n")
             if logged and state.matches(logged[-1].head):
                 self.latest = logged[-1].head
+                self._known = (size, logged, lines)
                 return self.latest
             refuse_second_root(logged, state, self._path)
             head = sign_tree_head(state.size, state.root, self._key,
                                   ledger_size=state.ledger_size, ledger_root=state.ledger_root)
+            encoded = head.to_json()
             with guard_storage(self._path, "append a signed tree head to",
                                "the head was not given out"):
-                data = memoryview(head.to_json())
+                data = memoryview(encoded)
                 while data:
                     data = data[os.write(fd, data):]
                 os.fsync(fd)
+            logged.append(LoggedHead(head, f"{self._path.name} line {lines + 1}"))
+            self._known = (size + len(encoded), logged, lines + 1)
         self.latest = head
         return head
 

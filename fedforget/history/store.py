@@ -1052,7 +1052,9 @@ class HistoryStore:
         """The federation's client ids (those that ever took part, if none was recorded)."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'roster'").fetchone()
         ids = set(json.loads(row[0])) if row is not None else set()
-        return tuple(sorted(ids | set(self.clients())))
+        # The distinct ids come from the participants_by_client index, not a list per client.
+        ids.update(c for (c,) in self._db.execute("SELECT DISTINCT client_id FROM participants"))
+        return tuple(sorted(ids))
 
     def fork(self, directory: str | os.PathLike[str], *, upto_round: int) -> HistoryStore:
         """A new store in ``directory`` holding this store's rounds ``1..upto_round``.
@@ -1479,6 +1481,18 @@ class HistoryStore:
         finally:
             cursor.close()
 
+    def record_bytes(self) -> Iterator[bytes]:
+        """Stream the canonical bytes of the round records in order (the Merkle leaves),
+        each checked against its recorded SHA-256, without parsing them."""
+        cursor = self._db.execute("SELECT round, record, record_digest FROM rounds ORDER BY round")
+        try:
+            for t, record, record_digest in cursor:
+                if not isinstance(record, bytes) or sha256_digest(record) != record_digest:
+                    self._record_from_row(t, record, record_digest)  # raises, naming it
+                yield record
+        finally:
+            cursor.close()
+
     def round(self, t: int) -> RoundRecord:
         """The record of round ``t``.
 
@@ -1562,6 +1576,13 @@ class HistoryStore:
         where = f"round {t}, client {client_id!r}"
         return decode(_read_range(self._location(digest, pack, offset, nbytes), where))
 
+    def client_rounds(self, client_id: str) -> list[int]:
+        """The rounds ``client_id`` participated in (ascending), from the per-client index
+        (no scan of the other clients' rows)."""
+        return [t for (t,) in self._db.execute(
+            "SELECT round FROM participants WHERE client_id = ? ORDER BY round", (client_id,)
+        )]
+
     def clients(self) -> dict[str, list[int]]:
         """Client id -> the rounds it participated in (ascending), ids sorted."""
         out: dict[str, list[int]] = {}
@@ -1570,6 +1591,11 @@ class HistoryStore:
         ):
             out.setdefault(client_id, []).append(t)
         return out
+
+    def bytes_stored(self) -> int:
+        """Bytes of every blob the store holds (``summary()["bytes_stored"]``, alone)."""
+        (total,) = self._db.execute("SELECT COALESCE(SUM(nbytes), 0) FROM blobs").fetchone()
+        return int(total)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready overview of the store.

@@ -164,7 +164,7 @@ def sign_receipt(
     if kind == "class":  # every client's contributions held the class
         rounds_affected = [r.round for r in store.rounds() if r.participants]
     else:
-        rounds_affected = store.clients().get(outcome.client_id, [])
+        rounds_affected = store.client_rounds(outcome.client_id)
     comparison = None
     if outcome.reference.model_digest is not None:
         comparison = Comparison(retrained_model_digest=outcome.reference.model_digest,
@@ -179,7 +179,7 @@ def sign_receipt(
             client_id=outcome.client_id,
             client_salt=salt,
             rounds_affected=rounds_affected,
-            history=commit_history((r.canonical_bytes() for r in store.rounds()),
+            history=commit_history(store.record_bytes(),
                                    saved_head=saved_head),
             method=outcome.method,
             method_version=outcome.method_version,

@@ -312,8 +312,7 @@ def get_method(name: str, params: Mapping[str, Any] | None = None) -> Unlearner[
 # ----------------------------------------------------------------------- helpers
 def first_contribution(store: HistoryStore, clients: Iterable[str]) -> int | None:
     """The first round any of ``clients`` took part in (None if none ever did)."""
-    rounds = store.clients()
-    firsts = [min(rounds[c]) for c in clients if rounds.get(c)]
+    firsts = [rounds[0] for c in set(clients) if (rounds := store.client_rounds(c))]
     return min(firsts) if firsts else None
 
 

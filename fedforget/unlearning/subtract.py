@@ -26,6 +26,25 @@ which is what is computed: only the rounds in :math:`P_F` need stored updates, a
 untouched rounds keep their exact fp32 sum. A round in which only forgotten clients took
 part contributes nothing (:math:`r_t = -\\sum_k w_{t,k}\\Delta_{t,k}`).
 
+Reading only what the rule needs. When every round's global model is the weighted mean of
+the clients' models, :math:`\theta_t = \theta_{t-1} + \\sum_k w_{t,k}\\Delta_{t,k} / W_t`
+(FedAvg, FedProx: the history records this as its ``aggregation``, ``weighted-mean``), the
+remaining clients' sum is the round's aggregate minus the forgotten clients' part:
+with :math:`A_t = \\sum_{k \\in F} w_{t,k}\\Delta_{t,k}`, :math:`R_t = \\sum_{k \notin F} w_{t,k}`
+and :math:`c_t = (W_t - R_t) / R_t`,
+
+.. math::
+
+    r_t = c_t\\, W_t (\theta_t - \theta_{t-1}) - (1 + c_t)\\, A_t
+
+so a round needs the forgotten clients' updates and two global models instead of every
+participant's update (``shortcut``, on by default where the history allows it; the general
+rule above is kept and gives the same model up to float32 rounding of the stored models).
+Blobs shared between terms (:math:`\theta_t` of one round is :math:`\theta_{t-1}` of the
+next) are read once, their coefficients summed; every blob is read through
+:class:`~fedforget.history.views.BlobViews` (mapped, not copied, digests checked on a thread
+pool while the sum runs) and accumulated in place, chunk by chunk, in float64.
+
 This is an approximation of retraining: every update after the forgotten clients' first
 contribution was computed from a model that held their influence, and stays as it was.
 An optional repair runs ordinary rounds with the remaining clients afterwards.
@@ -33,12 +52,18 @@ An optional repair runs ordinary rounds with the remaining clients afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from fedforget.errors import ConfigError
 from fedforget.history import HistoryStore
+from fedforget.history.views import BlobViews, StoredBlob
+from fedforget.settings import WEIGHTED_MEAN
+from fedforget.tensors import StoredTensor
 from fedforget.unlearning.base import (
     MethodParams,
     RetentionError,
@@ -50,6 +75,12 @@ from fedforget.unlearning.base import (
     check_range,
     register,
 )
+
+SHORTCUT_CHOICES = ("auto", "on", "off")
+
+_CHUNK = 65536  # elements per step of the in-place sum: accumulator and scratch stay in cache
+_GROUP = 8  # blobs open at once
+_BLAS_FROM = 1 << 20  # floating parameters from which BLAS is worth its import (~0.5 s)
 
 
 @dataclass(frozen=True)
@@ -63,22 +94,30 @@ class SubtractParams(MethodParams):
         client work).
     repair_epochs
         Local epochs of each repair round; 0 (default) reads the run's ``local-epochs``.
+    shortcut
+        ``auto`` (default): read only the forgotten clients' updates and the global models
+        where the history's aggregation is a weighted mean, every participant's update
+        otherwise; ``on``: the shortcut, refused on a history that does not allow it;
+        ``off``: always the general rule.
     """
 
     repair_rounds: int = 0
     repair_epochs: int = 0
+    shortcut: str = "auto"
 
     def validate(self) -> None:
         """Refuse out-of-range values with a ConfigError naming the parameter."""
         check_range("repair-rounds", self.repair_rounds, low=0)
         check_range("repair-epochs", self.repair_epochs, low=0)
+        if self.shortcut not in SHORTCUT_CHOICES:
+            raise ConfigError(f"shortcut = {self.shortcut!r}; expected one of "
+                              f"{', '.join(SHORTCUT_CHOICES)}")
 
 
 # --------------------------------------------------------------- shared helpers
 def contributed_rounds(store: HistoryStore, clients: Iterable[str]) -> list[int]:
     """:math:`P_F`: the rounds in which any of ``clients`` took part, ascending."""
-    rounds = store.clients()
-    return sorted({t for c in clients for t in rounds.get(c, [])})
+    return sorted({t for c in set(clients) for t in store.client_rounds(c)})
 
 
 def check_contributions_retained(
@@ -86,9 +125,7 @@ def check_contributions_retained(
 ) -> list[int]:
     """Return :math:`P_F`; raise RetentionError if any of its updates was not kept."""
     needed = contributed_rounds(store, forget)
-    missing = [
-        t for t in needed if any(not p.retained for p in store.round(t).participants)
-    ]
+    missing = [t for t in needed if not store.is_retained(t)]
     if missing:
         kept = store.retain_interval
         raise RetentionError(
@@ -100,21 +137,56 @@ def check_contributions_retained(
     return needed
 
 
-def removal_residual(store: HistoryStore, t: int, forget: frozenset[str]) -> TensorDict:
-    """:math:`r_t`, the change to round ``t``'s aggregated update when ``forget`` leaves it.
+def aggregation_of(store: HistoryStore) -> str | None:
+    """How the history's global models were aggregated, as far as it records.
 
-    .. math::
-
-        r_t = \\sum_{k \\notin F} \\Big(\\frac{W_t\\, w_{t,k}}{\\sum_{j \\notin F} w_{t,j}}
-            - w_{t,k}\\Big) \\Delta_{t,k} - \\sum_{k \\in F} w_{t,k} \\Delta_{t,k}
-
-    Floating tensors only, in float64, in the stored updates' key order; zero when no
-    forgotten client took part.
+    The ``aggregation`` of the recording settings (written by fedforget's strategy
+    wrapper); for a run of fedforget's own app recorded before that, ``weighted-mean`` when
+    its ``strategy`` is ``fedavg`` or ``fedprox``; None when unknown.
     """
-    participants = store.round(t).participants
+    recorded = store.recording.get("aggregation")
+    if isinstance(recorded, str):
+        return recorded
+    from fedforget.config import RunConfig
+
+    config = store.run_config
+    if set(config) == set(RunConfig.keys()) and config.get("strategy") in ("fedavg", "fedprox"):
+        return WEIGHTED_MEAN
+    return None
+
+
+Term = tuple[float, str, str]
+"""``(coefficient, blob digest, where)``: one stored blob of a linear combination."""
+
+
+def removal_terms(store: HistoryStore, t: int, forget: frozenset[str], *,
+                  shortcut: bool) -> list[Term]:
+    """:math:`r_t` as a linear combination of stored blobs (see the module).
+
+    General rule: every participant's update with its coefficient; ``shortcut``: the
+    forgotten clients' updates and the round's two global models (valid only when the
+    round's model is the weighted mean of the clients'). No term when no forgotten client
+    took part.
+    """
+    record = store.round(t)
+    participants = record.participants
+    forgotten = [p for p in participants if p.client_id in forget]
+    if not forgotten:
+        return []
     total = sum(p.weight for p in participants)
     remaining = sum(p.weight for p in participants if p.client_id not in forget)
-    acc: dict[str, np.ndarray] | None = None
+
+    def where(client: str) -> str:
+        return f"round {t}, client {client!r}"
+
+    if shortcut and remaining > 0:
+        c = (total - remaining) / remaining
+        before = "initial model (round 0)" if t == 1 else f"round {t - 1}, global model"
+        terms: list[Term] = [(c * total, record.global_after, f"round {t}, global model"),
+                             (-c * total, record.global_before, before)]
+        return terms + [(-(1.0 + c) * p.weight, p.update_digest, where(p.client_id))
+                        for p in forgotten]
+    terms = []
     for p in participants:
         if p.client_id in forget:
             coef = -p.weight
@@ -122,14 +194,165 @@ def removal_residual(store: HistoryStore, t: int, forget: frozenset[str]) -> Ten
             coef = p.weight * total / remaining - p.weight
         else:  # remaining clients of weight zero contributed nothing and still do not
             coef = 0.0
-        if coef == 0.0 and acc is not None:
-            continue
-        update = store.client_update(t, p.client_id)
-        if acc is None:
-            acc = _zeros_like_floating(update)
-        for k in acc:
-            acc[k] += coef * update[k].astype(np.float64)
-    return acc if acc is not None else {}
+        if coef != 0.0:
+            terms.append((coef, p.update_digest, where(p.client_id)))
+    return terms
+
+
+def merge_terms(terms: Iterable[Term]) -> list[Term]:
+    """The terms with one entry per blob (coefficients summed, first ``where`` kept, order
+    of first appearance); exact zeros dropped."""
+    coefs: dict[str, float] = {}
+    wheres: dict[str, str] = {}
+    for coef, digest, where in terms:
+        coefs[digest] = coefs.get(digest, 0.0) + coef
+        wheres.setdefault(digest, where)
+    return [(c, d, wheres[d]) for d, c in coefs.items() if c != 0.0]
+
+
+def combine(views: BlobViews, terms: Sequence[Term], *, like: str | None = None,
+            first: float | None = None) -> tuple[dict[str, np.ndarray], StoredBlob | None]:
+    r""":math:`\sum_i c_i x_i` over the floating tensors of the stored blobs ``terms``,
+    in float64, accumulated in place, chunk by chunk; every digest checked.
+
+    ``like`` (a blob digest) gives the tensor layout when ``terms`` is empty (zeros). The
+    first term's blob is returned open (its non-floating tensors are the caller's); the
+    others are released as they are used.
+
+    Raises
+    ------
+    UnlearningError
+        If the blobs do not share one tensor layout.
+    IntegrityError
+        If a blob is missing, truncated or altered.
+    """
+    head: StoredBlob | None = None
+    acc: dict[str, np.ndarray] = {}
+    layout: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    if not terms:
+        if like is None:
+            return {}, None
+        head = views.open(like, "global model")
+        views.check(head)
+        return {t.name: np.zeros(t.shape, np.float64) for t in head.tensors if t.floating}, head
+    scratch = np.empty(_CHUNK, np.float64)
+    bits = np.empty(_CHUNK, np.uint32)
+    for start in range(0, len(terms), _GROUP):
+        group = [(coef, views.open(digest, where)) for coef, digest, where in
+                 terms[start:start + _GROUP]]
+        try:
+            for _, blob in group:
+                shape = tuple((t.name, t.shape) for t in blob.tensors if t.floating)
+                if head is None:
+                    head, layout = blob, shape
+                    acc = {name: np.zeros(dims, np.float64) for name, dims in layout}
+                elif shape != layout:
+                    raise UnlearningError(
+                        f"{blob.where}: blob {blob.digest} holds tensors {list(shape)}; "
+                        f"expected {list(layout)} as in {head.where}"
+                    )
+            _accumulate(acc, group, scratch, bits)
+        finally:
+            for _, blob in group:
+                if blob is not head:
+                    views.release(blob)
+    views.check()
+    return acc, head
+
+
+def _accumulate(acc: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
+                scratch: np.ndarray, bits: np.ndarray) -> None:
+    """``acc += sum(coef * blob)``, tensor by tensor, chunk by chunk: each chunk of the
+    accumulator stays in cache while every blob of the group is added to it, and a blob's
+    chunk is widened to float64 once (a cast into the scratch buffer, scaled in place)."""
+    large = sum(a.size for a in acc.values()) >= _BLAS_FROM
+    axpy = _axpy() if large else _numpy_axpy
+    with _one_blas_thread() if large else contextlib.nullcontext():
+        _accumulate_with(acc, group, scratch, bits, axpy)
+
+
+def _accumulate_with(acc: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
+                     scratch: np.ndarray, bits: np.ndarray, axpy: Any) -> None:
+    for name, out in acc.items():
+        flat = out.reshape(-1)
+        sources: list[tuple[float, np.ndarray, bool]] = []
+        for coef, blob in group:
+            tensor = _tensor(blob, name)
+            sources.append((coef, blob.view(tensor).reshape(-1), tensor.dtype == "bf16"))
+        n = flat.size
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            m = hi - lo
+            target = flat[lo:hi]
+            wide = scratch[:m]
+            for coef, source, bf16 in sources:
+                x = source[lo:hi]
+                if bf16:  # the upper 16 bits of binary32
+                    np.left_shift(x, 16, out=bits[:m], dtype=np.uint32)
+                    x = bits[:m].view(np.float32)
+                if coef == 1.0:
+                    np.add(target, x, out=target)
+                elif coef == -1.0:
+                    np.subtract(target, x, out=target)
+                else:
+                    np.copyto(wide, x)
+                    done = axpy(wide, target, a=coef)  # target += coef * wide, one pass
+                    if done is not target:  # a wrapper that did not work in place
+                        target[...] = done
+            del x
+
+
+def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float = 1.0) -> np.ndarray:
+    """``y += a * x`` in two NumPy passes (``x`` is scratch: it is scaled in place)."""
+    np.multiply(x, a, out=x)
+    return np.add(y, x, out=y)
+
+
+def _axpy() -> Any:
+    """``axpy(x, y, a=...)``: ``y += a * x`` in place on contiguous float64 vectors, by
+    BLAS ``daxpy`` (SciPy, installed with scikit-learn: one fused pass) where available."""
+    try:
+        from scipy.linalg.blas import daxpy
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return _numpy_axpy
+    return daxpy
+
+
+def _one_blas_thread() -> Any:
+    """BLAS on the calling thread only (a chunk is too small to share, and the other core
+    hashes blobs)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _tensor(blob: StoredBlob, name: str) -> StoredTensor:
+    for tensor in blob.tensors:
+        if tensor.name == name:
+            return tensor
+    raise UnlearningError(f"{blob.where}: blob {blob.digest} has no tensor {name!r}")
+
+
+def removal_residual(store: HistoryStore, t: int, forget: frozenset[str], *,
+                     shortcut: bool | None = None) -> TensorDict:
+    """:math:`r_t`, the change to round ``t``'s aggregated update when ``forget`` leaves it.
+
+    .. math::
+
+        r_t = \\sum_{k \notin F} \\Big(\frac{W_t\\, w_{t,k}}{\\sum_{j \notin F} w_{t,j}}
+            - w_{t,k}\\Big) \\Delta_{t,k} - \\sum_{k \\in F} w_{t,k} \\Delta_{t,k}
+
+    Floating tensors only, in float64, in the stored updates' key order; zero when no
+    forgotten client took part. ``shortcut`` (None: where the history allows it) computes
+    it from the forgotten clients' updates and the round's global models (see the module).
+    """
+    use = aggregation_of(store) == WEIGHTED_MEAN if shortcut is None else shortcut
+    terms = merge_terms(removal_terms(store, t, forget, shortcut=use))
+    with BlobViews(store) as views:
+        acc, _ = combine(views, terms, like=store.model_digest(t))
+    return acc
 
 
 def _zeros_like_floating(tensors: TensorDict) -> dict[str, np.ndarray]:
@@ -138,13 +361,13 @@ def _zeros_like_floating(tensors: TensorDict) -> dict[str, np.ndarray]:
 
 
 def final_model(store: HistoryStore) -> TensorDict:
-    """:math:`\\theta_T`, the global model after the last round (the history's initial model
+    """:math:`\theta_T`, the global model after the last round (the history's initial model
     when no round was committed)."""
     return store.global_model(store.last_round)
 
 
 def apply_residuals(base: TensorDict, residuals: Iterable[tuple[float, TensorDict]]) -> TensorDict:
-    """:math:`\\theta + \\sum \\lambda r` in float64, returned in ``base``'s dtypes and order."""
+    """:math:`\theta + \\sum \\lambda r` in float64, returned in ``base``'s dtypes and order."""
     acc = {k: v.astype(np.float64) for k, v in base.items() if v.dtype.kind == "f"}
     for weight, residual in residuals:
         for k in acc:
@@ -169,21 +392,23 @@ def run_local_epochs(store: HistoryStore, method: str) -> int:
 class Subtract(Unlearner[SubtractParams]):
     """Remove the forgotten clients' weighted contributions from the model, server-side.
 
-    :math:`\\tilde\\theta = \\theta_T + \\sum_{t \\in P_F} r_t` (see the module docstring).
+    :math:`\tilde\theta = \theta_T + \\sum_{t \\in P_F} r_t` (see the module docstring).
     Needs the stored updates of every round a forgotten client took part in; rounds
     without one need nothing, so a retain interval above 1 is served when the forgotten
     clients only took part in retained rounds. Equal to the removal from
-    :math:`\\theta_0` written in the module docstring when the global models are the
+    :math:`\theta_0` written in the module docstring when the global models are the
     recorded weighted sums (FedAvg, FedProx) and updates are stored in fp32 (checked on a
-    recorded Flower run to float32 precision).
+    recorded Flower run to float32 precision). With the shortcut only the forgotten
+    clients' updates and the global models of :math:`P_F` are read (with fp16 or bf16
+    updates the remaining clients' part then comes from the fp32 global models, exactly).
 
     The forget set is cumulative (every client withdrawn so far), so the model is rebuilt
-    from the history's :math:`\\theta_T`; ``request.current_model`` is not used (applying
+    from the history's :math:`\theta_T`; ``request.current_model`` is not used (applying
     the residuals to it would subtract earlier withdrawals twice).
 
     Repair (``repair_rounds`` > 0): rounds :math:`T+1, \\dots, T+R` in which the
-    federation's clients minus :math:`F` train from :math:`\\tilde\\theta` and
-    :math:`\\tilde\\theta \\leftarrow \\sum_k n_k \\theta_k / \\sum_k n_k`. These are
+    federation's clients minus :math:`F` train from :math:`\tilde\theta` and
+    :math:`\tilde\theta \\leftarrow \\sum_k n_k \theta_k / \\sum_k n_k`. These are
     plain requests through :meth:`Federation.train`, not recorded in the history.
     """
 
@@ -197,11 +422,25 @@ class Subtract(Unlearner[SubtractParams]):
         """Only the repair rounds ask the clients for work."""
         return self.params.repair_rounds > 0
 
+    def shortcut(self, store: HistoryStore) -> bool:
+        """Whether this run reads only the forgotten clients' updates and global models."""
+        if self.params.shortcut == "off":
+            return False
+        weighted = aggregation_of(store) == WEIGHTED_MEAN
+        if self.params.shortcut == "on" and not weighted:
+            raise UnlearningError(
+                f"subtract with shortcut = on needs a history whose global models are the "
+                f"weighted mean of the clients' (aggregation {WEIGHTED_MEAN!r}: FedAvg, "
+                f"FedProx); this history records {aggregation_of(store)!r}; use "
+                "shortcut = auto or off"
+            )
+        return weighted
 
     def check(self, request: UnlearningRequest) -> None:
         """Refuse, before any work, what the history's retention cannot serve."""
         super().check(request)
         check_contributions_retained(request.store, request.forget, self.name)
+        self.shortcut(request.store)
         params = self.params
         if params.repair_rounds > 0:
             if getattr(request, "federation", None) is None:
@@ -217,19 +456,35 @@ class Subtract(Unlearner[SubtractParams]):
         store, forget = request.store, request.forget
         params = self.params
         rounds = check_contributions_retained(store, forget, self.name)
-        base = final_model(store)
+        last = store.last_round
         if not rounds:
             return UnlearningResult(
-                model=base,
+                model=final_model(store),
                 cost=request.federation.cost,
                 rounds_affected=[],
                 notes=["the forgotten clients never contributed: nothing to subtract"],
             )
-        model = apply_residuals(base, ((1.0, removal_residual(store, t, forget)) for t in rounds))
-        request.report(store.last_round, model)  # the subtraction takes θ_T's place
+        shortcut = self.shortcut(store)
+        final = store.model_digest(last)
+        terms: list[Term] = [(1.0, final, f"round {last}, global model")]
+        for t in rounds:
+            terms += removal_terms(store, t, forget, shortcut=shortcut)
+        merged = merge_terms(terms)
+        with BlobViews(store) as views:
+            acc, head = combine(views, merged, like=final)
+            if head is None or head.digest != final:  # θ_T's other tensors are kept as they are
+                head = views.open(final, f"round {last}, global model")
+                views.check(head)
+            model = {t.name: (acc[t.name].astype(np.float32) if t.floating
+                              else np.array(head.view(t))) for t in head.tensors}
+            read, blobs = views.bytes_read, views.blobs_read
+        request.report(last, model)  # the subtraction takes θ_T's place
         notes = [
             f"subtracted the contributions of rounds {rounds} from the global model after "
-            f"round {store.last_round}"
+            f"round {last}",
+            f"read {blobs} stored blobs ({read} bytes): "
+            + ("the forgotten clients' updates and the global models (weighted-mean "
+               "shortcut)" if shortcut else "every participant's update of those rounds"),
         ]
         if params.repair_rounds > 0:
             model = self._repair(request, model, notes)

@@ -1,0 +1,230 @@
+"""Subtraction-type unlearning against the machine's memory-copy bandwidth.
+
+A synthetic history (no training: the numbers do not depend on the values) of a model of
+``--params`` float32 parameters (default 2.1 M, 8.4 MB per update), ``--clients`` clients,
+``--per-round`` of them per round, ``--rounds`` rounds, FedAvg global models (the weighted
+mean of the clients' models, recorded as ``aggregation = weighted-mean``); the client to
+forget takes part in every other round. Variants, interleaved (rotating order):
+
+* ``subtract, shortcut``: :class:`fedforget.unlearning.subtract.Subtract` as it runs by
+  default (the forgotten client's updates and the global models of its rounds);
+* ``subtract, general``: the same method with ``shortcut = off`` (every participant's
+  update of those rounds);
+* ``before (client_update loop)``: the rule as it was computed before issue 13 (one
+  ``HistoryStore.client_update`` per participant, each blob read, hashed and decoded into
+  new arrays, then ``acc += coef * x.astype(float64)``), as a baseline.
+
+Each method variant runs twice per repetition: ``cold`` (this process has verified nothing:
+every blob read is hashed; the files are in the page cache) and ``warm`` (the blobs were
+verified earlier in this process and their packs are unchanged, so
+:class:`~fedforget.history.views.BlobViews` does not hash them again).
+
+Printed: wall and CPU time, bytes read, throughput (bytes read / wall), and the ratio of the
+measured memory-copy bandwidth (``numpy.copyto`` of arrays as large as one update; bytes
+copied / s) to each throughput; goal (issue 13): within 2x. The models of all variants are
+compared.
+
+Usage: ``python benchmarks/bench_subtract.py [--quick] [--params P] [--repetitions N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import environment, scratch_dir
+
+from fedforget.history import HistoryStore, ParticipantUpdate
+from fedforget.history import views as views_module
+from fedforget.service import OfflineFederation
+from fedforget.unlearning import get_method
+from fedforget.unlearning.base import UnlearningRequest
+from fedforget.unlearning.subtract import check_contributions_retained, final_model
+
+GOAL = 2.0
+FORGET = "client-000"
+
+
+def build_history(directory: Path, *, params: int, clients: int, per_round: int, rounds: int,
+                  seed: int = 0) -> HistoryStore:
+    """A FedAvg history of a ``params``-parameter model (two tensors)."""
+    rng = np.random.default_rng(seed)
+    store = HistoryStore.create(directory, run_config={"local-epochs": 1}, fsync=False)
+    store.set_recording({"aggregation": "weighted-mean"})
+    cols = 2048
+    rows = params // cols
+    theta = {"w": rng.standard_normal((rows, cols), dtype=np.float32) * 0.05,
+             "b": np.zeros(params - rows * cols, np.float32)}
+    digest = store.put_initial_model(theta)
+    ids = [f"client-{i:03d}" for i in range(clients)]
+    for t in range(1, rounds + 1):
+        others = [c for c in ids if c != FORGET]
+        chosen = sorted(rng.choice(others, size=per_round - (t % 2), replace=False).tolist())
+        if t % 2:
+            chosen = sorted([FORGET, *chosen])
+        counts = {c: int(rng.integers(20, 200)) for c in chosen}
+        total = sum(counts.values())
+        updates = {c: {k: rng.standard_normal(v.shape, dtype=np.float32) * 1e-3
+                       for k, v in theta.items()} for c in chosen}
+        after = {k: v.copy() for k, v in theta.items()}
+        for c in chosen:
+            for k in after:
+                after[k] += updates[c][k] * np.float32(counts[c] / total)
+        record = store.commit_round(
+            round=t, global_before=digest, global_after=after,
+            participants=[ParticipantUpdate(client_id=c, num_examples=counts[c],
+                                            weight=counts[c] / total, seed=t,
+                                            update=updates[c]) for c in chosen],
+            config={})
+        digest, theta = record.global_after, after
+    return store
+
+
+def before_issue_13(store: HistoryStore, forget: frozenset[str]) -> dict[str, np.ndarray]:
+    """The general rule as computed before (decoded copies, temporaries)."""
+    rounds = check_contributions_retained(store, forget, "subtract")
+    base = final_model(store)
+    acc = {k: v.astype(np.float64) for k, v in base.items()}
+    for t in rounds:
+        participants = store.round(t).participants
+        total = sum(p.weight for p in participants)
+        remaining = sum(p.weight for p in participants if p.client_id not in forget)
+        for p in participants:
+            coef = -p.weight if p.client_id in forget else p.weight * total / remaining - p.weight
+            update = store.client_update(t, p.client_id)
+            for k in acc:
+                acc[k] += coef * update[k].astype(np.float64)
+    return {k: acc[k].astype(np.float32) for k in base}
+
+
+def copy_bandwidth(nbytes: int, repetitions: int = 15) -> float:
+    """Bytes copied per second by ``numpy.copyto`` (median), arrays of ``nbytes``."""
+    src = np.random.default_rng(1).standard_normal(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repetitions):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small model, 2 reps")
+    parser.add_argument("--params", type=int, default=None, help="default 2,100,000")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--repetitions", type=int, default=None, help="default 7")
+    args = parser.parse_args(argv)
+    params = args.params or (300_000 if args.quick else 2_100_000)
+    repetitions = args.repetitions or (2 if args.quick else 7)
+    forget = frozenset({FORGET})
+
+    results: dict[str, dict[str, list[float]]] = {}
+    models: dict[str, dict[str, np.ndarray]] = {}
+    read: dict[str, int] = {}
+    with scratch_dir("fedforget-bench-subtract-") as scratch:
+        store = build_history(scratch / "run", params=params, clients=args.clients,
+                              per_round=args.per_round, rounds=args.rounds)
+        summary = store.summary()
+        update_bytes = store.blob_location(store.model_digest(0)).nbytes
+        federation = OfflineFederation(store.roster())
+
+        def method(shortcut: str) -> Any:
+            def run() -> tuple[dict[str, np.ndarray], int]:
+                result = get_method("subtract", {"shortcut": shortcut}).unlearn(
+                    UnlearningRequest(store=store, forget=forget, federation=federation,
+                                      workdir=""))
+                nbytes = int(result.notes[1].split("(")[1].split(" bytes")[0])
+                return result.model, nbytes
+
+            return run
+
+        def before() -> tuple[dict[str, np.ndarray], int]:
+            rounds = check_contributions_retained(store, forget, "subtract")
+            blobs = 1 + sum(len(store.round(t).participants) for t in rounds)
+            return before_issue_13(store, forget), blobs * update_bytes
+
+        variants = {"subtract, shortcut": method("on"), "subtract, general": method("off"),
+                    "before (client_update loop)": before}
+        names = [f"{n}, {w}" for n in variants for w in ("cold", "warm")
+                 if not (n.startswith("before") and w == "warm")]
+        for fn in variants.values():  # warm-up: page cache, imports
+            fn()
+        bandwidths = []
+        for rep in range(repetitions):
+            order = list(variants)[rep % 3:] + list(variants)[: rep % 3]
+            bandwidths.append(copy_bandwidth(update_bytes))
+            for name in order:
+                for warmth in ("cold", "warm"):
+                    if name.startswith("before") and warmth == "warm":
+                        continue
+                    if warmth == "cold":
+                        views_module.forget_verified()
+                    label = f"{name}, {warmth}"
+                    cpu0, t0 = time.process_time(), time.perf_counter()
+                    model, nbytes = variants[name]()
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                    results.setdefault(label, {}).setdefault("wall", []).append(wall)
+                    results[label].setdefault("cpu", []).append(cpu)
+                    models[label], read[label] = model, nbytes
+            print(f"  repetition {rep + 1}/{repetitions} done", file=sys.stderr, flush=True)
+        store.close()
+
+    bandwidth = statistics.median(bandwidths)
+    print(f"bench_subtract: subtraction vs memory-copy bandwidth ({environment()})")
+    print(f"history: {params:,} float32 parameters ({update_bytes:,} B per blob), "
+          f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
+          f"fp32; {FORGET} in every other round; {summary['bytes_stored']:,} B stored; "
+          f"{repetitions} interleaved repetitions after a warm-up; views verify "
+          f"'once' (SETTLED_SECONDS = {views_module.SETTLED_SECONDS:g})")
+    print(f"memory-copy bandwidth (numpy.copyto, {update_bytes / 1e6:.1f} MB arrays, median "
+          f"of {repetitions}): {bandwidth / 1e9:.2f} GB/s "
+          f"(min {min(bandwidths) / 1e9:.2f}, max {max(bandwidths) / 1e9:.2f})")
+    print()
+    print("throughput = bytes read / time; ratio = copy bandwidth / throughput, by wall time "
+          "and by process CPU time (all threads; less disturbed by the other work on the "
+          "machine)")
+    head = (f"{'variant':<36} {'wall':>9} {'CPU':>9} {'bytes read':>13} {'GB/s':>6} "
+            f"{'ratio':>6} {'CPU GB/s':>8} {'ratio':>6}")
+    print(head)
+    print("-" * len(head))
+    ratios, cpu_ratios = {}, {}
+    for label in names:
+        wall = statistics.median(results[label]["wall"])
+        cpu = statistics.median(results[label]["cpu"])
+        throughput = read[label] / wall
+        ratios[label] = bandwidth / throughput
+        cpu_ratios[label] = bandwidth / (read[label] / cpu)
+        print(f"{label:<36} {wall * 1e3:7.1f}ms {cpu * 1e3:7.1f}ms {read[label]:>13,} "
+              f"{throughput / 1e9:6.2f} {ratios[label]:6.2f} {read[label] / cpu / 1e9:8.2f} "
+              f"{cpu_ratios[label]:6.2f}")
+    print()
+    reference = models["subtract, general, cold"]
+    for label in names:
+        diff = max(float(np.abs(models[label][k] - reference[k]).max()) for k in reference)
+        print(f"max |model - general, cold| {label:<36} {diff:.3g}")
+    speed = (statistics.median(results["before (client_update loop), cold"]["wall"])
+             / statistics.median(results["subtract, shortcut, cold"]["wall"]))
+    print(f"\nwall time, before / shortcut (cold): {speed:.1f}x")
+    for label in names:
+        if label.startswith("before"):
+            continue
+        verdict = "MET" if max(ratios[label], cpu_ratios[label]) <= GOAL else (
+            "NOT MET" if min(ratios[label], cpu_ratios[label]) > GOAL else
+            "MET by CPU time only")
+        print(f"goal copy bandwidth / throughput <= {GOAL:g}, {label}: wall "
+              f"{ratios[label]:.2f}, CPU {cpu_ratios[label]:.2f} -> {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
