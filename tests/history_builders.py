@@ -27,6 +27,7 @@ def build_store(
     retain_interval: int = 1,
     local_epochs: int = 2,
     recording: dict[str, object] | None = None,
+    roster: Sequence[str] | None = None,
 ) -> HistoryStore:
     """A history whose global models are the FedAvg sums of the given updates (with the
     recording settings ``recording``, frozen at round 1, if given)."""
@@ -39,6 +40,8 @@ def build_store(
     )
     if recording is not None:
         store.set_recording(recording)
+    if roster is not None:
+        store.set_roster(list(roster))
     digest = store.put_initial_model(theta0)
     theta = {k: v.astype(np.float64) for k, v in theta0.items()}
     for t, parts in enumerate(rounds, start=1):

@@ -23,9 +23,12 @@ def test_client_rounds_and_the_roster(tmp_path: Path) -> None:
         assert store.client_rounds("a") == [1, 2]
         assert store.client_rounds("nobody") == []
         assert store.roster() == ("a", "b", "u")
-        store.set_roster(["a", "b", "u", "z"])  # a client that never took part
-        assert store.roster() == ("a", "b", "u", "z")
         assert {c: store.client_rounds(c) for c in "abu"} == store.clients()
+    # a roster recorded before round 1 keeps a client that never took part
+    with build_store(tmp_path / "run2", tensors([0, 0], [[0, 0]]), ROUNDS,
+                     roster=["a", "b", "u", "z"]) as store:
+        assert store.roster() == ("a", "b", "u", "z")
+        assert store.client_rounds("z") == []
 
 
 def test_record_bytes_are_the_records_canonical_bytes(tmp_path: Path) -> None:
