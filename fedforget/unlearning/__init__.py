@@ -13,6 +13,7 @@ pga          projected gradient ascent (Halimi et al., 2022)       no     the le
 fastfedul    Fast-FedUL skew recursion (Huynh et al., 2024)        no     none
 fukd         subtraction + server distillation (Wu et al., 2022)   no     none (proxy data)
 sifu         certified rollback + noise (Fraboni et al., 2024)     no     T - T~ rounds
+crab         selected-round recovery (Jiang et al., 2024)          no     selected rounds
 ===========  ====================================================  =====  ==================
 """
 

@@ -288,7 +288,7 @@ class Unlearner(ABC, Generic[P]):
 
 METHOD_MODULES = (
     "retrain", "rollback", "federaser", "subtract", "fedrecovery", "fedrecover", "pga",
-    "rapid_retrain", "fucp", "repair", "fastfedul", "sifu", "fukd",
+    "rapid_retrain", "fucp", "repair", "fastfedul", "sifu", "fukd", "crab",
 )
 """The shipped method modules of :mod:`fedforget.unlearning`; each registers itself. A new
 method is one module and one name here."""
