@@ -306,6 +306,7 @@ def no_store_writes() -> Iterator[SkippedCommits]:
             refused=tuple(refused),
             config=config,
             committed_at=committed_at or utc_now(),
+            run_digest=_PLACEHOLDER_DIGEST,
         )
 
     def skip_write(self: HistoryStore, prepared: RoundRecord) -> RoundRecord:

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = interleave(variants, repetitions=repetitions)
 
         # Instrumented pass: the writer thread's time per commit and the wait at the end.
-        writer: dict[str, list[tuple[float, float, float]]] = {}
+        writer: dict[str, list[tuple[float, float, float, float]]] = {}
         sizes: dict[str, int] = {}
         for _ in range(max(2, repetitions // 3)):
             for name, variant in (("store, fsync off", fsync_off), ("store, fsync on", fsync_on)):
