@@ -483,9 +483,17 @@ def _run_seed(store: HistoryStore, federation: Federation | None) -> int:
 
 def _fail(ledger: WithdrawalLedger, request: WithdrawalRequest, exc: BaseException,
           *, method: str | None = None) -> None:
-    """Move ``request`` to ``failed`` with the reason (never hiding the original error)."""
+    """Move ``request`` to ``failed`` with the reason (never hiding the original error).
+
+    A request already ``done`` (served by an earlier method; another method serving it
+    again failed) stays ``done``: the committed result it has is still there."""
     try:
         current = ledger.get(request.request_id)
+        if current.state == "done":
+            log.warning("request %s stays done (its committed result stands); serving it "
+                        "again with %s failed: %s", request.request_id, method or "a method",
+                        exc)
+            return
         if current.state == "pending":
             ledger.move(request.request_id, "unlearning", method=method)
         ledger.move(request.request_id, "failed", method=method,
