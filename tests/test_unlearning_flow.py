@@ -251,3 +251,20 @@ def test_unlearn_issues_a_receipt_that_verifies_and_catches_a_changed_model(
     model.write_bytes(bytes(data))
     assert verify("client-002") == 1
     assert "FAILED subject digest" in capsys.readouterr().err
+
+
+def test_a_second_method_failing_on_a_done_request_leaves_it_done(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: client-001 forgotten by subtract (done); the run has no proxy set
+    run = tmp_path / "run"
+    train_small(run)
+    _unlearn(run, "client-001", "subtract", "--quiet", "--reference", "none", capsys=capsys)
+    # Execute: fukd serves the same request and fails before anything changes
+    code = main(["unlearn", str(run), "--client", "client-001", "--method", "fukd",
+                 "--reference", "none", "--quiet"])
+    # Assert: a clear error; the request is still done, subtract's result in service
+    assert code == 2
+    assert "fedforget: error: fukd distils on a proxy set" in capsys.readouterr().err
+    with WithdrawalLedger(run) as ledger:
+        assert ledger.for_client("client-001").state == "done"  # type: ignore[union-attr]
+    assert not list((run / "unlearned").glob("*/fukd"))

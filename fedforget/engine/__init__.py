@@ -233,6 +233,7 @@ def _serve_with_app(project: FlowerProject, run: Any, request_id: str,
 def _fail_if_unserved(run: Any, request_id: str, exc: BaseException, keys: Path) -> None:
     """The app failed before (or without) its unlearning service recording the failure:
     move the request to ``failed`` with the reason, so that no request is left pending.
+    A request already ``done`` (another method served it before) stays ``done``.
     (A run directory locked by another command is that command's: nothing is moved.)"""
     from fedforget.history import HistoryStore
     from fedforget.lock import RunLockedError
@@ -243,10 +244,11 @@ def _fail_if_unserved(run: Any, request_id: str, exc: BaseException, keys: Path)
         return
     with HistoryStore.open(run.path) as store, WithdrawalLedger(run.path) as ledger:
         request = ledger.get(request_id)
-        if (request.state in ("done", "failed")
-                and request.updated_at >= (request.ordered_at or "")):
-            return  # the service served it, or recorded its failure
-        if request.state in ("pending", "done", "failed"):
+        if request.state == "done":
+            return  # served, now or by an earlier method: its committed result stands
+        if request.state == "failed" and request.updated_at >= (request.ordered_at or ""):
+            return  # the service recorded its failure
+        if request.state in ("pending", "failed"):
             ledger.move(request_id, "unlearning", method=request.method)
         ledger.move(request_id, "failed", method=request.method,
                     detail={"error": f"the app failed: {type(exc).__name__}: {exc}"})

@@ -119,6 +119,10 @@ def fast_polling(grid: Grid) -> Grid:
     """
     if isinstance(grid, PollingGrid):
         return grid
+    if not any(c.__module__.startswith("flwr.superlink.grid.") for c in type(grid).__mro__):
+        # neither Flower grid (the in-process one, a user's own): importing Flower's grid
+        # package (about a second: the SuperLink's dependencies) would buy nothing
+        return grid
     try:
         from flwr.superlink.grid import http_grid
     except ImportError:  # another Flower layout: keep its own polling

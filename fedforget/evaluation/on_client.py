@@ -100,6 +100,15 @@ CLIENT_TASKS.register(MEASURE_TASK, measure_forgotten)
 def is_deployment_grid(grid: Any) -> bool:
     """Whether ``grid`` (or the Grid it wraps, as ``.grid``) is Flower's deployment Grid
     (a SuperLink's), as opposed to fedforget's in-process Grid or the simulation's."""
+    chain, inner = [], grid
+    for _ in range(8):
+        if inner is None:
+            break
+        chain.append(inner)
+        inner = getattr(inner, "grid", None)
+    if not any(c.__module__.startswith("flwr.superlink.grid.")
+               for g in chain for c in type(g).__mro__):
+        return False  # no Flower grid in the chain: skip the import of Flower's (~1 s)
     try:
         from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
     except ImportError:  # another Flower layout: take it for a deployment unless known
