@@ -50,40 +50,12 @@ _TRANSITIONS = {
     "done": {"unlearning"},  # a later method run on the same request
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS withdrawals (
-    request_id  TEXT PRIMARY KEY,
-    client_id   TEXT NOT NULL UNIQUE,
-    received_at TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    updated_at  TEXT NOT NULL,
-    method      TEXT,
-    detail      TEXT,
-    params      TEXT,
-    ordered_at  TEXT
-)
-"""
 _COLUMNS = "request_id, client_id, received_at, reason, state, updated_at, method, detail, " \
     "params, ordered_at"
 
-# Record- and class-level requests: a client may make many, and it stays in the federation.
-_ERASURE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS erasures (
-    request_id  TEXT PRIMARY KEY,
-    kind        TEXT NOT NULL,
-    client_id   TEXT NOT NULL,
-    scope       TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    reason      TEXT NOT NULL,
-    state       TEXT NOT NULL,
-    updated_at  TEXT NOT NULL,
-    method      TEXT,
-    detail      TEXT,
-    params      TEXT,
-    ordered_at  TEXT
-)
-"""
+# The tables (``withdrawals``: whole clients; ``erasures``: record- and class-level
+# requests, a client may make many and stays in the federation) are the history store's
+# (fedforget.history.store), with the triggers that log every change in withdrawal_events.
 _TABLES = ("withdrawals", "erasures")
 
 
@@ -146,12 +118,13 @@ class WithdrawalLedger:
         uri = f"file:{urllib.parse.quote(str(index))}?mode=rw"
         self._conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute(_SCHEMA)
-        self._conn.execute(_ERASURE_SCHEMA)
-        have = {row[1] for row in self._conn.execute("PRAGMA table_info(withdrawals)")}
-        for column in ("params", "ordered_at"):  # ledgers written before orders existed
-            if column not in have:
-                self._conn.execute(f"ALTER TABLE withdrawals ADD COLUMN {column} TEXT")
+        tables = {row[0] for row in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [t for t in _TABLES if t not in tables]
+        if missing:
+            self._conn.close()
+            raise HistoryError(f"{index} has no {' or '.join(missing)} table: it is not the "
+                               "index of a fedforget history (format 3)")
         self.directory = Path(directory)
 
     def close(self) -> None:

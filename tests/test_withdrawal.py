@@ -73,3 +73,21 @@ def test_a_directory_without_a_store_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(HistoryError, match="is not a run directory"):
         WithdrawalLedger(tmp_path)
+
+
+def test_an_index_without_the_ledger_tables_is_refused_and_left_as_it_was(
+        tmp_path: Path) -> None:
+    # Prepare: a SQLite file named like the index, but not a fedforget history
+    import sqlite3
+
+    from fedforget.errors import HistoryError
+    from fedforget.history.store import INDEX_FILENAME
+
+    index = tmp_path / INDEX_FILENAME
+    with sqlite3.connect(index) as db:
+        db.execute("CREATE TABLE other (x INTEGER)")
+    before = index.read_bytes()
+    # Execute / Assert: refused by name; no table created behind the store's back
+    with pytest.raises(HistoryError, match="no withdrawals or erasures table"):
+        WithdrawalLedger(tmp_path)
+    assert index.read_bytes() == before
