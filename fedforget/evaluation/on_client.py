@@ -106,9 +106,10 @@ def is_deployment_grid(grid: Any) -> bool:
             break
         chain.append(inner)
         inner = getattr(inner, "grid", None)
-    if not any(c.__module__.startswith("flwr.superlink.grid.")
-               for g in chain for c in type(g).__mro__):
-        return False  # no Flower grid in the chain: skip the import of Flower's (~1 s)
+    if chain and all(type(g).__module__.startswith("fedforget.") for g in chain):
+        # fedforget's own grids (the in-process one, and wrappers that hold any other grid
+        # as .grid): not a deployment, known without importing Flower's grid package (~1 s)
+        return False
     try:
         from flwr.superlink.grid.http_grid import HttpGrid  # noqa: PLC0415
     except ImportError:  # another Flower layout: take it for a deployment unless known
