@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedforget.engine.apps import FlowerProject, find_project
+from fedforget.engine.processes import free_port
 from fedforget.errors import FedForgetError
 
 CONNECTION = "fedforget-sim"
@@ -37,12 +38,6 @@ CONNECTION = "fedforget-sim"
 
 class SimulationError(FedForgetError):
     """Flower's simulation engine failed or did not finish the run."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _toml_value(value: Any) -> str:
@@ -92,8 +87,41 @@ def local_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) -> It
     ``env`` is the SuperLink's environment (default :func:`simulation_env`); the
     simulations it starts inherit it (a ``RAY_ADDRESS`` there makes them use that cluster).
     """
-    http_port, control_port, fleet_port, health_port = (_free_port() for _ in range(4))
+    proc = _started_superlink(flwr_home, env)
+    try:
+        yield CONNECTION
+    finally:
+        _stop_group(proc)
+
+
+BIND_ATTEMPTS = 3
+"""Starts of a SuperLink whose freshly chosen ports another process took first."""
+
+
+def _started_superlink(flwr_home: Path, env: Mapping[str, str] | None
+                       ) -> subprocess.Popen[bytes]:
+    """A SuperLink listening on four fresh ports; started again (at most
+    :data:`BIND_ATTEMPTS` times) when another process took a port between its choice and
+    the SuperLink's bind."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    attempt = 1
+    while True:
+        proc, log_path, http_port = _start_superlink(flwr_home, env)
+        try:
+            _wait_for_port(http_port, proc, log_path)
+            return proc
+        except SimulationError as exc:
+            _stop_group(proc)
+            if "address already in use" not in str(exc) or attempt >= BIND_ATTEMPTS:
+                raise
+        (flwr_home / "state.db").unlink(missing_ok=True)
+        attempt += 1
+
+
+def _start_superlink(flwr_home: Path, env: Mapping[str, str] | None
+                     ) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """Start ``flower-superlink`` on four ports free now; its process, log and HTTP port."""
+    http_port, control_port, fleet_port, health_port = (free_port() for _ in range(4))
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f"[superlink.{CONNECTION}]\n"
@@ -121,11 +149,7 @@ def local_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) -> It
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    try:
-        _wait_for_port(http_port, proc, log_path)
-        yield CONNECTION
-    finally:
-        _stop_group(proc)
+    return proc, log_path, http_port
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log_path: Path,
@@ -224,7 +248,7 @@ def local_ray(directory: Path | None = None, *, num_cpus: int | None = None
 
 @contextlib.contextmanager
 def _ray_head(directory: Path, num_cpus: int | None) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     command = [
         _bin("ray"), "start", "--head", "--block", "--port", str(port),
         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
