@@ -9,7 +9,9 @@ demo configuration, ``_common.BENCH_CONFIG``, with ``--nodes`` clients) is train
 ``--repetitions`` times on it, interleaved (rotating order) with the in-process engine.
 Variants: the SuperLink's state in memory (Flower's default), or in a SQLite file
 (``--database``, which keeps runs and nodes across a SuperLink restart, as
-the README's Deploy section starts it).
+the README's Deploy section starts it); and in memory with the arrays not packed
+(``FEDFORGET_PACK_LIMIT=0``: every tensor two Flower objects, as before
+:mod:`fedforget.transport`), to show what packing saves.
 
 A round's time is the interval between two consecutive round commits
 (``RoundRecord.committed_at``) of the same run: it leaves out what a run pays once (FAB
@@ -28,13 +30,14 @@ must end with the same final model digest (checked; exit status 1 otherwise).
 empty poll), the setting issue 10 measured at ~30 s per round.
 
 Usage: ``python benchmarks/bench_deployment.py [--quick] [--rounds R] [--repetitions N]
-[--nodes N] [--variants A,B] [--cold]``
+[--nodes N] [--variants A,B] [--max-poll-interval S] [--cold]``
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -87,7 +90,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                {"warm": True, "poll_interval": 0.02, "database": False}),
     "database": ("warm ClientApps, SuperLink state in --database (as the README's Deploy section)",
                  {"warm": True, "poll_interval": 0.02, "database": True}),
+    "unpacked": ("as memory, arrays not packed (FEDFORGET_PACK_LIMIT=0: Flower's objects)",
+                 {"warm": True, "poll_interval": 0.02, "database": False}),
 }
+ENV = {"unpacked": {"FEDFORGET_PACK_LIMIT": "0"}}
+"""Environment of a variant's federation (its processes inherit it)."""
 COLD = {"warm": False, "poll_interval": None, "database": True}  # Flower's defaults
 
 
@@ -168,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 20)")
     parser.add_argument("--repetitions", type=int, default=None, help="default 3")
     parser.add_argument("--nodes", type=int, default=4, help="SuperNodes = clients (4)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default="memory,unpacked,database",
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--max-poll-interval", type=float, default=0.25,
+                        help="longest idle poll of the SuperNodes and warm ClientApps "
+                             "(default 0.25 s)")
     parser.add_argument("--cold", action="store_true",
                         help="also one 3-round run with Flower's defaults (a process per "
                              "message, stock flower-supernode)")
@@ -186,9 +196,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in labels:
                 label, settings = VARIANTS[name]
-                results.append(_measure(label, settings, scratch / name, proj,
-                                        nodes=args.nodes, rounds=rounds,
-                                        repetitions=repetitions))
+                settings = {**settings, "max_poll_interval": args.max_poll_interval}
+                saved = {k: os.environ.get(k) for k in ENV.get(name, {})}
+                os.environ.update(ENV.get(name, {}))
+                try:
+                    results.append(_measure(label, settings, scratch / name, proj,
+                                            nodes=args.nodes, rounds=rounds,
+                                            repetitions=repetitions))
+                finally:
+                    for key, value in saved.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
             if args.cold:
                 results.append(_measure("cold (Flower defaults)", COLD, scratch / "cold", proj,
                                         nodes=args.nodes, rounds=3, repetitions=0))
@@ -201,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_deployment: deployed (SuperLink + {args.nodes} SuperNodes on loopback, TLS, "
           f"SuperNode authentication) vs in-process ({environment()})")
     print(f"config: issue-2 demo with {args.nodes} clients ({describe(cfg)}), {rounds} rounds; "
-          f"per variant {repetitions} interleaved repetitions after one warm-up run each")
+          f"per variant {repetitions} interleaved repetitions after one warm-up run each; "
+          f"idle polls grow to {args.max_poll_interval:g} s; arrays packed "
+          f"(fedforget.transport)")
     agree = True
     for result in results:
         print()

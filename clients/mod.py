@@ -11,6 +11,8 @@ app's own handlers:
 
 * it answers the identify message with the client's stable id (node config ``client-id``,
   else ``client-%03d`` of ``partition-id``) without calling the app;
+* it unpacks the arrays a deployment's server packed (:mod:`fedforget.transport`) before
+  the app's handler sees them, and packs that handler's reply the same way;
 * it tags every reply with that id (a ``ConfigRecord`` ``"fedforget"``);
 * before a train or evaluate handler runs it seeds ``random``, ``numpy`` and ``torch``
   with the per-client, per-round seed the server sent (and restores their state after),
@@ -46,7 +48,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedforget import protocol
+from fedforget import protocol, transport
 from fedforget.errors import ConfigError
 from fedforget.evaluation.on_client import CONSENT_KEY, MEASURE_TASK, consents
 from fedforget.fileio import write_atomic
@@ -116,6 +118,17 @@ def unlearning_mod(msg: Message, context: Context, call_next: ClientAppCallable)
 
 def _mod(msg: Message, context: Context, call_next: ClientAppCallable,
          data_size: Callable[[Context], int] | None) -> Message:
+    packed = msg.has_content() and transport.is_packed(msg.content)
+    if packed:  # the deployment Grid packed its arrays (fedforget.transport)
+        msg.content = transport.unpack(msg.content)
+    reply = _serve(msg, context, call_next, data_size)
+    if packed and reply.has_content():
+        reply.content = transport.pack(reply.content, whole=True)
+    return reply
+
+
+def _serve(msg: Message, context: Context, call_next: ClientAppCallable,
+           data_size: Callable[[Context], int] | None) -> Message:
     conf = _config(msg)
     cid = client_id_of(context)
     task = conf.get(protocol.TASK) if conf is not None else None
@@ -123,6 +136,7 @@ def _mod(msg: Message, context: Context, call_next: ClientAppCallable,
         _keep_tree_head(context, conf, cid)
     if task == protocol.IDENTIFY:
         record = _identity(context, cid)
+        record[protocol.PACKING] = True  # this mod unpacks packed arrays
         if data_size is not None:
             record[protocol.NUM_EXAMPLES] = int(data_size(context))
         return Message(content=RecordDict({protocol.CLIENT_RECORD: record}), reply_to=msg)

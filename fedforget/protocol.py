@@ -45,6 +45,10 @@ ClientApp; an app that does not use the mod speaks it itself:
 9. **Forgotten records.** A client that asked to have some of its records forgotten keeps
    their ids in ``forgotten-records.json`` of its state directory and trains without them
    (:mod:`fedforget.erasure`); the server sends nothing for them.
+10. **Packed arrays (deployments).** The identify reply has :data:`PACKING` = ``True`` when
+   the client can unpack arrays packed by :mod:`fedforget.transport`; a deployment's server
+   then sends its ``ArrayRecord`` s packed (one ``ConfigRecord`` ``"fedforget.packed:<key>"``
+   each), and the client unpacks them before its handler runs and packs the reply's.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ CLIENT_RECORD = "fedforget"
 """Key of the ``ConfigRecord`` that carries the client's stable id in every reply."""
 
 CLIENT_ID = "client-id"
+
+PACKING = "packing"
+"""Key of the identify reply's ``CLIENT_RECORD``: True if the client unpacks packed arrays."""
 """The stable id's key inside :data:`CLIENT_RECORD` (and the node-config key that sets it)."""
 
 NUM_EXAMPLES = "num-examples"

@@ -132,7 +132,8 @@ class _SlowGrid:
         self.pulls += 1
         from types import SimpleNamespace
 
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i),
+                                has_content=lambda: False)
                 for i in ids if self.due[int(i)] <= self.pulls]
 
 

@@ -59,3 +59,35 @@ def test_another_failure_is_not_retried(tmp_path: Path,
           simulation.local_superlink(tmp_path / "home")):
         pass
     assert calls == [1]
+
+
+def test_a_supernode_whose_port_was_taken_is_started_on_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a deployment of one node; the port chosen for the node's Runtime API
+    # (the fourth port handed out: the SuperLink's three come first) is held here
+    from fedforget.engine import deployment
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        handed: list[int] = []
+
+        def next_port() -> int:
+            handed.append(busy if len(handed) == 3 else free_port())
+            return handed[-1]
+
+        monkeypatch.setattr(deployment, "free_port", next_port)
+        # Execute
+        federation = deployment.LocalDeployment(tmp_path / "fed", num_nodes=1, warm=False,
+                                                database=False)
+        try:
+            federation.start()
+            node = federation.nodes[0]
+            # Assert: the node runs, on a port other than the one taken
+            assert node.exit_code() is None
+            assert node.port != busy and handed[3] == busy and len(handed) == 5
+            assert "address already in use" in node.log_path.read_text()
+        finally:
+            federation.stop()
+        assert federation.process_ids() == []

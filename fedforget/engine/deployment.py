@@ -43,6 +43,8 @@ from typing import Any
 from fedforget.engine.apps import FlowerProject, find_project
 from fedforget.engine.credentials import NodeKey, TlsFiles
 from fedforget.engine.processes import (
+    ADDRESS_IN_USE,
+    BIND_ATTEMPTS,
     alive,
     descendants,
     flower_bin,
@@ -398,7 +400,11 @@ class LocalDeployment:
         Flower's default ``--isolation subprocess`` (a new ``flwr-clientapp`` per message).
     poll_interval : float or None
         The SuperNode's shortest idle poll (:mod:`fedforget.engine.supernode`; it grows to
-        0.25 s while idle); None runs ``flower-supernode`` itself (it polls every 3 s).
+        ``max_poll_interval`` while idle); None runs ``flower-supernode`` itself (it polls
+        every 3 s).
+    max_poll_interval : float
+        The longest idle poll of the SuperNodes and of the warm ClientApps (default 0.25 s;
+        shorter: a round starts sooner after the last, for more requests while idle).
     startup_timeout : float
         Seconds to wait for the SuperLink to listen and for each node to connect.
     database : bool
@@ -411,7 +417,8 @@ class LocalDeployment:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, num_nodes: int, warm: bool = True,
-                 poll_interval: float | None = 0.02, startup_timeout: float = 120.0,
+                 poll_interval: float | None = 0.02, max_poll_interval: float = 0.25,
+                 startup_timeout: float = 120.0,
                  preload: tuple[str, ...] = PRELOAD, database: bool = True) -> None:
         if num_nodes < 0:
             raise ConfigError(f"num_nodes = {num_nodes}: expected 0 or more")
@@ -419,6 +426,7 @@ class LocalDeployment:
         self.num_nodes = num_nodes
         self.warm = warm
         self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
         self.startup_timeout = startup_timeout
         self.preload = preload
         self.database = database
@@ -536,19 +544,31 @@ class LocalDeployment:
         ]
 
     def _start_superlink(self) -> None:
+        """Start the SuperLink on fresh ports; again on other ports (at most
+        :data:`BIND_ATTEMPTS` starts) when another process took one of them between their
+        choice and the SuperLink's bind."""
         assert self.tls is not None
         self.home.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        self.address = f"127.0.0.1:{port}"
-        command = self.superlink_command(port, free_port(), free_port())
-        write_connection(self.home, self.connection, address=self.address,
-                         root_certificates=self.tls.ca_cert)
-        (self.home / "command.txt").write_text(shlex.join(command) + "\n")
-        with (self.home / "superlink.log").open("wb") as log_file:
-            self.commands.append(command)
-            self._superlink = subprocess.Popen(command, env=self.env(), stdout=log_file,
-                                               stderr=subprocess.STDOUT)
-        self._wait_listening(port)
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            command = self.superlink_command(port, free_port(), free_port())
+            write_connection(self.home, self.connection, address=self.address,
+                             root_certificates=self.tls.ca_cert)
+            (self.home / "command.txt").write_text(shlex.join(command) + "\n")
+            with (self.home / "superlink.log").open("wb") as log_file:
+                self.commands.append(command)
+                self._superlink = subprocess.Popen(command, env=self.env(), stdout=log_file,
+                                                   stderr=subprocess.STDOUT)
+            try:
+                self._wait_listening(port)
+                return
+            except DeploymentError as exc:
+                stop_tree(self._superlink, family=descendants(self._superlink.pid))
+                self._superlink = None
+                if ADDRESS_IN_USE not in str(exc) or attempt == BIND_ATTEMPTS:
+                    raise
+                (self.home / "state.db").unlink(missing_ok=True)
 
     def _wait_listening(self, port: int) -> None:
         import socket
@@ -609,7 +629,15 @@ class LocalDeployment:
         if self.poll_interval is None:
             return [flower_bin("flower-supernode"), *flags]
         return [sys.executable, "-m", "fedforget.engine.supernode",
-                "--poll-interval", f"{self.poll_interval:g}", *flags]  # grows to 0.25 s idle
+                "--poll-interval", f"{self.poll_interval:g}", *self._max_poll(), *flags]
+
+    def _max_poll(self) -> list[str]:
+        """``--max-poll-interval S``, unless S is the default of both commands."""
+        from fedforget.engine.supernode import DEFAULT_MAX_POLL_INTERVAL
+
+        if self.max_poll_interval == DEFAULT_MAX_POLL_INTERVAL:
+            return []
+        return ["--max-poll-interval", f"{self.max_poll_interval:g}"]
 
     def clientapp_command(self, node: LocalNode) -> list[str]:
         """The warm ClientApp process's command line (``warm=True``)."""
@@ -617,6 +645,7 @@ class LocalDeployment:
         return [sys.executable, "-m", "fedforget.engine.warm_clientapp",
                 "--runtime-api-address", f"127.0.0.1:{node.port}",
                 "--parent-pid", str(node.supernode.pid), "--log-level", "INFO",
+                *self._max_poll(),
                 *(["--preload", ",".join(self.preload)] if self.preload else [])]
 
     def start_node(self, node: LocalNode) -> None:
@@ -641,10 +670,18 @@ class LocalDeployment:
     def wait_connected(self, node: LocalNode, *, timeout: float | None = None) -> None:
         """Wait until the SuperLink accepted ``node`` (raise if it exited)."""
         deadline = time.monotonic() + (timeout or self.startup_timeout)
+        starts = 1
         while time.monotonic() < deadline:
             code = node.exit_code()
             if code is not None:
                 text = self.node_log(node)
+                if ADDRESS_IN_USE in text and starts < BIND_ATTEMPTS:
+                    # another process took the Runtime API's port after free_port chose it
+                    self.stop_node(node)
+                    node.port = free_port()
+                    self.start_node(node)
+                    starts += 1
+                    continue
                 raise DeploymentError(
                     f"SuperNode {node.name} exited with status {code}"
                     + (" (the SuperLink did not activate it: its key is not registered, or "

@@ -13,7 +13,8 @@ came in time).
 :func:`fast_polling` wraps the deployment Grid and the simulation's ``InMemoryGrid``
 (``flwr.superlink.grid.inmemory_grid``, which sleeps a fixed 0.1 s between two pulls, so
 that every simulated round ended on a 100 ms step); fedforget's in-process Grid, which
-answers synchronously, is returned unchanged.
+answers synchronously, is returned unchanged. The deployment Grid's wrapper also packs the
+arrays it sends to nodes that unpack them (:mod:`fedforget.transport`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedforget import protocol, transport
 
 __all__ = ["PollingGrid", "fast_polling"]
 
@@ -44,10 +48,14 @@ class PollingGrid(Grid):
         Seconds to wait after the first empty pull, and at most.
     growth : float
         Factor by which the wait grows after each empty pull (≥ 1).
+    pack : bool
+        Send the arrays of messages to nodes that can unpack them packed
+        (:mod:`fedforget.transport`: fewer objects per message); replies are unpacked
+        either way. The deployment Grid's wrapper packs.
     """
 
     def __init__(self, grid: Grid, *, initial_interval: float = 0.005,
-                 max_interval: float = 0.1, growth: float = 1.5) -> None:
+                 max_interval: float = 0.1, growth: float = 1.5, pack: bool = False) -> None:
         if not 0 < initial_interval <= max_interval:
             raise ValueError(f"initial_interval = {initial_interval}, max_interval = "
                              f"{max_interval}: expected 0 < initial <= max")
@@ -57,6 +65,9 @@ class PollingGrid(Grid):
         self.initial_interval = initial_interval
         self.max_interval = max_interval
         self.growth = growth
+        self.pack = pack
+        self.packing_nodes: set[int] = set()
+        """Nodes whose identify reply said they unpack packed arrays."""
 
     def set_run(self, run: Run) -> None:  # noqa: D102
         self.grid.set_run(run)
@@ -73,23 +84,46 @@ class PollingGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.grid.push_messages(messages)
+        if not self.pack or not self.packing_nodes:
+            return self.grid.push_messages(messages)
+        return self.grid.push_messages([self._packed(m) for m in messages])
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.grid.pull_messages(message_ids)
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_content():
+                continue
+            if transport.is_packed(reply.content):
+                reply.content = transport.unpack(reply.content)
+            record = reply.content.get(protocol.CLIENT_RECORD)
+            if isinstance(record, ConfigRecord) and record.get(protocol.PACKING) is True:
+                self.packing_nodes.add(reply.metadata.src_node_id)
+        return replies
+
+    def _packed(self, message: Message) -> Message:
+        """``message`` with its arrays packed if its node unpacks them (a copy sharing the
+        metadata, so the caller's message gets the pushed message's id; its content is
+        left as it was)."""
+        if (message.metadata.dst_node_id not in self.packing_nodes
+                or not message.has_content()):
+            return message
+        content = transport.pack(message.content)
+        if content is message.content:
+            return message
+        return make_message(metadata=message.metadata, content=content)
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``; pull replies until all came or ``timeout`` seconds passed."""
         t0 = time.monotonic()
-        pending = set(self.grid.push_messages(messages))
+        pending = set(self.push_messages(messages))
         t1 = time.monotonic()
         n = len(pending)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         wait = self.initial_interval
         while pending:
-            got = list(self.grid.pull_messages(list(pending)))
+            got = list(self.pull_messages(list(pending)))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending:
@@ -138,4 +172,4 @@ def fast_polling(grid: Grid) -> Grid:
             "initial_backoff" in inspect.signature(pull).parameters):
         http_grid.pull_objects = functools.partial(
             pull, initial_backoff=0.005, backoff_cap=0.25)
-    return PollingGrid(grid)
+    return PollingGrid(grid, pack=True)

@@ -35,6 +35,14 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+ADDRESS_IN_USE = "address already in use"
+"""What a Flower process logs when another process holds the port it was given."""
+
+BIND_ATTEMPTS = 3
+"""Starts of a process whose freshly chosen port another process took first (between
+:func:`free_port` and the process's bind)."""
+
+
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """The environment of a quiet, local, offline Flower process with ``FLWR_HOME``.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedforget.engine.apps import FlowerProject, find_project
-from fedforget.engine.processes import free_port
+from fedforget.engine.processes import ADDRESS_IN_USE, BIND_ATTEMPTS, free_port
 from fedforget.errors import FedForgetError
 
 CONNECTION = "fedforget-sim"
@@ -94,8 +94,6 @@ def local_superlink(flwr_home: Path, env: Mapping[str, str] | None = None) -> It
         _stop_group(proc)
 
 
-BIND_ATTEMPTS = 3
-"""Starts of a SuperLink whose freshly chosen ports another process took first."""
 
 
 def _started_superlink(flwr_home: Path, env: Mapping[str, str] | None
@@ -112,7 +110,7 @@ def _started_superlink(flwr_home: Path, env: Mapping[str, str] | None
             return proc
         except SimulationError as exc:
             _stop_group(proc)
-            if "address already in use" not in str(exc) or attempt >= BIND_ATTEMPTS:
+            if ADDRESS_IN_USE not in str(exc) or attempt >= BIND_ATTEMPTS:
                 raise
         (flwr_home / "state.db").unlink(missing_ok=True)
         attempt += 1

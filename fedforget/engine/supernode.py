@@ -18,8 +18,10 @@ that this one Flower module sees with a proxy whose ``sleep`` does that; everyth
 the real ``time``. Likewise the retry of a message's objects that are not at the SuperLink
 yet (a node that polls fast may see a message before all its objects are pushed) starts at
 ``--poll-interval`` instead of Flower's 1 s (then 2 s, 4 s, ...) and is capped at
-``--max-poll-interval``. The price: an idle node asks the SuperLink up to four times a
-second instead of every 3 s. The stock ``flower-supernode`` works with fedforget unchanged,
+:data:`PULL_BACKOFF_CAP` (0.05 s; or ``--max-poll-interval`` if shorter): the objects of a
+message come right after it, and the whole round waits on them. The price: an idle node
+asks the SuperLink up to four times a second (``--max-poll-interval 0.25``) instead of
+every 3 s. The stock ``flower-supernode`` works with fedforget unchanged,
 only slower.
 
 This patches a private detail of Flower (pinned ``<2``): if a Flower release stops using
@@ -43,6 +45,8 @@ from fedforget.errors import ConfigError
 DEFAULT_POLL_INTERVAL = 0.02
 DEFAULT_MAX_POLL_INTERVAL = 0.25
 _MODULE = "flwr.supernode.start_client_internal"
+PULL_BACKOFF_CAP = 0.05
+"""Seconds, at most, between two asks for a message's objects not at the SuperLink yet."""
 
 
 IDLE_WAIT = 3.0
@@ -103,7 +107,7 @@ def patch_poll_interval(initial: float, maximum: float | None = None) -> ModuleT
                           "this SuperNode loop cannot be given a shorter poll")
     if not isinstance(pull, functools.partial):
         module.pull_objects = functools.partial(  # type: ignore[attr-defined]
-            pull, initial_backoff=initial, backoff_cap=maximum)
+            pull, initial_backoff=initial, backoff_cap=min(maximum, PULL_BACKOFF_CAP))
     return module
 
 

@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedforget.engine.supernode import DEFAULT_MAX_POLL_INTERVAL, PULL_BACKOFF_CAP
+
 log = logging.getLogger("fedforget.warm_clientapp")
 
 DEFAULT_POLL_INTERVAL = 0.01
-DEFAULT_MAX_POLL_INTERVAL = 0.25
+
 CLIENT_APP_TASK = "flwr-clientapp"  # flwr.supercore.constant.TaskType.CLIENT_APP
 
 
@@ -205,7 +207,9 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     The SuperNode makes the task before it has fetched the message's objects from the
     SuperLink; a task taken at once (this process polls every few ms) finds them missing,
     and Flower's pull waits 1 s, then 2 s, ... (``PULL_INITIAL_BACKOFF``) before asking
-    again: 3 s lost per message. Here the retry starts at 10 ms and is capped at 0.2 s.
+    again: 3 s lost per message. Here the retry starts at 5 ms and is capped at
+    :data:`PULL_BACKOFF_CAP` (the SuperNode has the objects as soon as the SuperLink has
+    them; a short cap keeps what waits on them short).
     """
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
@@ -239,8 +243,8 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
                                                   context.run_id),
         return_type=Message,
-        initial_backoff=0.01,
-        backoff_cap=0.2,
+        initial_backoff=0.005,
+        backoff_cap=PULL_BACKOFF_CAP,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
     return message, context, run, fab
