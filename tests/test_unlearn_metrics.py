@@ -197,6 +197,7 @@ def test_the_rollback_trace_covers_every_round_and_equals_retrains(
         ("subtract", ("--set", "repair-rounds=2")),
         ("fedrecovery", ("--set", "noise=false")),
         ("pga", ("--set", "post-rounds=2")),
+        ("fukd", ("--set", "epochs=0", "--set", "post-rounds=2")),
     ],
 )
 def test_an_approximate_methods_trace_rises_in_rounds_and_ends_at_its_model(
@@ -212,6 +213,21 @@ def test_an_approximate_methods_trace_rises_in_rounds_and_ends_at_its_model(
     assert rounds and all(a < b for a, b in zip(rounds, rounds[1:], strict=False))
     final = accuracy_of(cfg, read(info["model_path"]), load_test_set(cfg))
     assert trace[-1]["test_accuracy"] == final
+
+
+def test_fukds_post_rounds_cost_the_remaining_clients_epochs_on_the_engine(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: every client trains every round of this run (4 clients, all per round)
+    cfg = config_of(run)
+    assert cfg.clients_per_round() == cfg.num_clients
+    # Execute: the subtraction alone (no proxy set here), then 2 post rounds
+    info = unlearn(run, "client-001", "fukd", capsys, "--set", "epochs=0",
+                   "--set", "post-rounds=2")
+    # Assert: 2 rounds × the 3 remaining clients × their local epochs; rounds T+1, T+2
+    assert info["cost"]["client_epochs"] == 2 * (cfg.num_clients - 1) * cfg.local_epochs
+    assert [p["round"] for p in info["metrics"]["trace"]][-2:] == [cfg.num_rounds + 1,
+                                                                   cfg.num_rounds + 2]
 
 
 def test_the_federaser_trace_follows_the_replayed_rounds(
@@ -262,6 +278,7 @@ class ShiftingFederation:
         ("subtract", {"repair-rounds": 2}),
         ("fedrecovery", {}),
         ("pga", {"post-rounds": 2}),
+        ("fukd", {"epochs": 0, "post-rounds": 2}),
     ],
 )
 def test_the_observer_does_not_change_the_model_a_method_returns(

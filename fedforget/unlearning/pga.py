@@ -27,7 +27,8 @@ in FL?", 2022, https://arxiv.org/abs/2207.05521.
 3. **Post-training**: ``post_rounds`` ordinary FedAvg rounds :math:`T+1, \\dots` with the
    run's client sampling minus the leaving client and every client excluded from training
    (``request.exclude``, filled by the service with every withdrawn client, and the run's
-   withdrawal ledger: a withdrawn client is never asked to train again).
+   withdrawal ledger: a withdrawn client is never asked to train again), by
+   :func:`~fedforget.unlearning.post_training.post_train`.
 
 **The radius.** With ``radius`` 0, as the authors' code computes it,
 
@@ -75,10 +76,9 @@ import numpy as np
 from fedforget.config import RunConfig
 from fedforget.errors import ConfigError, FedForgetError
 from fedforget.history import HistoryStore
-from fedforget.sampling import ClientSampler, derive_seed
+from fedforget.sampling import derive_seed
 from fedforget.unlearning import ascent
 from fedforget.unlearning.base import (
-    Federation,
     MethodParams,
     RetentionError,
     TensorDict,
@@ -91,6 +91,7 @@ from fedforget.unlearning.base import (
     register,
     weighted_sum,
 )
+from fedforget.unlearning.post_training import post_train
 
 RADIUS_SAMPLES = 10
 """Random initialisations averaged when the radius is derived."""
@@ -226,14 +227,6 @@ def project(model: TensorDict, centre: TensorDict, radius: float) -> TensorDict:
             for k in centre}
 
 
-def _withdrawn(store: HistoryStore) -> frozenset[str]:
-    """Every client that asked to leave this run (the ledger shares the store's index)."""
-    from fedforget.withdrawal import WithdrawalLedger
-
-    with WithdrawalLedger(store.directory) as ledger:
-        return ledger.withdrawn()
-
-
 def radius_from_distances(distances: list[float]) -> float:
     """:math:`\\delta = \\sqrt{\\overline{d^2} / 3}` (RADIUS_FRACTION = 1/3, authors' code)."""
     return math.sqrt(RADIUS_FRACTION * float(np.mean(np.square(distances))))
@@ -280,21 +273,6 @@ def _radius(store: HistoryStore, reference: TensorDict) -> tuple[float, str]:
     return radius_from_distances([distance(theta0, reference)]), (
         "sqrt(squared distance to the history's initial model θ_0 / 3): the run's model "
         "could not be rebuilt, so θ_0 stands in for the random initialisations")
-
-
-def _post_sampler(store: HistoryStore, federation: Federation) -> ClientSampler | None:
-    """The run's client sampler: the federation's, else one from a fedforget RunConfig,
-    else None (every remaining client trains)."""
-    sampler = getattr(federation, "sampler", None)
-    if callable(sampler):
-        made = sampler(len(federation.roster))
-        if isinstance(made, ClientSampler):
-            return made
-    try:
-        cfg = RunConfig.from_mapping(store.run_config)
-    except ConfigError:
-        return None
-    return ClientSampler(seed=cfg.seed, count=cfg.clients_per_round())
 
 
 # -------------------------------------------------------------------------- method
@@ -400,37 +378,7 @@ class PGA(Unlearner[PGAParams]):
                      f"loss {metrics.get('train-loss', '?')}, distance to the reference "
                      f"{found:.6g}, stopped early: {bool(metrics.get('pga-stopped-early', 0))}"
                      + (" (distance stop)" if metrics.get("pga-stopped-by-distance") else ""))
-        model = self._post_train(request, model, notes)
+        model = post_train(request, model, rounds=params.post_rounds,
+                           local_epochs=params.post_epochs or None, notes=notes)
         return UnlearningResult(model=model, cost=federation.cost,
                                 rounds_affected=list(range(first, last + 1)), notes=notes)
-
-    def _post_train(self, request: UnlearningRequest, model: TensorDict,
-                    notes: list[str]) -> TensorDict:
-        """``post_rounds`` FedAvg rounds of the clients not excluded."""
-        rounds = self.params.post_rounds
-        if not rounds:
-            return model
-        store, federation = request.store, request.federation
-        last = store.last_round
-        exclude = request.forget | request.exclude | _withdrawn(store)
-        sampler = _post_sampler(store, federation)
-        epochs = self.params.post_epochs or None
-        for t in range(last + 1, last + 1 + rounds):
-            if sampler is not None:
-                chosen = sampler.sample(t, federation.roster, exclude=exclude)
-            else:
-                chosen = [c for c in federation.roster if c not in exclude]
-            updates = federation.train(server_round=t, global_model=model, clients=chosen,
-                                       local_epochs=epochs, task="train")
-            replied = [updates[c] for c in chosen if c in updates]
-            if not replied:
-                notes.append(f"post round {t}: no client replied; the model is unchanged")
-                continue
-            total = sum(u.num_examples for u in replied)
-            model = weighted_sum(((u.num_examples / total, u.local_model) for u in replied),
-                                 model)
-            request.report(t, model)
-        left_out = sorted(exclude - request.forget)
-        notes.append(f"post-training rounds {last + 1}..{last + rounds}"
-                     + (f" without the withdrawn clients {left_out}" if left_out else ""))
-        return model

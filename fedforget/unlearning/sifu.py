@@ -222,11 +222,11 @@ class SIFU(Unlearner[SIFUParams]):
     def _retrain(request: UnlearningRequest, model: TensorDict, *, start: int, rounds: int,
                  notes: list[str]) -> TensorDict:
         """FedAvg rounds ``start..start+rounds-1`` without the excluded clients."""
-        from fedforget.unlearning.pga import _post_sampler
+        from fedforget.unlearning.post_training import post_sampler
 
         store, federation = request.store, request.federation
         exclude = request.forget | request.exclude
-        sampler = _post_sampler(store, federation)
+        sampler = post_sampler(store, federation)
         for t in range(start, start + rounds):
             if sampler is not None:
                 chosen = sampler.sample(t, federation.roster, exclude=exclude)
