@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         verdict = "MET" if max(ratios[label], cpu_ratios[label]) <= GOAL else (
             "NOT MET" if min(ratios[label], cpu_ratios[label]) > GOAL else
-            "MET by CPU time only")
+            "MET by CPU time only" if cpu_ratios[label] <= GOAL else "MET by wall time only")
         print(f"goal copy bandwidth / throughput <= {GOAL:g}, {label}: wall "
               f"{ratios[label]:.2f}, CPU {cpu_ratios[label]:.2f} -> {verdict}")
     return 0

@@ -45,7 +45,14 @@ def _config(items: tuple[tuple[str, object], ...]) -> RunConfig:
 
 def run_config_of(context: Context) -> RunConfig:
     """The app's run configuration (parsed once per distinct config)."""
-    return _config(tuple(sorted(app_run_config(context.run_config).items())))
+    return _config_of_items(tuple(context.run_config.items()))
+
+
+@lru_cache(maxsize=8)
+def _config_of_items(items: tuple[tuple[str, object], ...]) -> RunConfig:
+    # Keyed on the run config as it comes (no filtering or sorting on every message): a
+    # config seen in another key order is parsed again, to the same RunConfig.
+    return _config(tuple(sorted(app_run_config(dict(items)).items())))
 
 
 def local_data(

@@ -87,11 +87,20 @@ def state_dir_of(context: Context) -> Path | None:
     ``<fedforget.out-dir>/client-state/<client-id>``; None if neither is known."""
     explicit = context.node_config.get("state-dir")
     if explicit:
-        return Path(str(explicit))
+        return _state_dir(str(explicit), "", "")
     out = context.run_config.get(PREFIX + "out-dir")
     if out:
-        return RunDirectory(str(out)).client_state(client_id_of(context))
+        return _state_dir("", str(out), client_id_of(context))
     return None
+
+
+@lru_cache(maxsize=16384)
+def _state_dir(explicit: str, out_dir: str, client_id: str) -> Path:
+    """The path :func:`state_dir_of` names, built once per client (it is looked up on
+    every train message)."""
+    if explicit:
+        return Path(explicit)
+    return RunDirectory(out_dir).client_state(client_id)
 
 
 def _config(msg: Message) -> ConfigRecord | None:
@@ -300,7 +309,7 @@ def _keep_tree_head(context: Context, conf: ConfigRecord, cid: str) -> None:
                       context.run_config.get(PREFIX + "out-dir"), cid)
     if path is None:
         return
-    size = int(json.loads(head).get("size", 0))
+    size = _tree_size(head)
     saved = _saved_heads.get(path)
     if saved is None and path.exists():  # first time in this process
         saved = _saved_heads[path] = (
@@ -311,6 +320,13 @@ def _keep_tree_head(context: Context, conf: ConfigRecord, cid: str) -> None:
     data = head.encode()
     _save_head(path, data, saved_length=None if saved is None else saved[1])
     _saved_heads[path] = (size, len(data))
+
+
+@lru_cache(maxsize=64)
+def _tree_size(head: str) -> int:
+    """The ``size`` of a signed tree head (JSON), parsed once per head: the server shows
+    the same head to every client of a round."""
+    return int(json.loads(head).get("size", 0))
 
 
 @lru_cache(maxsize=16384)

@@ -429,3 +429,76 @@ def test_the_in_place_sum_is_the_float64_sum(tmp_path: Path, monkeypatch: pytest
                     + ups["b"][k].astype(np.float64))
         assert acc[k].dtype == np.float64
         np.testing.assert_allclose(acc[k], expected, rtol=1e-15, atol=1e-15)
+
+
+def _unblocked_sum(terms: Sequence[tuple[float, np.ndarray]], *, blas: bool) -> np.ndarray:
+    """The rule on whole arrays, term by term from float64 zeros: ``acc ± x`` for a
+    coefficient ±1, else ``acc + c x`` rounded once (BLAS daxpy, a fused multiply-add) or
+    twice (NumPy: the product, then the sum). BLAS on one thread: a kernel computes the
+    last elements of its share (past a multiple of its unroll) in plain arithmetic, so a
+    split between threads would move those."""
+    from scipy.linalg.blas import daxpy
+    from threadpoolctl import threadpool_limits
+
+    acc = np.zeros(terms[0][1].shape, np.float64)
+    for coef, values in terms:
+        x = values.astype(np.float64)
+        if coef == 1.0:
+            acc = acc + x
+        elif coef == -1.0:
+            acc = acc - x
+        elif blas:
+            with threadpool_limits(limits=1, user_api="blas"):
+                acc = daxpy(x.reshape(-1), acc.copy().reshape(-1), a=coef).reshape(acc.shape)
+        else:
+            acc = acc + coef * x
+    return acc
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("group_bytes", [1 << 29, 1], ids=["one-group", "a-group-per-blob"])
+@pytest.mark.parametrize("blas_from", [1 << 60, 0], ids=["numpy", "blas"])
+def test_the_blocked_sum_is_the_unblocked_sum_bit_for_bit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blas_from: int, group_bytes: int,
+        codec: str) -> None:
+    # Prepare: random blobs of two tensors (one of several chunks and a ragged end, one
+    # smaller than a chunk), random coefficients with ±1 among them, a blob used twice
+    from fedforget.history import ParticipantUpdate
+    from fedforget.history.views import BlobViews
+    from fedforget.unlearning import subtract
+
+    monkeypatch.setattr(subtract, "_BLAS_FROM", blas_from)
+    monkeypatch.setattr(subtract, "_GROUP_BYTES", group_bytes)
+    rng = np.random.default_rng(7)
+    n = 2 * subtract._CHUNK + 123
+    clients = [f"c{i}" for i in range(5)]
+    theta = {"w": rng.standard_normal(n).astype(np.float32),
+             "b": rng.standard_normal((7, 3)).astype(np.float32)}
+    ups = {c: {k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-4, 2)).astype(np.float32)
+               for k, v in theta.items()} for c in clients}
+    with HistoryStore.create(tmp_path / "run", run_config={}, codec=codec, fsync=False) as store:
+        start = store.put_initial_model(theta)
+        record = store.commit_round(
+            round=1, global_before=start, global_after=theta, config={},
+            participants=[ParticipantUpdate(client_id=c, num_examples=1, weight=0.2, seed=1,
+                                            update=ups[c]) for c in clients])
+        digests = [p.update_digest for p in record.participants]
+        coefs = [1.0, *rng.standard_normal(4).tolist(), -1.0, float(rng.standard_normal())]
+        blobs = [start, *digests[:4], digests[4], digests[0]]
+        terms = [(c, d, f"term {i}") for i, (c, d) in enumerate(zip(coefs, blobs, strict=True))]
+        stored = {d: store.client_update(1, p.client_id) for d, p in
+                  zip(digests, record.participants, strict=True)}
+        stored[start] = store.global_model(0)
+        # Execute
+        with BlobViews(store) as views:
+            wide, _ = subtract.combine(views, terms)
+        with BlobViews(store) as views:
+            narrow, _ = subtract.combine(views, terms, dtype=np.float32)
+    # Assert: the same float64 operations in the same order on every element, so the same
+    # bits; the float32 result is that sum rounded once
+    for k in theta:
+        expected = _unblocked_sum([(c, stored[d][k]) for c, d, _ in terms],
+                                  blas=blas_from == 0)
+        assert wide[k].dtype == np.float64 and narrow[k].dtype == np.float32
+        assert wide[k].tobytes() == expected.tobytes()
+        assert narrow[k].tobytes() == expected.astype(np.float32).tobytes()

@@ -26,6 +26,7 @@ import fcntl
 import os
 import sqlite3
 import urllib.parse
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -197,6 +198,9 @@ class HeadLog:
         # so that a round's signature parses the log again only when another process
         # appended to it (the log is append-only), not every round (O(rounds) each).
         self._known: tuple[int, list[LoggedHead], int] | None = None
+        # A read-only connection to the index, kept across rounds (opening one costs about
+        # a millisecond) and opened again when the index file is another one.
+        self._reader: tuple[tuple[int, int], sqlite3.Connection] | None = None
         if self._tree.size != now.size:  # pragma: no cover - the store changed under us
             raise ForkedHistoryError(f"{store.directory} changed while its heads were read")
         logged, _ = read_head_log(self._path)
@@ -205,15 +209,32 @@ class HeadLog:
             self.latest = self.sign()
 
     def _ledger(self) -> tuple[int, bytes]:
-        """Size and root of the ledger as committed (a fresh read-only connection: the
-        store's own may be inside a transaction of its writer thread)."""
-        index = Path(self._store.directory) / INDEX_FILENAME
-        uri = f"file:{urllib.parse.quote(str(index))}?mode=ro"
+        """Size and root of the ledger as committed (read through a read-only connection of
+        this signer's own: the store's may be inside a transaction of its writer thread)."""
         acc = MerkleAccumulator()
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-            for _, event in ledger_leaves(conn):
-                acc.append(event)
+        for _, event in ledger_leaves(self._index_reader()):
+            acc.append(event)
         return acc.size, acc.root()
+
+    def _index_reader(self) -> sqlite3.Connection:
+        """The read-only connection to the store's index file as it is now (a new one when
+        the file at that path is not the one the kept connection has open)."""
+        index = Path(self._store.directory) / INDEX_FILENAME
+        try:
+            stat = os.stat(index)
+            identity = (stat.st_dev, stat.st_ino)
+        except FileNotFoundError:  # sqlite3 refuses to open it, as it always did
+            identity = (-1, -1)
+        if self._reader is not None and self._reader[0] == identity:
+            return self._reader[1]
+        if self._reader is not None:
+            self._reader[1].close()
+        uri = f"file:{urllib.parse.quote(str(index))}?mode=ro"
+        # Used by whichever thread signs (one at a time: on_commit runs in commit order).
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        weakref.finalize(self, conn.close)
+        self._reader = (identity, conn)
+        return conn
 
     def sign(self) -> TreeHead:
         """Sign and append the head of the store as it is now (rounds seen by ``on_commit``,

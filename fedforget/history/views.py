@@ -211,6 +211,10 @@ class BlobViews:
         self._open.append(blob)
         return blob
 
+    def nbytes(self, digest: str) -> int:
+        """The size of blob ``digest`` as the index lists it (nothing is read)."""
+        return self._store.blob_location(digest).nbytes
+
     def check(self, blob: StoredBlob | None = None) -> None:
         """Wait for the digest check of ``blob`` (default: of every open blob); raise
         :class:`IntegrityError` naming the first that does not match, or whose file

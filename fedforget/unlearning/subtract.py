@@ -43,7 +43,8 @@ rule above is kept and gives the same model up to float32 rounding of the stored
 Blobs shared between terms (:math:`\theta_t` of one round is :math:`\theta_{t-1}` of the
 next) are read once, their coefficients summed; every blob is read through
 :class:`~fedforget.history.views.BlobViews` (mapped, not copied, digests checked on a thread
-pool while the sum runs) and accumulated in place, chunk by chunk, in float64.
+pool while the sum runs) and summed in float64 chunk by chunk over all blobs (cache
+blocking: one read of each blob, one write of the result).
 
 This is an approximation of retraining: every update after the forgotten clients' first
 contribution was computed from a model that held their influence, and stays as it was.
@@ -78,8 +79,13 @@ from fedforget.unlearning.base import (
 
 SHORTCUT_CHOICES = ("auto", "on", "off")
 
-_CHUNK = 65536  # elements per step of the in-place sum: accumulator and scratch stay in cache
-_GROUP = 8  # blobs open at once
+_CHUNK = 32768
+"""Elements per step of the sum: its float64 buffers (2 x 256 KiB) stay in cache. A power
+of two: BLAS kernels compute the last elements of a call (past a multiple of their unroll)
+in plain arithmetic, so chunk boundaries on such multiples leave every element's rounding
+as one call over the whole tensor gives it."""
+_GROUP_BYTES = 1 << 29  # bytes of blobs open (mapped) at once
+_GROUP_BLOBS = 256  # blobs open at once
 _BLAS_FROM = 1 << 20  # floating parameters from which BLAS is worth its import (~0.5 s)
 
 
@@ -211,9 +217,19 @@ def merge_terms(terms: Iterable[Term]) -> list[Term]:
 
 
 def combine(views: BlobViews, terms: Sequence[Term], *, like: str | None = None,
-            first: float | None = None) -> tuple[dict[str, np.ndarray], StoredBlob | None]:
+            dtype: type[np.floating[Any]] = np.float64,
+            ) -> tuple[dict[str, np.ndarray], StoredBlob | None]:
     r""":math:`\sum_i c_i x_i` over the floating tensors of the stored blobs ``terms``,
-    in float64, accumulated in place, chunk by chunk; every digest checked.
+    summed in float64 and returned as ``dtype``; every digest checked.
+
+    The sum is cache-blocked: the parameters are walked in chunks of :data:`_CHUNK`
+    elements, and each chunk sums every blob of a group (up to :data:`_GROUP_BYTES` of
+    blobs open at once: all of them for any model of a few million parameters) into a
+    float64 buffer that stays in cache, so memory sees one read of each blob and one
+    write of the result. Every element still gets the same float64 operations in the same
+    order (term by term from float64 zeros): the result does not depend on the blocking
+    (see :data:`_CHUNK`). A history needing more groups keeps a float64 accumulator
+    between them.
 
     ``like`` (a blob digest) gives the tensor layout when ``terms`` is empty (zeros). The
     first term's blob is returned open (its non-floating tensors are the caller's); the
@@ -227,54 +243,81 @@ def combine(views: BlobViews, terms: Sequence[Term], *, like: str | None = None,
         If a blob is missing, truncated or altered.
     """
     head: StoredBlob | None = None
-    acc: dict[str, np.ndarray] = {}
     layout: tuple[tuple[str, tuple[int, ...]], ...] = ()
     if not terms:
         if like is None:
             return {}, None
         head = views.open(like, "global model")
         views.check(head)
-        return {t.name: np.zeros(t.shape, np.float64) for t in head.tensors if t.floating}, head
-    scratch = np.empty(_CHUNK, np.float64)
-    bits = np.empty(_CHUNK, np.uint32)
-    for start in range(0, len(terms), _GROUP):
+        return {t.name: np.zeros(t.shape, dtype) for t in head.tensors if t.floating}, head
+    groups = _groups(views, terms)
+    out: dict[str, np.ndarray] = {}
+    wide: dict[str, np.ndarray] | None = None  # float64 partial sums between groups
+    for index, (start, stop) in enumerate(groups):
         group = [(coef, views.open(digest, where)) for coef, digest, where in
-                 terms[start:start + _GROUP]]
+                 terms[start:stop]]
         try:
             for _, blob in group:
                 shape = tuple((t.name, t.shape) for t in blob.tensors if t.floating)
                 if head is None:
                     head, layout = blob, shape
-                    acc = {name: np.zeros(dims, np.float64) for name, dims in layout}
+                    out = {name: np.empty(dims, dtype) for name, dims in layout}
+                    if len(groups) > 1 and out and next(iter(out.values())).dtype != np.float64:
+                        wide = {name: np.empty(dims, np.float64) for name, dims in layout}
                 elif shape != layout:
                     raise UnlearningError(
                         f"{blob.where}: blob {blob.digest} holds tensors {list(shape)}; "
                         f"expected {list(layout)} as in {head.where}"
                     )
-            _accumulate(acc, group, scratch, bits)
+            target = wide if wide is not None else out
+            _accumulate(target, group, fresh=index == 0)
         finally:
             for _, blob in group:
                 if blob is not head:
                     views.release(blob)
+    if wide is not None:
+        for name, values in wide.items():
+            np.copyto(out[name], values)
     views.check()
-    return acc, head
+    return out, head
 
 
-def _accumulate(acc: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
-                scratch: np.ndarray, bits: np.ndarray) -> None:
-    """``acc += sum(coef * blob)``, tensor by tensor, chunk by chunk: each chunk of the
-    accumulator stays in cache while every blob of the group is added to it, and a blob's
-    chunk is widened to float64 once (a cast into the scratch buffer, scaled in place)."""
-    large = sum(a.size for a in acc.values()) >= _BLAS_FROM
+def _groups(views: BlobViews, terms: Sequence[Term]) -> list[tuple[int, int]]:
+    """``terms`` cut into runs of blobs to open at once: at most :data:`_GROUP_BYTES`
+    (and :data:`_GROUP_BLOBS`) each, at least one blob."""
+    groups: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, (_, digest, _) in enumerate(terms):
+        nbytes = views.nbytes(digest)
+        if i > start and (size + nbytes > _GROUP_BYTES or i - start >= _GROUP_BLOBS):
+            groups.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    groups.append((start, len(terms)))
+    return groups
+
+
+def _accumulate(out: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]], *,
+                fresh: bool) -> None:
+    """``out = sum(coef * blob)`` (``fresh``) or ``out += sum(coef * blob)``, tensor by
+    tensor, chunk by chunk (see :func:`combine`)."""
+    large = sum(a.size for a in out.values()) >= _BLAS_FROM
     axpy = _axpy() if large else _numpy_axpy
     with _one_blas_thread() if large else contextlib.nullcontext():
-        _accumulate_with(acc, group, scratch, bits, axpy)
+        _accumulate_with(out, group, axpy, fresh=fresh)
 
 
-def _accumulate_with(acc: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
-                     scratch: np.ndarray, bits: np.ndarray, axpy: Any) -> None:
-    for name, out in acc.items():
-        flat = out.reshape(-1)
+def _accumulate_with(out: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
+                     axpy: Any, *, fresh: bool) -> None:
+    """One chunk at a time: the float64 sum of the chunk is kept in ``acc`` (in cache)
+    while every blob of the group is added to it, each blob's chunk widened to float64
+    once (into ``wide``), then the chunk is written to ``out`` (rounded to its dtype)."""
+    acc = np.empty(_CHUNK, np.float64)
+    wide = np.empty(_CHUNK, np.float64)
+    bits = np.empty(_CHUNK, np.uint32)
+    for name, result in out.items():
+        flat = result.reshape(-1)
+        direct = flat.dtype == np.float64  # sum in place: the chunk is in cache anyway
         sources: list[tuple[float, np.ndarray, bool]] = []
         for coef, blob in group:
             tensor = _tensor(blob, name)
@@ -283,22 +326,28 @@ def _accumulate_with(acc: dict[str, np.ndarray], group: Sequence[tuple[float, St
         for lo in range(0, n, _CHUNK):
             hi = min(n, lo + _CHUNK)
             m = hi - lo
-            target = flat[lo:hi]
-            wide = scratch[:m]
+            target = flat[lo:hi] if direct else acc[:m]
+            if fresh:
+                target.fill(0.0)
+            elif not direct:
+                np.copyto(target, flat[lo:hi])
+            scratch = wide[:m]
             for coef, source, bf16 in sources:
                 x = source[lo:hi]
                 if bf16:  # the upper 16 bits of binary32
                     np.left_shift(x, 16, out=bits[:m], dtype=np.uint32)
                     x = bits[:m].view(np.float32)
+                np.copyto(scratch, x)  # exact: every stored float is a float64
                 if coef == 1.0:
-                    np.add(target, x, out=target)
+                    np.add(target, scratch, out=target)
                 elif coef == -1.0:
-                    np.subtract(target, x, out=target)
+                    np.subtract(target, scratch, out=target)
                 else:
-                    np.copyto(wide, x)
-                    done = axpy(wide, target, a=coef)  # target += coef * wide, one pass
+                    done = axpy(scratch, target, a=coef)  # target += coef * scratch
                     if done is not target:  # a wrapper that did not work in place
                         target[...] = done
+            if not direct:
+                np.copyto(flat[lo:hi], target)
             del x
 
 
@@ -320,12 +369,19 @@ def _axpy() -> Any:
 
 def _one_blas_thread() -> Any:
     """BLAS on the calling thread only (a chunk is too small to share, and the other core
-    hashes blobs)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    hashes blobs). The loaded libraries are looked up once per process (a few ms each
+    time otherwise), after SciPy's BLAS is loaded."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            return contextlib.nullcontext()
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_BLAS_CONTROLLER: Any = None
 
 
 def _tensor(blob: StoredBlob, name: str) -> StoredTensor:
@@ -471,11 +527,11 @@ class Subtract(Unlearner[SubtractParams]):
             terms += removal_terms(store, t, forget, shortcut=shortcut)
         merged = merge_terms(terms)
         with BlobViews(store) as views:
-            acc, head = combine(views, merged, like=final)
+            acc, head = combine(views, merged, like=final, dtype=np.float32)
             if head is None or head.digest != final:  # θ_T's other tensors are kept as they are
                 head = views.open(final, f"round {last}, global model")
                 views.check(head)
-            model = {t.name: (acc[t.name].astype(np.float32) if t.floating
+            model = {t.name: (acc[t.name] if t.floating
                               else np.array(head.view(t))) for t in head.tensors}
             read, blobs = views.bytes_read, views.blobs_read
         request.report(last, model)  # the subtraction takes θ_T's place
