@@ -80,6 +80,26 @@ def _intervals(out: Path, rounds: int) -> tuple[list[float], str]:
     return [b - a for a, b in itertools.pairwise(stamps)], summary["final_model_digest"]
 
 
+def _cpu_of(pids: list[int]) -> dict[int, float]:
+    """CPU seconds (user + system, with those of its reaped children: the ServerApp of a run
+    is a child of the SuperLink's SuperExec) of each process in ``pids`` (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = sum(int(v) for v in fields[11:15]) / ticks
+    return out
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's reaped children (``flwr run``, ``flwr log``, ...)."""
+    t = os.times()
+    return t.children_user + t.children_system
+
+
 def _phase(label: str, seconds: float) -> None:
     print(f"  phase: {label:<46} {seconds:7.2f} s", file=sys.stderr, flush=True)
 
@@ -108,6 +128,8 @@ class _Result:
     digests: dict[str, set[str]] = field(default_factory=dict)
     overhead: list[float] = field(default_factory=list)
     timings: Any = None
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {
+        "federation": [], "flwr CLI": [], "in-process": []})
 
 
 def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, nodes: int,
@@ -126,9 +148,14 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
         out = scratch / f"deployed-{next(counter)}"
         run = RunSettings(out_dir=str(out), progress=False, engine="deployment",
                           node_auth=True)
+        before, cli_before = _cpu_of(federation.process_ids()), _children_cpu()
         done = federation.run(declared_run_config(proj, {**cfg.to_mapping(),
                                                          **run.to_run_config()}),
                               project=proj, timeout=3600)
+        after = _cpu_of(federation.process_ids())
+        result.cpu["federation"].append(sum(after.get(p, 0.0) - before.get(p, 0.0)
+                                            for p in after))
+        result.cpu["flwr CLI"].append(_children_cpu() - cli_before)
         found, digest = _intervals(out, rounds)
         result.intervals["deployed"] += found
         result.digests["deployed"].add(digest)
@@ -136,7 +163,9 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
 
     def inprocess() -> None:
         out = scratch / f"inprocess-{next(counter)}"
+        started = time.process_time()
         run_training(cfg, out=out, engine="inprocess", project=proj, progress=False)
+        result.cpu["in-process"].append(time.process_time() - started)
         found, digest = _intervals(out, rounds)
         result.intervals["in-process"] += found
         result.digests["in-process"].add(digest)
@@ -161,6 +190,8 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
             for digests in result.digests.values():
                 digests.clear()
             result.overhead.clear()
+            for values in result.cpu.values():
+                values.clear()
             result.timings = interleave({"deployed": deployed, "in-process": inprocess},
                                         repetitions=repetitions)
     finally:
@@ -245,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<10}  median {statistics.median(values) * 1e3:8.1f} ms   "
                   f"min {min(values) * 1e3:8.1f} ms   max {max(values) * 1e3:8.1f} ms   "
                   f"({len(values)} intervals)")
+        cpu = {k: statistics.median(v) for k, v in result.cpu.items() if v}
+        if len(cpu) == 3:
+            total = cpu["federation"] + cpu["flwr CLI"]
+            print(f"CPU per run (median; a run's fixed costs included): deployed {total:.2f} s "
+                  f"(SuperLink, SuperNodes, ClientApps, ServerApp {cpu['federation']:.2f} s; "
+                  f"flwr CLI {cpu['flwr CLI']:.2f} s), in-process {cpu['in-process']:.2f} s: "
+                  f"{total / cpu['in-process']:.2f}x the CPU")
         ratio = statistics.median(deployed) / statistics.median(inproc)
         print(f"deployed round / in-process round (median intervals): {ratio:.2f}  "
               f"(goal <= {GOAL:g}: {'met' if ratio <= GOAL else 'NOT met'})")
