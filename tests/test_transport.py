@@ -214,3 +214,19 @@ def test_whole_packing_keeps_to_its_limit_and_refuses_a_damaged_blob(
     whole[transport.WHOLE_KEY]["blobs"] = [b"\xff\x00garbage"] * 3
     with pytest.raises(ValueError, match="'fedforget.packed-content' is malformed"):
         transport.unpack(whole)
+
+
+def test_a_reply_the_server_cannot_unpack_fails_that_reply_only() -> None:
+    # a node sends a damaged packed reply: it reaches the strategy as an error reply that
+    # names the node, and the other reply comes through
+    inner = _RecordingGrid()
+    grid = PollingGrid(inner, pack=True)  # type: ignore[arg-type]
+    bad = transport.pack(_content(), whole=True)
+    bad[transport.WHOLE_KEY]["blobs"] = [b"\x00"]
+    good = Message(content=transport.pack(_content(seed=4)), dst_node_id=1, message_type="train")
+    bad_reply = Message(content=bad, dst_node_id=1, message_type="train")
+    bad_reply.metadata.__dict__["_src_node_id"] = 9
+    inner.replies = [bad_reply, good]
+    first, second = grid.pull_messages(["x"])
+    assert first.has_error() and "fedforget: error: the reply of node 9" in first.error.reason
+    assert second.content["arrays"].object_id == _content(seed=4)["arrays"].object_id

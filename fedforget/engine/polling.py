@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.app.message import make_message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -90,11 +90,20 @@ class PollingGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
         replies = list(self.grid.pull_messages(message_ids))
-        for reply in replies:
+        for i, reply in enumerate(replies):
             if not reply.has_content():
                 continue
             if transport.is_packed(reply.content):
-                reply.content = transport.unpack(reply.content)
+                try:
+                    reply.content = transport.unpack(reply.content)
+                except ValueError as exc:  # a node's bad reply fails that reply, not the run
+                    reason = (f"fedforget: error: the reply of node "
+                              f"{reply.metadata.src_node_id} is not a packed content this "
+                              f"server can read: {exc}")
+                    log.warning(reason)
+                    replies[i] = make_message(
+                        metadata=reply.metadata, error=Error(code=0, reason=reason))
+                    continue
             record = reply.content.get(protocol.CLIENT_RECORD)
             if isinstance(record, ConfigRecord) and record.get(protocol.PACKING) is True:
                 self.packing_nodes.add(reply.metadata.src_node_id)
