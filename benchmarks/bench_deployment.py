@@ -25,6 +25,15 @@ measured side by side in the same run of this script. Wall time per run (with it
 cost) and the phases of each deployment's start and stop are printed too. Both engines
 must end with the same final model digest (checked; exit status 1 otherwise).
 
+The SuperLink is one Python process that serves every request of the federation (Flower
+1.42's HTTP API: FastAPI, eight middlewares, a thread hand-off per request), so its CPU
+time per round is close to a lower bound of a round's wall time. The script samples the
+SuperLink's CPU time every 50 ms during each deployed run and prints its CPU per round
+between the first and the last round commit, and that over the in-process round: the ratio
+the round could not go below without fewer or cheaper SuperLink requests. Before the first
+run it also measures the SuperLink's CPU per second while the federation is idle (nothing
+but the nodes' idle polls, each node asking about every ``--max-poll-interval`` s).
+
 ``--cold`` adds one 3-round run with Flower's defaults (``--isolation subprocess``: a new
 ``flwr-clientapp`` per message; stock ``flower-supernode``, which sleeps 3 s after each
 empty poll), the setting issue 10 measured at ~30 s per round.
@@ -36,10 +45,12 @@ Usage: ``python benchmarks/bench_deployment.py [--quick] [--rounds R] [--repetit
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -70,14 +81,20 @@ def _parse_time(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def _intervals(out: Path, rounds: int) -> tuple[list[float], str]:
-    """Round-commit intervals and the final digest of the run in ``out``."""
+def _commits(out: Path, rounds: int) -> tuple[list[float], str]:
+    """Round-commit times and the final digest of the run in ``out``."""
     with HistoryStore.open(out) as store:
         summary = store.summary()
         stamps = [_parse_time(r.committed_at) for r in store.rounds()]
     if summary["rounds"] != rounds:
         raise RuntimeError(f"{out}: {summary['rounds']} rounds, expected {rounds}")
-    return [b - a for a, b in itertools.pairwise(stamps)], summary["final_model_digest"]
+    return stamps, summary["final_model_digest"]
+
+
+def _intervals(out: Path, rounds: int) -> tuple[list[float], str]:
+    """Round-commit intervals and the final digest of the run in ``out``."""
+    stamps, digest = _commits(out, rounds)
+    return [b - a for a, b in itertools.pairwise(stamps)], digest
 
 
 def _cpu_of(pids: list[int]) -> dict[int, float]:
@@ -115,6 +132,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 ENV = {"unpacked": {"FEDFORGET_PACK_LIMIT": "0"}}
 """Environment of a variant's federation (its processes inherit it)."""
+IDLE_SETTLE, IDLE_WINDOW = 3.0, 10.0
+"""Seconds after the nodes connect before, and of, the idle SuperLink measurement."""
 COLD = {"warm": False, "poll_interval": None, "database": True}  # Flower's defaults
 
 
@@ -130,6 +149,38 @@ class _Result:
     timings: Any = None
     cpu: dict[str, list[float]] = field(default_factory=lambda: {
         "federation": [], "flwr CLI": [], "in-process": []})
+    superlink_per_round: list[float] = field(default_factory=list)
+    """SuperLink CPU seconds per round (between a run's first and last round commit)."""
+    superlink_idle: float | None = None
+    """SuperLink CPU seconds per second of an idle federation."""
+
+
+class _CpuSampler:
+    """CPU time of one process, sampled every ``period`` s on a thread (Linux /proc)."""
+
+    def __init__(self, pid: int, period: float = 0.05) -> None:
+        self.pid, self.period = pid, period
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), _cpu_of([self.pid]).get(self.pid, 0.0)))
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> _CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, stamp: float) -> float:
+        """CPU time at ``stamp`` (the sample nearest before it)."""
+        times = [t for t, _ in self.samples]
+        return self.samples[max(bisect.bisect_right(times, stamp) - 1, 0)][1]
 
 
 def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, nodes: int,
@@ -149,14 +200,20 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
         run = RunSettings(out_dir=str(out), progress=False, engine="deployment",
                           node_auth=True)
         before, cli_before = _cpu_of(federation.process_ids()), _children_cpu()
-        done = federation.run(declared_run_config(proj, {**cfg.to_mapping(),
-                                                         **run.to_run_config()}),
-                              project=proj, timeout=3600)
+        assert federation.superlink_pid is not None
+        with _CpuSampler(federation.superlink_pid) as sampler:
+            done = federation.run(declared_run_config(proj, {**cfg.to_mapping(),
+                                                             **run.to_run_config()}),
+                                  project=proj, timeout=3600)
         after = _cpu_of(federation.process_ids())
         result.cpu["federation"].append(sum(after.get(p, 0.0) - before.get(p, 0.0)
                                             for p in after))
         result.cpu["flwr CLI"].append(_children_cpu() - cli_before)
-        found, digest = _intervals(out, rounds)
+        stamps, digest = _commits(out, rounds)
+        found = [b - a for a, b in itertools.pairwise(stamps)]
+        if len(stamps) > 1:
+            result.superlink_per_round.append(
+                (sampler.at(stamps[-1]) - sampler.at(stamps[0])) / (len(stamps) - 1))
         result.intervals["deployed"] += found
         result.digests["deployed"].add(digest)
         result.overhead.append(done.seconds - sum(found))
@@ -179,6 +236,13 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
     try:
         federation.start()
         keep_phases()
+        if repetitions:  # the SuperLink's CPU while only the nodes' idle polls reach it
+            time.sleep(IDLE_SETTLE)
+            assert federation.superlink_pid is not None
+            pid = federation.superlink_pid
+            cpu0, t0 = _cpu_of([pid])[pid], time.perf_counter()
+            time.sleep(IDLE_WINDOW)
+            result.superlink_idle = (_cpu_of([pid])[pid] - cpu0) / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         deployed()  # warm-up: the FAB installed on every node, data loaded, imports done
         result.phases["first run (FAB installs, data, imports)"] = time.perf_counter() - t0
@@ -283,6 +347,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"(SuperLink, SuperNodes, ClientApps, ServerApp {cpu['federation']:.2f} s; "
                   f"flwr CLI {cpu['flwr CLI']:.2f} s), in-process {cpu['in-process']:.2f} s: "
                   f"{total / cpu['in-process']:.2f}x the CPU")
+        if result.superlink_idle is not None:
+            polls = args.nodes / args.max_poll_interval
+            print(f"SuperLink CPU, federation idle ({IDLE_WINDOW:g} s, only idle polls; "
+                  f"{args.nodes} nodes at <= {args.max_poll_interval:g} s are about "
+                  f"{polls:.0f} polls/s): {result.superlink_idle * 1e3:.0f} ms per s, about "
+                  f"{result.superlink_idle / polls * 1e3:.1f} ms per idle poll")
+        if result.superlink_per_round:
+            per_round = statistics.median(result.superlink_per_round)
+            print(f"SuperLink CPU per round (median of {len(result.superlink_per_round)} runs, "
+                  f"first to last round commit): {per_round * 1e3:.1f} ms = "
+                  f"{per_round / statistics.median(inproc):.2f}x the in-process round "
+                  f"(one process: about the lowest ratio its requests allow)")
         ratio = statistics.median(deployed) / statistics.median(inproc)
         print(f"deployed round / in-process round (median intervals): {ratio:.2f}  "
               f"(goal <= {GOAL:g}: {'met' if ratio <= GOAL else 'NOT met'})")

@@ -510,6 +510,11 @@ class LocalDeployment:
         return flower_env(self.home)
 
     @property
+    def superlink_pid(self) -> int | None:
+        """PID of the running ``flower-superlink`` process (None when it is not running)."""
+        return self._superlink.pid if self._superlink is not None else None
+
+    @property
     def target(self) -> SuperLinkTarget:
         """This SuperLink's connection, for :func:`run_deployment`."""
         return SuperLinkTarget(connection=self.connection, flwr_home=self.home)
