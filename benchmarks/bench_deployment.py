@@ -254,6 +254,7 @@ def _measure(label: str, settings: dict[str, Any], scratch: Path, proj: Any, *, 
             for digests in result.digests.values():
                 digests.clear()
             result.overhead.clear()
+            result.superlink_per_round.clear()
             for values in result.cpu.values():
                 values.clear()
             result.timings = interleave({"deployed": deployed, "in-process": inprocess},

@@ -431,23 +431,29 @@ def test_the_in_place_sum_is_the_float64_sum(tmp_path: Path, monkeypatch: pytest
         np.testing.assert_allclose(acc[k], expected, rtol=1e-15, atol=1e-15)
 
 
-def _unblocked_sum(terms: Sequence[tuple[float, np.ndarray]], *, blas: bool) -> np.ndarray:
-    """The rule on whole arrays, term by term from float64 zeros: ``acc ± x`` for a
-    coefficient ±1, else ``acc + c x`` rounded once (BLAS daxpy, a fused multiply-add) or
-    twice (NumPy: the product, then the sum). BLAS on one thread: a kernel computes the
-    last elements of its share (past a multiple of its unroll) in plain arithmetic, so a
-    split between threads would move those."""
+def _unblocked_sum(terms: Sequence[tuple[float, np.ndarray]], *, kernel: str) -> np.ndarray:
+    """The rule on whole arrays, term by term from float64 zeros. NumPy: ``acc ± x`` for a
+    coefficient ±1, else ``acc + c x`` rounded twice (the product, then the sum). BLAS:
+    daxpy on one thread (a fused multiply-add in the kernel's body, plain arithmetic for
+    the last elements past a multiple of its unroll, so a split between threads would move
+    those). PyTorch: ``acc.add_(x, alpha=c)`` over the whole array."""
     from scipy.linalg.blas import daxpy
     from threadpoolctl import threadpool_limits
 
     acc = np.zeros(terms[0][1].shape, np.float64)
     for coef, values in terms:
+        if kernel == "torch":
+            import torch
+
+            torch.from_numpy(acc).add_(torch.from_numpy(np.ascontiguousarray(values)),
+                                       alpha=coef)
+            continue
         x = values.astype(np.float64)
         if coef == 1.0:
             acc = acc + x
         elif coef == -1.0:
             acc = acc - x
-        elif blas:
+        elif kernel == "blas":
             with threadpool_limits(limits=1, user_api="blas"):
                 acc = daxpy(x.reshape(-1), acc.copy().reshape(-1), a=coef).reshape(acc.shape)
         else:
@@ -457,17 +463,22 @@ def _unblocked_sum(terms: Sequence[tuple[float, np.ndarray]], *, blas: bool) -> 
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("group_bytes", [1 << 29, 1], ids=["one-group", "a-group-per-blob"])
-@pytest.mark.parametrize("blas_from", [1 << 60, 0], ids=["numpy", "blas"])
+@pytest.mark.parametrize("kernel", ["numpy", "blas", "torch"])
 def test_the_blocked_sum_is_the_unblocked_sum_bit_for_bit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blas_from: int, group_bytes: int,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str, group_bytes: int,
         codec: str) -> None:
     # Prepare: random blobs of two tensors (one of several chunks and a ragged end, one
-    # smaller than a chunk), random coefficients with ±1 among them, a blob used twice
+    # smaller than a chunk), random coefficients with ±1 among them, a blob used twice;
+    # "blas" keeps float32 blobs off the PyTorch path, "torch" cuts its chunks small (it
+    # reads float32 blobs only: fp16 and bf16 take the BLAS path there)
     from fedforget.history import ParticipantUpdate
     from fedforget.history.views import BlobViews
     from fedforget.unlearning import subtract
 
-    monkeypatch.setattr(subtract, "_BLAS_FROM", blas_from)
+    monkeypatch.setattr(subtract, "_BLAS_FROM", 1 << 60 if kernel == "numpy" else 0)
+    if kernel == "blas":
+        monkeypatch.setattr(subtract, "_TORCH_DTYPES", frozenset())
+    monkeypatch.setattr(subtract, "_TORCH_CHUNK", 1 << 14)
     monkeypatch.setattr(subtract, "_GROUP_BYTES", group_bytes)
     rng = np.random.default_rng(7)
     n = 2 * subtract._CHUNK + 123
@@ -498,7 +509,8 @@ def test_the_blocked_sum_is_the_unblocked_sum_bit_for_bit(
     # bits; the float32 result is that sum rounded once
     for k in theta:
         expected = _unblocked_sum([(c, stored[d][k]) for c, d, _ in terms],
-                                  blas=blas_from == 0)
+                                  kernel="torch" if kernel == "torch" and codec == "fp32"
+                                  else "numpy" if kernel == "numpy" else "blas")
         assert wide[k].dtype == np.float64 and narrow[k].dtype == np.float32
         assert wide[k].tobytes() == expected.tobytes()
         assert narrow[k].tobytes() == expected.astype(np.float32).tobytes()

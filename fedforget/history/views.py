@@ -90,6 +90,11 @@ class StoredBlob:
     _check: Future[str] | None = None
     _views: dict[str, np.ndarray] = field(default_factory=dict)
 
+    @property
+    def hashing(self) -> bool:
+        """Whether this blob's digest is still being computed on the hash pool."""
+        return self._check is not None and not self._check.done()
+
     def view(self, tensor: StoredTensor) -> np.ndarray:
         """The stored values of ``tensor`` (a read-only view of the blob's bytes)."""
         return tensor.view(self.buffer)

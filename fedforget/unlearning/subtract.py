@@ -44,7 +44,17 @@ Blobs shared between terms (:math:`\theta_t` of one round is :math:`\theta_{t-1}
 next) are read once, their coefficients summed; every blob is read through
 :class:`~fedforget.history.views.BlobViews` (mapped, not copied, digests checked on a thread
 pool while the sum runs) and summed in float64 chunk by chunk over all blobs (cache
-blocking: one read of each blob, one write of the result).
+blocking: one read of each blob, one write of the result). On models of
+:data:`_BLAS_FROM` parameters or more with float32 blobs, each chunk is summed by PyTorch
+(``acc.add_(x, alpha=c)``: the float32 values widened inside the kernel, no scratch
+copy, and split over PyTorch's intra-op threads, or on one thread while digests are still
+being computed: the first read of a blob in this process, when PyTorch's threads would
+take the cores the hashing needs). Each element is then rounded as
+PyTorch's vectorised multiply-add rounds it (once, fused, on AVX2 and AVX-512 CPUs, as in
+BLAS daxpy's body; daxpy's last few elements of a call are rounded twice); the result does
+not depend on the chunking or the threads, and ``tests/test_unlearning_subtract.py``
+checks it bit for bit against PyTorch's sum over whole arrays (and the NumPy and BLAS
+paths against theirs).
 
 This is an approximation of retraining: every update after the forgotten clients' first
 contribution was computed from a model that held their influence, and stays as it was.
@@ -86,7 +96,12 @@ in plain arithmetic, so chunk boundaries on such multiples leave every element's
 as one call over the whole tensor gives it."""
 _GROUP_BYTES = 1 << 29  # bytes of blobs open (mapped) at once
 _GROUP_BLOBS = 256  # blobs open at once
-_BLAS_FROM = 1 << 20  # floating parameters from which BLAS is worth its import (~0.5 s)
+_BLAS_FROM = 1 << 20  # floating parameters from which BLAS (or PyTorch) is worth its import
+_TORCH_CHUNK = 1 << 18
+"""Elements per step of the PyTorch sum: a float64 chunk of 2 MiB, split between PyTorch's
+threads (its grain is 32 K elements), stays in the last-level cache."""
+_TORCH_DTYPES = frozenset(["<f4"])
+"""Stored dtypes the PyTorch sum reads (bf16 and fp16 blobs take the NumPy path)."""
 
 
 @dataclass(frozen=True)
@@ -302,6 +317,11 @@ def _accumulate(out: dict[str, np.ndarray], group: Sequence[tuple[float, StoredB
     """``out = sum(coef * blob)`` (``fresh``) or ``out += sum(coef * blob)``, tensor by
     tensor, chunk by chunk (see :func:`combine`)."""
     large = sum(a.size for a in out.values()) >= _BLAS_FROM
+    if large and all(t.dtype in _TORCH_DTYPES for _, blob in group for t in blob.tensors
+                     if t.name in out):
+        _accumulate_torch(out, group, fresh=fresh,
+                          one_thread=any(blob.hashing for _, blob in group))
+        return
     axpy = _axpy() if large else _numpy_axpy
     with _one_blas_thread() if large else contextlib.nullcontext():
         _accumulate_with(out, group, axpy, fresh=fresh)
@@ -349,6 +369,54 @@ def _accumulate_with(out: dict[str, np.ndarray], group: Sequence[tuple[float, St
             if not direct:
                 np.copyto(flat[lo:hi], target)
             del x
+
+
+def _accumulate_torch(out: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
+                      *, fresh: bool, one_thread: bool) -> None:
+    """:func:`_accumulate_with` by PyTorch, chunks of :data:`_TORCH_CHUNK` elements:
+    ``acc.add_(x, alpha=coef)`` widens each float32 value to float64 in the kernel and
+    multiplies and adds in float64 (the same bits on any number of threads; ``one_thread``
+    leaves the other cores to the hashing)."""
+    import torch
+
+    acc = torch.empty(_TORCH_CHUNK, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    if one_thread and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        _torch_sums(out, group, acc, fresh=fresh)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _torch_sums(out: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
+                acc: Any, *, fresh: bool) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        # The blobs are read-only mappings: PyTorch warns that its tensor would be writable;
+        # nothing here writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, result in out.items():
+            flat = torch.from_numpy(result.reshape(-1))
+            direct = result.dtype == np.float64
+            sources = [(coef, torch.from_numpy(blob.view(_tensor(blob, name)).reshape(-1)))
+                       for coef, blob in group]
+            n = flat.numel()
+            for lo in range(0, n, _TORCH_CHUNK):
+                hi = min(n, lo + _TORCH_CHUNK)
+                target = flat[lo:hi] if direct else acc[:hi - lo]
+                if fresh:
+                    target.zero_()
+                elif not direct:
+                    target.copy_(flat[lo:hi])
+                for coef, source in sources:
+                    target.add_(source[lo:hi], alpha=coef)
+                if not direct:
+                    flat[lo:hi].copy_(target)
 
 
 def _numpy_axpy(x: np.ndarray, y: np.ndarray, a: float = 1.0) -> np.ndarray:
