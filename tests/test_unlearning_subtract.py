@@ -514,3 +514,43 @@ def test_the_blocked_sum_is_the_unblocked_sum_bit_for_bit(
         assert wide[k].dtype == np.float64 and narrow[k].dtype == np.float32
         assert wide[k].tobytes() == expected.tobytes()
         assert narrow[k].tobytes() == expected.astype(np.float32).tobytes()
+
+
+def test_the_pytorch_sum_has_the_same_bits_on_one_thread_and_on_two(tmp_path: Path) -> None:
+    # Prepare: float32 blobs of a model large enough for the PyTorch path, its tensor two
+    # chunks and a ragged end, each chunk large enough for PyTorch to split between threads
+    import torch
+
+    from fedforget.history import ParticipantUpdate
+    from fedforget.history.views import BlobViews
+    from fedforget.unlearning import subtract
+
+    rng = np.random.default_rng(3)
+    n = max(subtract._BLAS_FROM, 2 * subtract._TORCH_CHUNK + 123)
+    theta = {"w": rng.standard_normal(n).astype(np.float32)}
+    clients = ["a", "b", "c"]
+    ups = {c: {"w": (rng.standard_normal(n) * 1e-2).astype(np.float32)} for c in clients}
+    with HistoryStore.create(tmp_path / "run", run_config={}, fsync=False) as store:
+        start = store.put_initial_model(theta)
+        record = store.commit_round(
+            round=1, global_before=start, global_after=theta, config={},
+            participants=[ParticipantUpdate(client_id=c, num_examples=1, weight=1 / 3, seed=1,
+                                            update=ups[c]) for c in clients])
+        coefs = rng.standard_normal(len(clients) + 1).tolist()
+        terms = [(c, d, f"term {i}") for i, (c, d) in enumerate(zip(
+            coefs, [start, *(p.update_digest for p in record.participants)], strict=True))]
+        threads = torch.get_num_threads()
+        found = {}
+        try:
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                with BlobViews(store) as views:
+                    found[count], _ = subtract.combine(views, terms)
+        finally:
+            torch.set_num_threads(threads)
+    # Assert: both equal the whole-array PyTorch sum, bit for bit
+    expected = _unblocked_sum([(coefs[0], theta["w"]), *((c, ups[k]["w"]) for c, k in
+                                                          zip(coefs[1:], clients, strict=True))],
+                              kernel="torch")
+    assert found[1]["w"].tobytes() == expected.tobytes()
+    assert found[2]["w"].tobytes() == expected.tobytes()

@@ -392,6 +392,7 @@ def _accumulate_torch(out: dict[str, np.ndarray], group: Sequence[tuple[float, S
 
 def _torch_sums(out: dict[str, np.ndarray], group: Sequence[tuple[float, StoredBlob]],
                 acc: Any, *, fresh: bool) -> None:
+    """The loop of :func:`_accumulate_torch` (``acc``: its float64 chunk buffer)."""
     import warnings
 
     import torch
