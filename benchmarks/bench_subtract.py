@@ -20,9 +20,13 @@ verified earlier in this process and their packs are unchanged, so
 :class:`~fedforget.history.views.BlobViews` does not hash them again).
 
 Printed: wall and CPU time, bytes read, throughput (bytes read / wall), and the ratio of the
-measured memory-copy bandwidth (``numpy.copyto`` of arrays as large as one update; bytes
-copied / s) to each throughput; goal (issue 13): within 2x. The models of all variants are
-compared.
+measured memory-copy bandwidth to each throughput; goal (issue 13): within 2x. The yardstick
+(:class:`StreamingCopy`) copies as many distinct update-sized arrays as the shortcut reads
+blobs, one after the other, into one destination: sources from memory, destination in cache,
+the subtraction's own access pattern. Until this change the yardstick was one 8.4 MB array
+copied again and again (:func:`copy_bandwidth`): on a machine whose L3 holds both copies of
+it (32 MiB here) that measures cache, not memory, bandwidth; it is still printed, as the
+``cache ratio``. The models of all variants are compared.
 
 Usage: ``python benchmarks/bench_subtract.py [--quick] [--params P] [--repetitions N]``
 """
@@ -115,6 +119,39 @@ def copy_bandwidth(nbytes: int, repetitions: int = 15) -> float:
     return nbytes / statistics.median(times)
 
 
+def _l3_note() -> str:
+    """What this machine's L3 size says of the cache copy (from sysfs; unknown elsewhere)."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return "may fit in this machine's caches"
+    return f"against an L3 of {size}"
+
+
+class StreamingCopy:
+    """The memory yardstick: ``numpy.copyto`` of ``count`` distinct source arrays of
+    ``nbytes`` each, one after the other, into one destination (bytes copied / s).
+
+    With ``count`` = the number of blobs the shortcut reads (19 by default: 160 MB, five
+    times a 32 MiB L3) every source comes from memory, as the blobs the subtraction reads
+    do, while the destination stays in cache, as its accumulator does. The arrays are
+    made and touched once, before any timing, so no page fault is timed.
+    """
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        self.nbytes, self.count = nbytes, count
+        self.sources = [np.full(nbytes // 4, i, dtype=np.float32) for i in range(count)]
+        self.destination = np.empty(nbytes // 4, dtype=np.float32)
+        self.measure()
+
+    def measure(self) -> float:
+        """One pass over every source; bytes copied per second."""
+        start = time.perf_counter()
+        for source in self.sources:
+            np.copyto(self.destination, source)
+        return self.count * self.nbytes / (time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small model, 2 reps")
@@ -159,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
                  if not (n.startswith("before") and w == "warm")]
         for fn in variants.values():  # warm-up: page cache, imports
             fn()
-        bandwidths = []
+        streaming = StreamingCopy(update_bytes, -(-method("on")()[1] // update_bytes))
+        bandwidths, stream_bandwidths = [], []
         for rep in range(repetitions):
             order = list(variants)[rep % 3:] + list(variants)[: rep % 3]
             bandwidths.append(copy_bandwidth(update_bytes))
+            stream_bandwidths.append(streaming.measure())
             for name in order:
                 for warmth in ("cold", "warm"):
                     if name.startswith("before") and warmth == "warm":
@@ -179,34 +218,43 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  repetition {rep + 1}/{repetitions} done", file=sys.stderr, flush=True)
         store.close()
 
-    bandwidth = statistics.median(bandwidths)
+    cache_bandwidth = statistics.median(bandwidths)
+    bandwidth = statistics.median(stream_bandwidths)
     print(f"bench_subtract: subtraction vs memory-copy bandwidth ({environment()})")
     print(f"history: {params:,} float32 parameters ({update_bytes:,} B per blob), "
           f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
           f"fp32; {FORGET} in every other round; {summary['bytes_stored']:,} B stored; "
           f"{repetitions} interleaved repetitions after a warm-up; views verify "
           f"'once' (SETTLED_SECONDS = {views_module.SETTLED_SECONDS:g})")
-    print(f"memory-copy bandwidth (numpy.copyto, {update_bytes / 1e6:.1f} MB arrays, median "
-          f"of {repetitions}): {bandwidth / 1e9:.2f} GB/s "
-          f"(min {min(bandwidths) / 1e9:.2f}, max {max(bandwidths) / 1e9:.2f})")
+    print(f"memory-copy bandwidth, the yardstick (numpy.copyto of {streaming.count} distinct "
+          f"{update_bytes / 1e6:.1f} MB arrays, {streaming.count * update_bytes / 1e6:.0f} MB "
+          f"a pass, into one; median of {repetitions}): {bandwidth / 1e9:.2f} GB/s "
+          f"(min {min(stream_bandwidths) / 1e9:.2f}, max {max(stream_bandwidths) / 1e9:.2f})")
+    print(f"cache-copy bandwidth, shown only (numpy.copyto of one {update_bytes / 1e6:.1f} MB "
+          f"array again and again: source and destination, {2 * update_bytes / 1e6:.1f} MB, "
+          f"{_l3_note()}; median of {repetitions}): "
+          f"{cache_bandwidth / 1e9:.2f} GB/s (min {min(bandwidths) / 1e9:.2f}, "
+          f"max {max(bandwidths) / 1e9:.2f})")
     print()
-    print("throughput = bytes read / time; ratio = copy bandwidth / throughput, by wall time "
-          "and by process CPU time (all threads; less disturbed by the other work on the "
-          "machine)")
+    print("throughput = bytes read / time; ratio = memory-copy bandwidth / throughput, by "
+          "wall time and by process CPU time (all threads; less disturbed by the other work "
+          "on the machine, but a kernel on two threads counts both); cache ratio = the "
+          "cache-copy bandwidth / throughput by wall time")
     head = (f"{'variant':<36} {'wall':>9} {'CPU':>9} {'bytes read':>13} {'GB/s':>6} "
-            f"{'ratio':>6} {'CPU GB/s':>8} {'ratio':>6}")
+            f"{'ratio':>6} {'CPU GB/s':>8} {'ratio':>6} {'cache ratio':>11}")
     print(head)
     print("-" * len(head))
-    ratios, cpu_ratios = {}, {}
+    ratios, cpu_ratios, cache_ratios = {}, {}, {}
     for label in names:
         wall = statistics.median(results[label]["wall"])
         cpu = statistics.median(results[label]["cpu"])
         throughput = read[label] / wall
         ratios[label] = bandwidth / throughput
         cpu_ratios[label] = bandwidth / (read[label] / cpu)
+        cache_ratios[label] = cache_bandwidth / throughput
         print(f"{label:<36} {wall * 1e3:7.1f}ms {cpu * 1e3:7.1f}ms {read[label]:>13,} "
               f"{throughput / 1e9:6.2f} {ratios[label]:6.2f} {read[label] / cpu / 1e9:8.2f} "
-              f"{cpu_ratios[label]:6.2f}")
+              f"{cpu_ratios[label]:6.2f} {cache_ratios[label]:11.2f}")
     print()
     reference = models["subtract, general, cold"]
     for label in names:
@@ -221,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "MET" if max(ratios[label], cpu_ratios[label]) <= GOAL else (
             "NOT MET" if min(ratios[label], cpu_ratios[label]) > GOAL else
             "MET by CPU time only" if cpu_ratios[label] <= GOAL else "MET by wall time only")
-        print(f"goal copy bandwidth / throughput <= {GOAL:g}, {label}: wall "
-              f"{ratios[label]:.2f}, CPU {cpu_ratios[label]:.2f} -> {verdict}")
+        print(f"goal memory-copy bandwidth / throughput <= {GOAL:g}, {label}: wall "
+              f"{ratios[label]:.2f}, CPU {cpu_ratios[label]:.2f} -> {verdict} "
+              f"(against the cache copy: wall {cache_ratios[label]:.2f})")
     return 0
 
 

@@ -106,8 +106,8 @@ def _data_size(context: Context) -> int:
 
 
 app = ClientApp(mods=[unlearning_mod_with(data_size=_data_size)])
-"""The client mod reports this client's training data size at identify (the bound of a
-robust example-count cap)."""
+"""The client mod reports this client's training data size at identify when the server asks
+(the bound of a robust example-count cap)."""
 
 
 @lru_cache(maxsize=4)

@@ -35,18 +35,22 @@ app's own handlers:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from numpy.random import BitGenerator, mtrand
 
 from fedforget import protocol, transport
 from fedforget.errors import ConfigError
@@ -111,7 +115,9 @@ def _config(msg: Message) -> ConfigRecord | None:
 def unlearning_mod_with(data_size: Callable[[Context], int] | None = None) -> Mod:
     """The client mod, telling the server at identify how many training examples this
     client holds (``data_size(context)``), so that a robust policy can cap the counts it
-    reports later (``max-examples-factor``). ``unlearning_mod`` is this without a size."""
+    reports later (``max-examples-factor``); ``data_size`` is called only when the identify
+    message asks for it (:data:`fedforget.protocol.WANT_NUM_EXAMPLES`: such a cap is on).
+    ``unlearning_mod`` is this without a size."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         return _mod(msg, context, call_next, data_size)
@@ -146,7 +152,8 @@ def _serve(msg: Message, context: Context, call_next: ClientAppCallable,
     if task == protocol.IDENTIFY:
         record = _identity(context, cid)
         record[protocol.PACKING] = True  # this mod unpacks packed arrays
-        if data_size is not None:
+        if data_size is not None and conf is not None and conf.get(
+                protocol.WANT_NUM_EXAMPLES) is True:
             record[protocol.NUM_EXAMPLES] = int(data_size(context))
         return Message(content=RecordDict({protocol.CLIENT_RECORD: record}), reply_to=msg)
     if task == MEASURE_TASK and not consents(context.node_config):
@@ -256,7 +263,7 @@ def _seeded(seed: object) -> Iterator[None]:
     if isinstance(seed, bool) or not isinstance(seed, int):
         yield
         return
-    py_state, np_state = random.getstate(), np.random.get_state()
+    py_state, np_state = random.getstate(), _numpy_state()
     torch_state = torch.get_rng_state()
     # The CPU generator alone: torch.manual_seed would also queue a seeding of every
     # accelerator backend, each formatting a stack trace when none is initialised (about a
@@ -269,8 +276,73 @@ def _seeded(seed: object) -> Iterator[None]:
         yield
     finally:
         random.setstate(py_state)
-        np.random.set_state(np_state)
+        _restore_numpy_state(np_state)
         torch.set_rng_state(torch_state)
+
+
+# numpy's global RandomState, saved and restored without get_state / set_state where that is
+# exact. Those two copy the Mersenne Twister's 624 words one Python object at a time (about
+# 80 us each, the largest share of seeding a message); the raw state struct that numpy
+# exposes through ``bit_generator.ctypes.state_address`` (``uint32 key[624]; int pos``) is
+# copied with one memmove. The legacy RandomState also caches a Gaussian (``has_gauss``,
+# ``gauss``), which is reachable only through get_state / set_state; the fast path is taken
+# only when that cache is known to be empty, and ``np.random.seed`` (which empties it) runs
+# before the memmove puts the words back, so the state after a restore is the one
+# set_state would have left: the same key, pos, has_gauss and gauss.
+_MT_STATE_BYTES = 624 * 4 + 4
+
+
+@dataclass(frozen=True)
+class _NumpyState:
+    """numpy's global state as :func:`_numpy_state` saved it: the raw MT19937 words at
+    ``address`` of ``bit_generator`` (Gaussian cache empty), or the whole ``legacy`` state
+    of ``np.random.get_state()``."""
+
+    bit_generator: BitGenerator | None = None
+    address: int = 0
+    raw: bytes = b""
+    legacy: Any = None
+
+
+_known_state: tuple[BitGenerator, bytes] | None = None
+"""(bit generator, raw state) as the last fast restore left them, Gaussian cache empty."""
+
+
+def _numpy_state() -> _NumpyState:
+    """numpy's global state: the raw MT19937 words when its Gaussian cache is empty, else
+    the whole ``np.random.get_state()``.
+
+    The cache is known to be empty without asking numpy when the words are the ones the
+    last fast restore wrote: every legacy draw that fills the cache also advances the words.
+    (Not seen: a ``set_state`` to the very same words with a cached Gaussian between two
+    messages.)
+    """
+    bit_generator = mtrand.get_bit_generator()
+    if type(bit_generator) is np.random.MT19937:
+        address = int(bit_generator.ctypes.state_address)
+        raw = ctypes.string_at(address, _MT_STATE_BYTES)
+        known = _known_state
+        if known is not None and known[0] is bit_generator and known[1] == raw:
+            return _NumpyState(bit_generator, address, raw)
+        state = np.random.get_state(legacy=True)
+        if isinstance(state, tuple) and state[3] == 0 and state[4] == 0.0:
+            return _NumpyState(bit_generator, address, raw)
+        return _NumpyState(legacy=state)
+    return _NumpyState(legacy=np.random.get_state())
+
+
+def _restore_numpy_state(saved: _NumpyState) -> None:
+    """Put back what :func:`_numpy_state` saved."""
+    global _known_state
+    if saved.bit_generator is None:
+        np.random.set_state(saved.legacy)
+        _known_state = None
+        return
+    if mtrand.get_bit_generator() is not saved.bit_generator:  # the call swapped it
+        mtrand.set_bit_generator(saved.bit_generator)
+    np.random.seed(0)  # empties the Gaussian cache; the words are overwritten next
+    ctypes.memmove(saved.address, saved.raw, _MT_STATE_BYTES)
+    _known_state = (saved.bit_generator, saved.raw)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,8 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
                      asks: list[WithdrawalAsk] | None = None,
                      extra_config: Mapping[str, Any] | None = None,
                      sizes: dict[str, int] | None = None,
-                     *, pins: NodePins | None = None,
+                     *, want_sizes: bool = False,
+                     pins: NodePins | None = None,
                      reply_timeout: float | None = None,
                      progress: bool = False) -> dict[str, int]:
     """Ask every node for its stable client id; return client id -> node id.
@@ -63,14 +64,17 @@ def identify_clients(grid: Grid, expected: int, timeout: float = 600.0,
     again after 10 ms, then less and less often, at most every second), then for
     their answers at most ``reply_timeout`` seconds (default ``timeout``). Withdrawals
     the clients asked for themselves are appended to ``asks``. ``extra_config`` goes with
-    the message (the latest signed tree head, which every client keeps). The data sizes
-    the clients report (``num-examples``, when their app tells the mod) go into ``sizes``.
-    the message (the latest signed tree head, which every client keeps). A node claiming a
+    the message (the latest signed tree head, which every client keeps). With
+    ``want_sizes`` the message asks for the clients' data sizes
+    (:data:`fedforget.protocol.WANT_NUM_EXAMPLES`); those reported (``num-examples``, when
+    their app tells the mod) go into ``sizes``. A node claiming a
     client id that another node already speaks for — in this identification, or by a pin
     of ``pins`` (:class:`fedforget.identity.NodePins`) — is refused, logged and recorded,
     and left out; the others go on. ``progress`` shows the phase for large federations.
     """
     with phase(f"identifying {expected} clients", enabled=progress and expected >= 100):
+        if want_sizes:
+            extra_config = {**(extra_config or {}), protocol.WANT_NUM_EXAMPLES: True}
         return _identify(grid, expected, timeout, asks, extra_config, sizes, pins,
                          reply_timeout)
 

@@ -215,6 +215,7 @@ class Unlearnable:
         clients = identify_clients(grid, expected, asks=self.asks,
                                    extra_config=signer.config() if signer else None,
                                    sizes=sizes,
+                                   want_sizes=self.recording.max_examples_factor > 0,
                                    pins=NodePins(self.run.nodes, pin=self.settings.node_auth),
                                    reply_timeout=reply_timeout,
                                    progress=self.settings.progress)

@@ -15,7 +15,7 @@ from conftest import ROOT, train_small
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedforget import protocol
-from fedforget.clients.mod import unlearning_mod
+from fedforget.clients.mod import unlearning_mod, unlearning_mod_with
 from fedforget.errors import ConfigError
 from fedforget.withdrawal import WithdrawalLedger
 
@@ -56,6 +56,26 @@ def test_identify_is_answered_by_the_mod_without_calling_the_app() -> None:
     assert reply.content[protocol.CLIENT_RECORD][protocol.CLIENT_ID] == "client-007"
 
 
+def test_the_data_size_is_computed_and_told_only_when_the_server_asks() -> None:
+    # Prepare: an app whose data size is counted when it is computed
+    sized: list[int] = []
+
+    def data_size(context: Context) -> int:
+        sized.append(1)
+        return 37
+
+    mod = unlearning_mod_with(data_size=data_size)
+    ctx = _context(**{"partition-id": 2})
+    # Execute: identify without the ask (a server with no example cap), then with it
+    plain = mod(_message({protocol.TASK: protocol.IDENTIFY}), ctx, _echo([]))
+    asked = mod(_message({protocol.TASK: protocol.IDENTIFY,
+                          protocol.WANT_NUM_EXAMPLES: True}), ctx, _echo([]))
+    # Assert
+    assert protocol.NUM_EXAMPLES not in plain.content[protocol.CLIENT_RECORD]
+    assert asked.content[protocol.CLIENT_RECORD][protocol.NUM_EXAMPLES] == 37
+    assert len(sized) == 1
+
+
 def test_an_explicit_client_id_wins_and_a_node_without_either_is_refused() -> None:
     reply = unlearning_mod(_message({protocol.TASK: protocol.IDENTIFY}),
                            _context(**{"client-id": "hospital-a", "partition-id": 0}),
@@ -79,6 +99,46 @@ def test_the_same_seed_gives_the_same_draws_and_the_caller_state_is_restored() -
     # Assert
     assert seen[0] == seen[1] and seen[0][:3] != seen[2][:3]
     assert torch.rand(1).item() == expected_next  # the global generator is as it was
+
+
+def _same_numpy_state(a: tuple, b: tuple) -> bool:  # type: ignore[type-arg]
+    return (a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:])
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3])
+def test_numpys_global_state_comes_back_whole_gaussian_cache_included(steps: int) -> None:
+    # Prepare: a caller whose numpy stream is left in each way the mod must restore
+    # (words only; a cached Gaussian from an odd number of legacy normals; a state set by
+    # hand with a cached value; a state set by hand to the words the mod last wrote, its
+    # cache empty) and handlers that leave their own Gaussian cached or draw nothing.
+    ctx = _context(**{"partition-id": 1})
+    np.random.seed(2024)
+
+    def normals(msg: Message, context: Context) -> Message:
+        np.random.standard_normal(3)  # odd: a Gaussian stays cached in the handler's state
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=msg)
+
+    handlers = [normals, _echo([])]
+    callers = [
+        lambda: np.random.rand(2),
+        lambda: np.random.standard_normal(1),
+        lambda: np.random.set_state(("MT19937", np.arange(624, dtype=np.uint32), 7, 1, 0.25)),
+        lambda: None,
+    ]
+    for i in range(12):
+        for _ in range(steps):
+            callers[(i + steps) % len(callers)]()
+        before = np.random.get_state()
+        # Execute
+        unlearning_mod(_message({protocol.SEED: 40 + i}), ctx, handlers[i % 2])
+        # Assert: the whole legacy state, and the draws that follow, are the caller's
+        after = np.random.get_state()
+        assert _same_numpy_state(before, after), (i, before[2:], after[2:])
+        reference = np.random.RandomState()
+        reference.set_state(before)
+        assert np.array_equal(np.random.standard_normal(3), reference.standard_normal(3))
+        np.random.set_state(after)
 
 
 def test_epochs_a_method_asks_for_override_the_apps_setting_for_one_call() -> None:
