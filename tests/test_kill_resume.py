@@ -69,5 +69,8 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_model(tmp_path: Pat
     uninterrupted = train_small(tmp_path / "whole", **{"num-rounds": ROUNDS})
     with HistoryStore.open(out) as store:
         summary = store.summary()
-    assert summary["rounds"] == ROUNDS
+    # (once seen in CI on a loaded machine: the resume exited 0 with the store still at
+    # the killed round, not reproduced since; its output is kept to tell why next time)
+    assert summary["rounds"] == ROUNDS, (killed_at, resumed.stdout[-3000:],
+                                         resumed.stderr[-3000:])
     assert summary["final_model_digest"] == uninterrupted["final_model_digest"]
