@@ -70,8 +70,15 @@ def test_every_hashed_byte_string_goes_through_the_same_encoder() -> None:
 def test_numbers_in_ecmascript_form() -> None:
     # Worked out from ECMA-262 Number::toString: integral doubles without ".0", exponent
     # from 1e21 on, shortest round-trip digits, -0 as 0.
-    cases = {1.0: b"1", -0.0: b"0", 1e21: b"1e+21", 1e20: b"100000000000000000000",
-             5e-324: b"5e-324", 0.1: b"0.1", 2**53 - 1: b"9007199254740991"}
+    cases = {
+        1.0: b"1",
+        -0.0: b"0",
+        1e21: b"1e+21",
+        1e20: b"100000000000000000000",
+        5e-324: b"5e-324",
+        0.1: b"0.1",
+        2**53 - 1: b"9007199254740991",
+    }
     for value, expected in cases.items():
         assert canonical_dumps(value) == expected
 
@@ -98,3 +105,98 @@ def test_what_jcs_cannot_represent_is_refused(value: object, message: str) -> No
         canonical_dumps(value)
     with pytest.raises(ReceiptError):
         receipt_canonical_json(value)
+
+
+# --- the standard-library fast path gives rfc8785's bytes, or steps aside -----------------
+
+import rfc8785  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fedforget import canonical  # noqa: E402
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.sampled_from([2**53 - 1, -(2**53 - 1), 2**53, -(2**53), 0])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([0.0, -0.0, 1.0, 1e-7, 1e-6, 1e16, 1e20, 1e21, 0.1, 5e-324])
+    | st.text()  # lone surrogates included
+    | st.text(alphabet=st.characters(max_codepoint=0x7F))
+)
+_keys = st.text(max_size=4) | st.sampled_from(["a", "b", "\u00e9", "\U0001f602", "\ufb33"])
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(_keys, inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _reference(value: object) -> bytes | type[Exception]:
+    """rfc8785 on jcs_ready's output (the path the fast one must agree with), or what it raises."""
+    try:
+        return rfc8785.dumps(canonical.jcs_ready(value))
+    except (rfc8785.CanonicalizationError, CanonicalJSONError):
+        return CanonicalJSONError
+
+
+@settings(max_examples=600, deadline=None)
+@given(_values)
+def test_the_fast_path_writes_rfc8785s_bytes_or_both_refuse(value: object) -> None:
+    expected = _reference(value)
+    if expected is CanonicalJSONError:
+        with pytest.raises(CanonicalJSONError):
+            canonical_dumps(value)
+    else:
+        assert canonical_dumps(value) == expected
+
+
+def test_fast_path_bytes_worked_out_by_hand() -> None:
+    # Keys sorted, no white space, a control character as lower-case \u0001, "é" as UTF-8,
+    # "\t" and a quote with their short escapes, 0.5 and -3 as written.
+    value = {"b": -3, "a": [0.5, "\u0001\u00e9", '\t"', None, True]}
+    expected = b'{"a":[0.5,"\\u0001\xc3\xa9","\\t\\"",null,true],"b":-3}'
+    assert canonical._fast_dumps(value) == expected
+    assert canonical_dumps(value) == expected
+
+
+def test_the_fast_path_is_taken_for_a_round_record_and_not_where_python_differs() -> None:
+    record = {
+        "round": 3,
+        "loss": 0.2314,
+        "clients": ["c-1", "c-2"],
+        "digest": "ab" * 32,
+        "weights": {"c-1": 60, "c-2": 40},
+        "metrics": {"accuracy": 0.9125},
+        "x": None,
+    }
+    assert canonical._fast_dumps(record) is not None
+    # Python writes these differently from ECMAScript (1.0, -0.0, 1e-07, 1e+16), or sorts
+    # by code point where JCS sorts by UTF-16 units, or holds a NumPy scalar: rfc8785 then.
+    for value in (
+        1.0,
+        -0.0,
+        1e-7,
+        1e16,
+        {"\ufb33": 1, "\U0001f602": 2},
+        np.float64(0.5),
+        2**53,
+        float("nan"),
+    ):
+        assert canonical._fast_dumps(value) is None, value
+    assert canonical_dumps({"\ufb33": 1, "\U0001f602": 2}) == (
+        '{"\U0001f602":2,"\ufb33":1}'.encode()
+    )
+
+
+def test_a_cyclic_value_is_refused_not_looped_on() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    assert canonical._fast_dumps(loop) is None
+    with pytest.raises(CanonicalJSONError, match="nested too deeply for JSON or contains itself"):
+        canonical_dumps(loop)
