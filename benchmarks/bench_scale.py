@@ -8,8 +8,11 @@ included), CPU time (all threads), peak RSS, and the bytes of history blobs it r
 1. ``fedforget train`` of the scale configuration (synthetic data, 40 examples per client,
    IID, an MLP of 1,604 parameters, 10 % of the clients per round, history with fsync);
 2. ``fedforget unlearn --method subtract --reference none`` (goal: < 5 s);
-3. ``fedforget unlearn --method retrain`` (computes and caches the retrained reference);
-4. ``fedforget unlearn --method subtract --reference cached`` (goal: < 10 s);
+3. ``fedforget unlearn --method retrain`` (computes and caches the retrained reference,
+   and fits and keeps both membership attacks: the shadow attack's once per run,
+   FedEraser's attack on the original model once per request);
+4. ``fedforget unlearn --method subtract --reference cached`` (goal: < 10 s): a second
+   method of the same request, which loads the reference and both fitted attacks;
 5. ``rollback``, ``federaser`` (Δt = 2, r = 0.5) and every further server-side method
    given (``--methods``; default ``fedrecovery`` and, when registered, the methods issue's
    fast ones), each with ``--reference cached``;

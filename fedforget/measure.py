@@ -302,19 +302,38 @@ class TaskMeasure:
         return members, _pooled([h for _, h, _ in found], "forgotten-holdout"), mask
 
     def _original_attack(self, ctx: MeasureContext, test_set: ArrayDataset) -> Any:
+        """FedEraser's attack on the original model, fitted on the remaining clients' data;
+        kept in the run directory (``unlearned/original-attack-<key>/``) when this measure
+        has one, the key binding the run's configuration, the original model's digest and
+        the remaining clients, so that every method of one request faces the same attacker
+        fitted once."""
         from fedforget.arrays import load_tensors
         from fedforget.evaluation import OriginalModelAttack
         from fedforget.sampling import derive_seed
         from fedforget.task import new_model
+        from fedforget.tensors import tensors_digest
 
-        staying = [d for d in (self.trained_data(cid) for cid in ctx.remaining())
-                   if d is not None]
+        remaining = ctx.remaining()
+        seed = derive_seed(self.cfg.seed, "original-attack") % 2**32
+        directory = None
+        fitted_on = {"training": self.cfg.training_mapping(), "seed": seed,
+                     "original-model": tensors_digest(ctx.original), "members": remaining}
+        if self.cache is not None:
+            key = _fitted_on_digest(fitted_on)[:16]
+            directory = RunDirectory(self.cache).unlearned / f"original-attack-{key}"
+            kept = kept_attack(directory, fitted_on)
+            if kept is not None:
+                return OriginalModelAttack(**kept)
+        staying = [d for d in (self.trained_data(cid) for cid in remaining) if d is not None]
         members = _pooled([t for t, _, _ in staying], "remaining-train")
         if members is None:
             return None
-        return OriginalModelAttack.fit_on_original(
+        attack = OriginalModelAttack.fit_on_original(
             original=load_tensors(new_model(self.cfg), ctx.original), members=members,
-            non_members=test_set, seed=derive_seed(self.cfg.seed, "original-attack") % 2**32)
+            non_members=test_set, seed=seed)
+        if directory is not None:
+            keep_attack(directory, attack, fitted_on)
+        return attack
 
     def request_data(self, ctx: MeasureContext
                      ) -> tuple[ArrayDataset | None, ArrayDataset | None]:
@@ -526,9 +545,10 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
     The shadow model depends on nothing but the run's configuration (the attacker trains
     the run's architecture on half of the test set, seeded from the run seed), so every
     method and every request of a run faces the same attacker: the model trained for the
-    first is stored (fp32, with its digest) and later ones load it and fit only the attack
-    model on its features. The recipe is ``run_shadow_attack``'s; a test checks that both
-    give the same attack.
+    first is stored (fp32, with its digest), and so is the attack model fitted on its
+    features (as plain arrays, :func:`keep_attack`); later ones load both, without
+    scikit-learn. The recipe is ``run_shadow_attack``'s; a test checks that both give the
+    same attack.
     """
     from fedforget.evaluation.membership import ShadowAttack
     from fedforget.evaluation.suite import SHADOW_EPOCHS, shadow_halves
@@ -541,15 +561,22 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
                                           "shadow-epochs": SHADOW_EPOCHS})).hexdigest()[:12]
     directory = run.shadow_dir(key)
     model_path, record_path = directory / "model.fft", directory / "shadow.json"
+    seed = derive_seed(cfg.seed, "shadow-attack", "attack") % 2**32
     cached: TensorDict | None = None
+    model_digest = ""
     if model_path.exists() and record_path.exists():
         data = model_path.read_bytes()
-        if json.loads(record_path.read_text()).get("model_digest") == sha256_digest(data):
-            cached = decode(data)
+        digest = sha256_digest(data)
+        if json.loads(record_path.read_text()).get("model_digest") == digest:
+            cached, model_digest = decode(data), digest
+            kept = kept_attack(directory, {"shadow-model": digest, "seed": seed})
+            if kept is not None:  # the attack model fitted on this shadow, kept too
+                return ShadowAttack(**kept)
     shadow_train, shadow_out = shadow_halves(
         test_set, derive_seed(cfg.seed, "shadow-attack", "split"))
 
     def train(shadow: torch.nn.Module, data: ArrayDataset) -> None:
+        nonlocal model_digest
         if cached is not None:
             load_tensors(shadow, cached)
             return
@@ -559,13 +586,65 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
                         batch_size=cfg.batch_size,
                         seed=derive_seed(cfg.seed, "shadow-attack", "train"))
         blob = encode(model_tensors(shadow), "fp32")
+        model_digest = sha256_digest(blob)
         write_atomic(model_path, blob)
-        write_atomic(record_path, json.dumps({"model_digest": sha256_digest(blob),
+        write_atomic(record_path, json.dumps({"model_digest": model_digest,
                                               "shadow_epochs": SHADOW_EPOCHS,
                                               "training": cfg.training_mapping()},
                                              indent=2, sort_keys=True))
 
-    return ShadowAttack.fit(
+    attack = ShadowAttack.fit(
         shadow_train=shadow_train, shadow_out=shadow_out, build_shadow=lambda: new_model(cfg),
-        train_shadow=train, seed=derive_seed(cfg.seed, "shadow-attack", "attack") % 2**32,
+        train_shadow=train, seed=seed,
     )
+    keep_attack(directory, attack, {"shadow-model": model_digest, "seed": seed})
+    return attack
+
+
+def kept_attack(directory: Path, fitted_on: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields (``classifier``, ``num_classes``, ``threshold``) of the attack kept in
+    ``directory`` by :func:`keep_attack` if it was fitted on ``fitted_on`` and its arrays
+    match their digest; None otherwise (then the attack is fitted again and kept anew)."""
+    from fedforget.evaluation.attack_models import load_scorer
+    from fedforget.evaluation.errors import EvaluationError
+    from fedforget.tensors import sha256_digest
+
+    record_path, data_path = directory / "attack.json", directory / "attack.npz"
+    try:
+        record = json.loads(record_path.read_text())
+        data = data_path.read_bytes()
+        if (not isinstance(record, dict)
+                or record.get("fitted_on_digest") != _fitted_on_digest(fitted_on)
+                or record.get("attack_digest") != sha256_digest(data)):
+            return None
+        return {"classifier": load_scorer(data), "num_classes": int(record["num_classes"]),
+                "threshold": float(record["threshold"])}
+    except (OSError, ValueError, KeyError, TypeError, EvaluationError):
+        return None
+
+
+def _fitted_on_digest(fitted_on: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_dumps(fitted_on)).hexdigest()
+
+
+def keep_attack(directory: Path, attack: Any, fitted_on: dict[str, Any]) -> None:
+    """Keep ``attack``'s fitted classifier in ``directory`` (``attack.npz``, numbers only,
+    and ``attack.json``: what it was fitted on, its digest), where it converted to plain
+    arrays (:mod:`fedforget.evaluation.attack_models`); nothing is kept otherwise."""
+    from fedforget.evaluation.attack_models import (
+        LogisticScorer,
+        TreeEnsembleScorer,
+        save_scorer,
+    )
+    from fedforget.fileio import write_atomic
+    from fedforget.tensors import sha256_digest
+
+    if not isinstance(attack.classifier, LogisticScorer | TreeEnsembleScorer):
+        return
+    data = save_scorer(attack.classifier)
+    write_atomic(directory / "attack.npz", data)
+    write_atomic(directory / "attack.json", json.dumps(
+        {"attack_digest": sha256_digest(data), "fitted_on": fitted_on,
+         "fitted_on_digest": _fitted_on_digest(fitted_on),
+         "num_classes": attack.num_classes, "threshold": attack.threshold},
+        indent=2, sort_keys=True))

@@ -254,7 +254,9 @@ def test_the_kept_shadow_model_gives_run_shadow_attack_s_attack(tmp_path: Path) 
     second = cached_shadow_attack(cfg, test, run).attack(target, members, non_members)
     # Assert
     assert first == expected and second == expected
-    assert len(kept) == 2 and kept[0].startswith("unlearned/shadow-")
+    assert [Path(k).name for k in kept] == ["attack.json", "attack.npz", "model.fft",
+                                            "shadow.json"]
+    assert all(k.startswith("unlearned/shadow-") for k in kept)
     assert model_file.stat().st_mtime_ns == stamp  # loaded, not trained and written again
     # A kept model that does not match its digest is trained again (and replaced).
     data = model_file.read_bytes()
@@ -262,3 +264,83 @@ def test_the_kept_shadow_model_gives_run_shadow_attack_s_attack(tmp_path: Path) 
     third = cached_shadow_attack(cfg, test, run).attack(target, members, non_members)
     assert third == expected
     assert model_file.read_bytes() == data  # trained again: the same model
+    # A kept attack model that does not match its digest is fitted again (and replaced).
+    attack_file = model_file.parent / "attack.npz"
+    kept_attack = attack_file.read_bytes()
+    attack_file.write_bytes(kept_attack[:-1] + bytes([kept_attack[-1] ^ 0x40]))
+    assert cached_shadow_attack(cfg, test, run).attack(target, members, non_members) == expected
+    assert attack_file.read_bytes() == kept_attack
+
+
+def test_a_kept_shadow_attack_is_applied_without_scikit_learn(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import small_config
+
+    from fedforget.measure import cached_shadow_attack
+    from fedforget.task import load_client_data, load_test_set, new_model
+
+    # Prepare: the attack trained and kept by this process
+    cfg = small_config()
+    run = RunDirectory(tmp_path / "run")
+    members, non_members = load_client_data(cfg, 0)
+    expected = cached_shadow_attack(cfg, load_test_set(cfg), run).attack(
+        new_model(cfg), members, non_members)
+    # Execute: a fresh process measures again
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from conftest import small_config\n"
+        "from fedforget.measure import cached_shadow_attack\n"
+        "from fedforget.rundir import RunDirectory\n"
+        "from fedforget.task import load_client_data, load_test_set, new_model\n"
+        "cfg = small_config()\n"
+        "m, n = load_client_data(cfg, 0)\n"
+        "r = cached_shadow_attack(cfg, load_test_set(cfg), RunDirectory(sys.argv[2]))"
+        ".attack(new_model(cfg), m, n)\n"
+        "print(r.precision, r.recall, r.auc, 'sklearn' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),
+                          str(run.path)], capture_output=True, text=True, check=True).stdout
+    # Assert: the same attack, and scikit-learn never imported
+    assert out.split() == [repr(expected.precision), repr(expected.recall),
+                           repr(expected.auc), "False"]
+
+
+def test_federasers_attack_is_fitted_once_per_request_and_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    # Prepare
+    run = tmp_path / "run"
+    train_small(run)
+    unlearned = RunDirectory(run).unlearned
+
+    def kept() -> list[Path]:
+        return sorted(unlearned.glob("original-attack-*/attack.npz"))
+
+    # Execute: a method with the reference computed, the same request with it cached, the
+    # same again with the kept attack deleted, then another client
+    first = _unlearn(run, "client-001", "subtract", "--shadow-attack", "on", capsys=capsys)
+    after_first = kept()
+    stamp = after_first[0].stat().st_mtime_ns
+    second = _unlearn(run, "client-001", "subtract", "--reference", "cached",
+                      "--shadow-attack", "on", capsys=capsys)
+    loaded_stamp = after_first[0].stat().st_mtime_ns
+    shutil.rmtree(after_first[0].parent)
+    again = _unlearn(run, "client-001", "subtract", "--reference", "cached",
+                     "--shadow-attack", "on", capsys=capsys)
+    after_again = kept()
+    other = _unlearn(run, "client-002", "subtract", "--shadow-attack", "on", capsys=capsys)
+    # Assert: one kept attack per request, loaded (not fitted again) for the same request
+    # with the same figures; fitted again from nothing, the same figures again (what is
+    # kept is what fitting gives); another request, another attack
+    attack = first["metrics"]["original_model_attack"]
+    assert set(attack) == {"original", "unlearned", "retrained"}
+    assert len(after_first) == 1 and loaded_stamp == stamp
+    assert second["metrics"]["original_model_attack"] == attack
+    assert again["metrics"]["original_model_attack"] == attack
+    assert after_again == after_first
+    assert other["metrics"]["original_model_attack"] is not None
+    assert len(kept()) == 2

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedforget.data import ArrayDataset
+from fedforget.evaluation.attack_models import from_sklearn
 from fedforget.evaluation.errors import EvaluationError
 from fedforget.training import predict_proba
 
@@ -231,7 +232,9 @@ class ShadowAttack:
         )
         classifier = LogisticRegression(class_weight="balanced", random_state=seed, max_iter=1000)
         classifier.fit(features, labels)
-        return cls(classifier=classifier, num_classes=int(shadow_in.shape[1]), threshold=threshold)
+        # Applied as plain arrays (the same probabilities, bit for bit): see attack_models.
+        return cls(classifier=from_sklearn(classifier, features) or classifier,
+                   num_classes=int(shadow_in.shape[1]), threshold=threshold)
 
     def attack(
         self, target_model: nn.Module, members: ArrayDataset, non_members: ArrayDataset
@@ -321,8 +324,8 @@ class OriginalModelAttack(ShadowAttack):
                                  np.zeros(len(features_out), np.int64)])
         classifier = GradientBoostingClassifier(random_state=seed)
         classifier.fit(features, labels)
-        return cls(classifier=classifier, num_classes=int(features.shape[1]),
-                   threshold=threshold)
+        return cls(classifier=from_sklearn(classifier, features) or classifier,
+                   num_classes=int(features.shape[1]), threshold=threshold)
 
 
 def shadow_attack(
