@@ -26,8 +26,12 @@ in-process engine, in five variants, run interleaved (rotating order) after a wa
 
 Commits run on the wrapper's background writer thread; the run's wall time includes the
 final ``flush`` (waiting for every commit), so a writer that falls behind shows up. A second,
-instrumented pass reports the writer's own time per commit and the wait at the end, and a
-micro-measurement reports this disk's fsync latency (the main factor).
+instrumented pass reports the writer's own time per commit and the wait at the end, and the
+CPU time (thread clocks around the calls) spent inside the recording code: the store's
+``write_round`` and ``prepare_round``, the server's ``HeadLog.on_commit`` / ``config`` and
+the clients' ``_keep_tree_head``; their sum against the baseline's CPU per round is an
+estimate of the CPU ratio that does not difference two noisy totals (it leaves out indirect
+costs). A micro-measurement reports this disk's fsync latency (the main factor).
 
 Goal (issue 2): a training round with history recording costs <= 5 % more than without.
 
@@ -207,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
         # Instrumented pass: the writer thread's time per commit and the wait at the end.
         writer: dict[str, list[tuple[float, float, float, float]]] = {}
+        # CPU time (thread clocks) inside the recording code, per instrumented run.
+        inside: dict[str, list[dict[str, float]]] = {}
         sizes: dict[str, int] = {}
+        heads = sys.modules.get("fedforget.history.heads")
+        client_mod = sys.modules.get("fedforget.clients.mod")
         for _ in range(max(2, repetitions // 3)):
             for name, variant in (("store, fsync off", fsync_off), ("store, fsync on", fsync_on)):
                 # Since store format 2 the wrapper calls prepare_round (training thread) and
@@ -216,11 +224,22 @@ def main(argv: list[str] | None = None) -> int:
                            (HistoryStore, "write_round", "write"),
                            (HistoryStore, "prepare_round", "prepare"),
                            (recording, "flush", "flush"), (os, "fsync", "fsync")]
+                if heads is not None and hasattr(heads, "HeadLog"):
+                    targets += [(heads.HeadLog, "on_commit", "heads"),
+                                (heads.HeadLog, "config", "head config")]
+                if client_mod is not None:
+                    targets.append((client_mod, "_keep_tree_head", "head saves"))
                 with timed_calls(targets) as t:
                     variant()
                 writer.setdefault(name, []).append(
                     (t["commit"] + t["write"], t["flush"], t["fsync calls"], t["prepare"])
                 )
+                inside.setdefault(name, []).append({
+                    "store: write_round (writer thread)": t["commit cpu"] + t["write cpu"],
+                    "store: prepare_round": t["prepare cpu"],
+                    "tree heads: signing (server)": t["heads cpu"] + t["head config cpu"],
+                    "tree heads: saving (clients)": t["head saves cpu"],
+                })
         with HistoryStore.open(scratch / f"run-{next(counter) - 1}") as store:
             summary = store.summary()
             updates = sum(len(r) for r in summary["clients"].values())
@@ -279,6 +298,18 @@ def main(argv: list[str] | None = None) -> int:
         f"this disk: write {sizes['model']} B + fsync {file_fsync * 1e3:.2f} ms, directory "
         f"fsync {dir_fsync * 1e3:.2f} ms (median of 30)"
     )
+    print()
+    baseline_cpu = timings.cpu.median(BASELINE) / rounds
+    print("CPU time inside the recording code, per round (thread CPU clocks around the calls")
+    print("in the instrumented runs, median; not counted: indirect costs such as cache or GC")
+    print(f"effects), against the 'no recording' CPU time per round ({baseline_cpu * 1e3:.1f} ms):")
+    for name, runs in inside.items():
+        parts = {part: statistics.median(r[part] for r in runs) / rounds for part in runs[0]}
+        total = sum(parts.values())
+        listed = "; ".join(f"{part} {value * 1e3:.2f} ms" for part, value in parts.items())
+        print(f"  {name:<16} {listed}")
+        print(f"  {'':<16} total {total * 1e3:.2f} ms -> (baseline + total) / baseline "
+              f"= {(baseline_cpu + total) / baseline_cpu:.3f}")
     print()
     print(f"goal recording / none <= {GOAL}, judged on the ratio of medians and on the median of")
     print("the paired ratios (each repetition runs every variant back to back):")
