@@ -77,7 +77,7 @@ from fedforget.unlearning.base import (
     UnlearningError,
     first_contribution,
 )
-from fedforget.withdrawal import WithdrawalLedger, WithdrawalRequest
+from fedforget.withdrawal import WithdrawalLedger, WithdrawalRequest, unknown_client_message
 
 log = logging.getLogger("fedforget.server")
 
@@ -556,10 +556,7 @@ def order_unlearning(
     with HistoryStore.open(run.path) as store:
         roster = frozenset(store.roster())
         if client not in roster:
-            raise UnlearningError(
-                f"unknown client {client!r}: this run's clients are "
-                f"{', '.join(sorted(roster)) or 'none'}"
-            )
+            raise UnlearningError(unknown_client_message(client, roster))
         if first_contribution(store, [client]) is None:
             return None
         with WithdrawalLedger(run.path) as ledger:
@@ -600,10 +597,7 @@ def _order_erasure(run: RunDirectory, *, client: str, method: str,
         if kind == "records":
             scope = scope.merge(ErasureScope(records={client: frozenset(ids)}))
             if client not in roster:
-                raise UnlearningError(
-                    f"unknown client {client!r}: this run's clients are "
-                    f"{', '.join(sorted(roster)) or 'none'}"
-                )
+                raise UnlearningError(unknown_client_message(client, roster))
         else:
             scope = scope.merge(ErasureScope(labels=frozenset(int(v) for v in labels or ())))
         unlearner.check(UnlearningRequest(

@@ -42,6 +42,25 @@ from fedforget.errors import FedForgetError, HistoryError
 from fedforget.history.records import utc_now
 from fedforget.history.store import INDEX_FILENAME
 
+LISTED_CLIENTS = 10
+"""Rosters up to this size are listed whole in an unknown-client message."""
+
+
+def unknown_client_message(client_id: str, roster: Collection[str]) -> str:
+    """``unknown client ...`` naming the run's clients: all of them in a small roster; in a
+    large one their number, the first and last id, and the ids closest to ``client_id``
+    (a typo is the usual cause), so that the message stays one readable line."""
+    import difflib
+
+    known = sorted(roster)
+    if len(known) <= LISTED_CLIENTS:
+        return f"unknown client {client_id!r}: this run's clients are {', '.join(known) or 'none'}"
+    close = difflib.get_close_matches(client_id, known, n=3, cutoff=0.6)
+    return (f"unknown client {client_id!r}: this run has {len(known)} clients, {known[0]} to "
+            f"{known[-1]} in sorted order"
+            + (f"; the closest ids are {', '.join(close)}" if close else ""))
+
+
 STATES = ("pending", "unlearning", "done", "failed")
 _TRANSITIONS = {
     "pending": {"unlearning"},
@@ -236,10 +255,7 @@ class WithdrawalLedger:
         A client not in ``roster`` (the clients of this run) is refused.
         """
         if client_id not in roster:
-            known = ", ".join(sorted(roster)) or "none"
-            raise WithdrawalError(
-                f"unknown client {client_id!r}: this run's clients are {known}"
-            )
+            raise WithdrawalError(unknown_client_message(client_id, roster))
         existing = self.for_client(client_id)
         if existing is not None:
             return existing, False
@@ -269,10 +285,7 @@ class WithdrawalLedger:
         ``roster``, or one that withdrew (its records are forgotten with it), is refused.
         """
         if client_id not in roster:
-            known = ", ".join(sorted(roster)) or "none"
-            raise WithdrawalError(
-                f"unknown client {client_id!r}: this run's clients are {known}"
-            )
+            raise WithdrawalError(unknown_client_message(client_id, roster))
         if self.for_client(client_id) is not None:
             raise WithdrawalError(
                 f"client {client_id!r} has withdrawn: every record of it is forgotten with "

@@ -157,6 +157,38 @@ def test_the_largest_tree_head_is_kept_in_the_state_directory(tmp_path: Path) ->
     assert json.loads((tmp_path / "me" / "head.json").read_text())["size"] == 5
 
 
+def test_a_process_that_starts_again_keeps_the_largest_head_it_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedforget.clients import mod
+
+    ctx = _context(**{"partition-id": 2, "state-dir": str(tmp_path / "me")})
+    saved = tmp_path / "me" / "head.json"
+
+    def show(size: int) -> None:
+        head = json.dumps({"size": size, "root": "x" * 10})
+        unlearning_mod(_message({protocol.TREE_HEAD: head}), ctx, _echo([]))
+
+    def restart() -> None:  # a new process: nothing known of what was saved
+        monkeypatch.setattr(mod, "_saved_heads", {})
+
+    show(4)
+    first = saved.read_bytes()
+    restart()
+    show(4)  # the same head again: the file is left as it is
+    assert saved.read_bytes() == first
+    restart()
+    show(3)  # a smaller head: the larger one saved before stays
+    assert json.loads(saved.read_text())["size"] == 4
+    restart()
+    show(7)
+    assert json.loads(saved.read_text())["size"] == 7
+    saved.write_text(json.dumps({"size": 9, "root": "y"}))  # another writer saved a larger one
+    restart()
+    show(8)
+    assert json.loads(saved.read_text())["size"] == 9
+
+
 def test_a_request_whose_app_fails_before_serving_it_ends_failed(tmp_path: Path) -> None:
     # Prepare: a run, and an "app" with the run's keys whose ServerApp raises
     from fedforget.engine import run_unlearning

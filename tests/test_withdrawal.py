@@ -45,6 +45,25 @@ def test_an_unknown_client_is_refused_by_name(run_dir: Path) -> None:
         ledger.request("client-042", reason="", roster=ROSTER)
 
 
+def test_an_unknown_client_of_a_large_run_is_refused_in_one_readable_line(run_dir: Path
+                                                                         ) -> None:
+    # 10,000 clients: the message names their number, the first and the last, and the ids
+    # closest to the one asked (here a digit too many), not all 10,000.
+    roster = frozenset(f"client-{i:03d}" for i in range(10_000))
+    with WithdrawalLedger(run_dir) as ledger, pytest.raises(WithdrawalError) as caught:
+        ledger.request("client-00042", reason="", roster=roster)
+    message = str(caught.value)
+    assert message.startswith("unknown client 'client-00042': this run has 10000 clients, "
+                              "client-000 to client-9999 in sorted order; the closest ids are ")
+    assert message.split("closest ids are ")[1].split(", ")[0] == "client-042"
+    assert len(message) < 200
+    # Nothing close: no list of guesses.
+    with WithdrawalLedger(run_dir) as ledger, pytest.raises(WithdrawalError) as caught:
+        ledger.request("zz", reason="", roster=roster)
+    assert str(caught.value) == ("unknown client 'zz': this run has 10000 clients, "
+                                 "client-000 to client-9999 in sorted order")
+
+
 def test_states_move_only_along_the_machine(run_dir: Path) -> None:
     with WithdrawalLedger(run_dir) as ledger:
         request, _ = ledger.request("client-000", reason="", roster=ROSTER)
