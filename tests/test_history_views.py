@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import mmap
 import os
 import re
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +166,98 @@ def test_layout_refuses_what_decode_refuses() -> None:
         blob_layout(blob + b"\x00")
     with pytest.raises(IntegrityError, match="not an encoded tensor dict"):
         blob_layout(b"nonsense" + blob)
+
+
+def _two_big_blobs(path: Path) -> tuple[HistoryStore, list[str]]:
+    store = HistoryStore.create(path, run_config={}, fsync=False)
+    first = store.put_initial_model(BIG)
+    record = store.commit_round(
+        round=1, global_before=first, global_after={k: v + 1 for k, v in BIG.items()},
+        participants=[], config={})
+    return store, [first, record.global_after]
+
+
+def test_a_mapping_is_kept_for_the_next_reader_and_dropped_when_its_file_changes(
+        tmp_path: Path) -> None:
+    # Prepare
+    store, (digest, _) = _two_big_blobs(tmp_path / "run")
+    with store:
+        with BlobViews(store) as views:
+            first = views.open(digest, "initial model")
+            views.check()
+            mapping = first._mapping
+        # Execute: a second reader of the same blob
+        with BlobViews(store) as views:
+            again = views.open(digest, "initial model")
+            # Assert: the same mapping, still open after the first reader released it
+            assert again._mapping is mapping and not mapping.closed
+            np.testing.assert_array_equal(again.views()["w"], BIG["w"])
+            views.check()
+        # Execute: the pack is written to (its identity changes)
+        location = store.blob_location(digest)
+        with open(location.path, "r+b") as f:
+            f.seek(location.offset + location.nbytes - 1)
+            f.write(b"\x01")
+        forget_verified()
+        with BlobViews(store) as views, pytest.raises(IntegrityError, match="is altered"):
+            fresh = views.open(digest, "initial model")
+            # Assert: a new mapping replaced the kept one, which is unmapped
+            assert fresh._mapping is not mapping and mapping.closed
+            views.check()
+
+
+def test_closing_the_store_unmaps_its_blobs(tmp_path: Path) -> None:
+    # Prepare: the blobs of two stores (the same blobs: the same digests) mapped; weak
+    # references, since a mapping object that is gone is unmapped
+    store, _ = _two_big_blobs(tmp_path / "a")
+    other, digests = _two_big_blobs(tmp_path / "b")
+    mappings: dict[str, list[weakref.ref[mmap.mmap]]] = {"a": [], "b": []}
+    for name, s in (("a", store), ("b", other)):
+        with BlobViews(s) as views:
+            for d in digests:
+                mappings[name].append(weakref.ref(views.open(d, "model")._mapping))
+            views.check()
+    gc.collect()
+    assert all(ref() is not None for refs in mappings.values() for ref in refs)
+    # Execute
+    store.close()
+    gc.collect()
+    # Assert: the closed store's mappings are gone, the other store's are kept
+    assert all(ref() is None for ref in mappings["a"])
+    assert all(ref() is not None for ref in mappings["b"])
+    assert not any(k[0].startswith(str(tmp_path / "a")) for k in views_module._mappings)
+    other.close()
+    gc.collect()
+    assert all(ref() is None for ref in mappings["b"])
+
+
+def test_the_kept_mappings_stay_within_their_budget(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: room for one blob's mapping only
+    store, (first, second) = _two_big_blobs(tmp_path / "run")
+    monkeypatch.setattr(views_module, "MAPPING_CACHE_BYTES",
+                        store.blob_location(first).nbytes + (1 << 16))
+    with store, BlobViews(store) as views:
+        # Execute: the first blob still viewed while the second is mapped
+        a = views.open(first, "initial model")
+        values = a.views()["w"]
+        b = views.open(second, "round 1")
+        # Assert: the first was dropped from the kept ones but stays readable while viewed
+        kept = [m for _, m in views_module._mappings.values()]
+        assert b._mapping in kept and a._mapping not in kept
+        assert views_module._mapped_bytes <= views_module.MAPPING_CACHE_BYTES
+        np.testing.assert_array_equal(values, BIG["w"])
+        views.check()
+        del values
+
+
+def test_no_mapping_is_kept_with_a_zero_budget(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(views_module, "MAPPING_CACHE_BYTES", 0)
+    store, (digest, _) = _two_big_blobs(tmp_path / "run")
+    with store:
+        with BlobViews(store) as views:
+            blob = views.open(digest, "initial model")
+            views.check()
+        assert blob._mapping is None or blob._mapping.closed
+        assert not any(k[0].startswith(str(tmp_path)) for k in views_module._mappings)

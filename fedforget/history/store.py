@@ -77,6 +77,7 @@ from fedforget.history.records import (
     run_context_bytes,
     utc_now,
 )
+from fedforget.history.views import release_mappings
 from fedforget.history.wal import (
     WAL_SUFFIX,
     WalReport,
@@ -748,10 +749,13 @@ class HistoryStore:
             raise
 
     def close(self) -> None:
-        """Close the index. Further use of the store raises :class:`HistoryError`."""
+        """Close the index and unmap the store's blobs kept mapped by
+        :class:`~fedforget.history.views.BlobViews`. Further use of the store raises
+        :class:`HistoryError`."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        release_mappings(self._blob_root)
 
     def __enter__(self) -> HistoryStore:
         return self
