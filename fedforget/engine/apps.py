@@ -139,3 +139,62 @@ def _load_ref(ref: str, kind: type) -> Any:
     if not isinstance(obj, kind):
         raise ConfigError(f"Flower component {ref!r} is not a {kind.__name__}")
     return obj
+
+
+def stage_app(root: Path, directory: Path) -> Path:
+    """The files of the Flower app at ``root`` that ``flwr run`` may package, linked (or
+    copied) into the new directory ``directory``, which is returned: ``flwr run
+    <directory>`` then builds the same FAB as ``flwr run <root>``, without walking what it
+    would leave out.
+
+    ``flwr run`` collects every file under the app's directory (resolving each path) before
+    it filters them: under a project whose virtual environment lies inside it (``.venv``,
+    about 50,000 files) that walk alone took 5.4 s, and the filtering 0.6 s more, of every
+    submission. Here a directory is not entered when an exclusion that Flower applies to
+    every file it collects (the root's ``.gitignore``, Flower's publish exclusions) already
+    excludes the directory, hence, for a spec without negations (``!``), everything in it;
+    every other file is staged, and Flower's own filters then run on the stage as they
+    would on the root. Symbolic links and paths that resolve outside ``root`` are skipped,
+    as Flower skips them.
+    """
+    root = root.resolve()
+    specs = _exclusion_specs(root)
+    directory.mkdir(parents=True)
+    for current, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(current)
+        relative = here.relative_to(root)
+        dirnames[:] = sorted(
+            name for name in dirnames
+            if not any(spec.match_file((relative / name).as_posix() + "/") for spec in specs)
+        )
+        for name in filenames:
+            path = here / name
+            if path.is_symlink() or not path.resolve().is_relative_to(root):
+                continue
+            target = directory / relative / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:  # another file system, or no hard links: a copy
+                import shutil
+
+                shutil.copy2(path, target)
+    return directory
+
+
+def _exclusion_specs(root: Path) -> list[Any]:
+    """Path specs of the exclusions ``flwr run`` applies to every collected file, as
+    Flower builds them; those with a negation (``!``) are left out (they can re-include a
+    file inside an excluded directory). Empty where Flower's helpers are not found."""
+    try:
+        from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+        from flwr.supercore.constant import APP_PUBLISH_EXCLUDE_PATTERNS
+    except ImportError:  # pragma: no cover - another Flower: walk everything
+        return []
+    gitignore = root / ".gitignore"
+    pattern_sets = [
+        tuple(load_gitignore_patterns(gitignore)) if gitignore.is_file() else (),
+        tuple(APP_PUBLISH_EXCLUDE_PATTERNS),
+    ]
+    return [build_pathspec(patterns) for patterns in pattern_sets
+            if patterns and not any(p.lstrip().startswith("!") for p in patterns)]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedforget.engine.apps import FlowerProject, find_project
+from fedforget.engine.apps import FlowerProject, find_project, stage_app
 from fedforget.engine.credentials import NodeKey, TlsFiles
 from fedforget.engine.processes import (
     ADDRESS_IN_USE,
@@ -238,7 +238,8 @@ def run_deployment(
                              root_certificates=target.root_certificates)
         env = flower_env(home) if home is not None else _user_env()
         config_file = write_run_config(run_config, Path(tmp) / "run_config.toml")
-        return _submit_and_wait(project.root, target.connection, config_file, env,
+        app = stage_app(project.root, Path(tmp) / "app")  # the same FAB, built faster
+        return _submit_and_wait(app, target.connection, config_file, env,
                                 timeout=timeout, progress=progress)
 
 

@@ -3,7 +3,9 @@
 ``flwr run`` needs a SuperLink in simulation mode. Flower's managed local SuperLink is
 started detached and left running, with fixed ports; instead this module starts its own
 ``flower-superlink --simulation`` on free loopback ports with a private ``FLWR_HOME``,
-submits the run with ``flwr run <project> <connection> --run-config <file> --stream``,
+submits the run with ``flwr run <app> <connection> --run-config <file> --stream`` (``<app>``:
+the project's files staged by :func:`~fedforget.engine.apps.stage_app`, the same FAB without
+Flower walking a virtual environment inside the project),
 waits for it, and stops the SuperLink it started (by its process group, which it owns).
 
 A :func:`simulation_session` keeps one SuperLink (and, optionally, one Ray cluster: a
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedforget.engine.apps import FlowerProject, find_project
+from fedforget.engine.apps import FlowerProject, find_project, stage_app
 from fedforget.engine.processes import ADDRESS_IN_USE, BIND_ATTEMPTS, free_port
 from fedforget.errors import FedForgetError
 
@@ -350,8 +352,9 @@ def _submit(session: SimulationSession, run_config: Mapping[str, Any], *, num_no
         f"num-supernodes={num_nodes} client-resources-num-cpus={num_cpus_per_client:g} "
         "client-resources-num-gpus=0"
     )
+    app = stage_app(project.root, session.home / f"app-{session.runs}")
     command = [
-        _bin("flwr"), "run", str(project.root), session.connection,
+        _bin("flwr"), "run", str(app), session.connection,
         "--run-config", str(config_file), "--federation-config", federation, "--stream",
     ]
     try:
@@ -361,6 +364,8 @@ def _submit(session: SimulationSession, run_config: Mapping[str, Any], *, num_no
         )
     except subprocess.TimeoutExpired as exc:
         raise SimulationError(f"flwr run did not finish within {timeout:.0f} s") from exc
+    finally:
+        shutil.rmtree(app, ignore_errors=True)
     output = result.stdout or ""
     if progress:
         sys.stderr.write(output)
