@@ -309,6 +309,7 @@ class TaskMeasure:
         fitted once."""
         from fedforget.arrays import load_tensors
         from fedforget.evaluation import OriginalModelAttack
+        from fedforget.evaluation.membership import attack_recipe
         from fedforget.sampling import derive_seed
         from fedforget.task import new_model
         from fedforget.tensors import tensors_digest
@@ -317,7 +318,8 @@ class TaskMeasure:
         seed = derive_seed(self.cfg.seed, "original-attack") % 2**32
         directory = None
         fitted_on = {"training": self.cfg.training_mapping(), "seed": seed,
-                     "original-model": tensors_digest(ctx.original), "members": remaining}
+                     "original-model": tensors_digest(ctx.original), "members": remaining,
+                     "recipe": attack_recipe("original-model")}
         if self.cache is not None:
             key = _fitted_on_digest(fitted_on)[:16]
             directory = RunDirectory(self.cache).unlearned / f"original-attack-{key}"
@@ -550,7 +552,7 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
     scikit-learn. The recipe is ``run_shadow_attack``'s; a test checks that both give the
     same attack.
     """
-    from fedforget.evaluation.membership import ShadowAttack
+    from fedforget.evaluation.membership import ShadowAttack, attack_recipe
     from fedforget.evaluation.suite import SHADOW_EPOCHS, shadow_halves
     from fedforget.fileio import write_atomic
     from fedforget.task import new_model
@@ -569,7 +571,8 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
         digest = sha256_digest(data)
         if json.loads(record_path.read_text()).get("model_digest") == digest:
             cached, model_digest = decode(data), digest
-            kept = kept_attack(directory, {"shadow-model": digest, "seed": seed})
+            kept = kept_attack(directory, {"shadow-model": digest, "seed": seed,
+                                           "recipe": attack_recipe("shadow")})
             if kept is not None:  # the attack model fitted on this shadow, kept too
                 return ShadowAttack(**kept)
     shadow_train, shadow_out = shadow_halves(
@@ -597,7 +600,8 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
         shadow_train=shadow_train, shadow_out=shadow_out, build_shadow=lambda: new_model(cfg),
         train_shadow=train, seed=seed,
     )
-    keep_attack(directory, attack, {"shadow-model": model_digest, "seed": seed})
+    keep_attack(directory, attack, {"shadow-model": model_digest, "seed": seed,
+                                    "recipe": attack_recipe("shadow")})
     return attack
 
 

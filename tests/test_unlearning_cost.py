@@ -344,3 +344,40 @@ def test_federasers_attack_is_fitted_once_per_request_and_kept(
     assert after_again == after_first
     assert other["metrics"]["original_model_attack"] is not None
     assert len(kept()) == 2
+
+
+@pytest.mark.parametrize("change", ["recipe", "scikit-learn"])
+def test_a_kept_attack_of_another_recipe_is_fitted_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    import importlib.metadata
+    import json
+
+    from conftest import small_config
+
+    from fedforget.evaluation import membership
+    from fedforget.measure import cached_shadow_attack
+    from fedforget.task import load_client_data, load_test_set, new_model
+
+    # Prepare: an attack kept under this recipe and this scikit-learn
+    cfg = small_config()
+    test = load_test_set(cfg)
+    members, non_members = load_client_data(cfg, 0)
+    run = RunDirectory(tmp_path / "run")
+    expected = cached_shadow_attack(cfg, test, run).attack(new_model(cfg), members, non_members)
+    record_file = next(run.path.rglob("attack.json"))
+    before = json.loads(record_file.read_text())["fitted_on"]["recipe"]
+    # Execute: the same run measured under another recipe, or another scikit-learn
+    if change == "recipe":
+        monkeypatch.setattr(membership, "ATTACK_RECIPE_VERSION", before["version"] + 1)
+    else:
+        real = importlib.metadata.version
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.test"
+                            if name == "scikit-learn" else real(name))
+    found = cached_shadow_attack(cfg, test, run).attack(new_model(cfg), members, non_members)
+    # Assert: fitted again (the record names the new recipe), the same figures (the same
+    # data, seed and classifier)
+    after = json.loads(record_file.read_text())["fitted_on"]["recipe"]
+    assert found == expected
+    assert after != before
+    assert after["version" if change == "recipe" else "scikit-learn"] == (
+        before["version"] + 1 if change == "recipe" else "0.0.test")

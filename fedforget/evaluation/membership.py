@@ -41,6 +41,42 @@ from fedforget.evaluation.attack_models import from_sklearn
 from fedforget.evaluation.errors import EvaluationError
 from fedforget.training import predict_proba
 
+ATTACK_RECIPE_VERSION = 1
+"""Version of the attacks' recipe (their features, :func:`attack_features`, and how their
+classifiers are built): raise it with any change to either, so that attacks kept by an
+earlier recipe (:mod:`fedforget.measure`) are fitted again, not reused."""
+
+_SHADOW_CLASSIFIER: tuple[str, dict[str, Any]] = (
+    "sklearn.linear_model.LogisticRegression", {"class_weight": "balanced", "max_iter": 1000})
+_ORIGINAL_MODEL_CLASSIFIER: tuple[str, dict[str, Any]] = (
+    "sklearn.ensemble.GradientBoostingClassifier", {})
+"""The attacks' classifiers and their parameters besides ``random_state`` (the seed);
+scikit-learn's defaults fill the rest, so its version is part of :func:`attack_recipe`."""
+
+
+def attack_recipe(kind: str) -> dict[str, Any]:
+    """What a fitted attack of ``kind`` (``"shadow"`` or ``"original-model"``) depends on
+    besides its data and seed: the recipe's version, the classifier and its parameters, and
+    the installed scikit-learn's version (from its package metadata, without importing it).
+
+    Raises
+    ------
+    EvaluationError
+        For another ``kind``.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    recipes = {"shadow": _SHADOW_CLASSIFIER, "original-model": _ORIGINAL_MODEL_CLASSIFIER}
+    if kind not in recipes:
+        raise EvaluationError(f"no attack {kind!r}; expected one of {', '.join(recipes)}")
+    classifier, params = recipes[kind]
+    try:
+        sklearn = version("scikit-learn")
+    except PackageNotFoundError:  # pragma: no cover - a dependency
+        sklearn = None
+    return {"version": ATTACK_RECIPE_VERSION, "classifier": classifier, "params": params,
+            "scikit-learn": sklearn}
+
 
 def roc_auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
     r"""Exact ROC AUC of scores where positives should score higher (ties count 1/2).
@@ -230,7 +266,7 @@ class ShadowAttack:
         labels = np.concatenate(
             [np.ones(len(shadow_in), dtype=np.int64), np.zeros(len(shadow_out_features), np.int64)]
         )
-        classifier = LogisticRegression(class_weight="balanced", random_state=seed, max_iter=1000)
+        classifier = LogisticRegression(random_state=seed, **_SHADOW_CLASSIFIER[1])
         classifier.fit(features, labels)
         # Applied as plain arrays (the same probabilities, bit for bit): see attack_models.
         return cls(classifier=from_sklearn(classifier, features) or classifier,
@@ -322,7 +358,8 @@ class OriginalModelAttack(ShadowAttack):
         features = np.concatenate([features_in, features_out])
         labels = np.concatenate([np.ones(len(features_in), np.int64),
                                  np.zeros(len(features_out), np.int64)])
-        classifier = GradientBoostingClassifier(random_state=seed)
+        classifier = GradientBoostingClassifier(random_state=seed,
+                                                **_ORIGINAL_MODEL_CLASSIFIER[1])
         classifier.fit(features, labels)
         return cls(classifier=from_sklearn(classifier, features) or classifier,
                    num_classes=int(features.shape[1]), threshold=threshold)
