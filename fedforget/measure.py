@@ -552,15 +552,22 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
     scikit-learn. The recipe is ``run_shadow_attack``'s; a test checks that both give the
     same attack.
     """
-    from fedforget.evaluation.membership import ShadowAttack, attack_recipe
+    from fedforget.evaluation.membership import (
+        ATTACK_RECIPE_VERSION,
+        ShadowAttack,
+        attack_recipe,
+    )
     from fedforget.evaluation.suite import SHADOW_EPOCHS, shadow_halves
     from fedforget.fileio import write_atomic
     from fedforget.task import new_model
     from fedforget.tensors import decode, encode, sha256_digest
     from fedforget.training import train_local
 
-    key = hashlib.sha256(canonical_dumps({"training": cfg.training_mapping(),
-                                          "shadow-epochs": SHADOW_EPOCHS})).hexdigest()[:12]
+    # The shadow model is trained by this recipe under this PyTorch: another version of
+    # either trains (and keeps) another one.
+    key = hashlib.sha256(canonical_dumps({
+        "training": cfg.training_mapping(), "shadow-epochs": SHADOW_EPOCHS,
+        "recipe": ATTACK_RECIPE_VERSION, "torch": torch.__version__})).hexdigest()[:12]
     directory = run.shadow_dir(key)
     model_path, record_path = directory / "model.fft", directory / "shadow.json"
     seed = derive_seed(cfg.seed, "shadow-attack", "attack") % 2**32

@@ -374,10 +374,35 @@ def test_a_kept_attack_of_another_recipe_is_fitted_again(
         monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.test"
                             if name == "scikit-learn" else real(name))
     found = cached_shadow_attack(cfg, test, run).attack(new_model(cfg), members, non_members)
-    # Assert: fitted again (the record names the new recipe), the same figures (the same
+    # Assert: fitted again (the record names the new recipe; under a new recipe the shadow
+    # model is trained again too, in a directory of its own), the same figures (the same
     # data, seed and classifier)
-    after = json.loads(record_file.read_text())["fitted_on"]["recipe"]
+    records = sorted(run.path.rglob("attack.json"))
+    assert len(records) == (2 if change == "recipe" else 1)
+    newest = max(records, key=lambda path: path.stat().st_mtime_ns)
+    assert (newest != record_file) == (change == "recipe")
+    after = json.loads(newest.read_text())["fitted_on"]["recipe"]
     assert found == expected
     assert after != before
     assert after["version" if change == "recipe" else "scikit-learn"] == (
         before["version"] + 1 if change == "recipe" else "0.0.test")
+
+
+def test_another_pytorch_trains_its_own_shadow_model(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from conftest import small_config
+
+    from fedforget.measure import cached_shadow_attack
+    from fedforget.task import load_client_data, load_test_set, new_model
+
+    cfg = small_config()
+    test = load_test_set(cfg)
+    members, non_members = load_client_data(cfg, 0)
+    run = RunDirectory(tmp_path / "run")
+    expected = cached_shadow_attack(cfg, test, run).attack(new_model(cfg), members, non_members)
+    monkeypatch.setattr(torch, "__version__", "0.0.test")
+    found = cached_shadow_attack(cfg, test, run).attack(new_model(cfg), members, non_members)
+    # a shadow model of its own (this PyTorch is the same one: the same figures)
+    assert len(sorted(run.path.rglob("model.fft"))) == 2
+    assert found == expected
