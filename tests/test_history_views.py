@@ -14,6 +14,7 @@ import pytest
 
 from fedforget.errors import ConfigError, IntegrityError
 from fedforget.history import HistoryStore
+from fedforget.history import mappings as mappings_module
 from fedforget.history import views as views_module
 from fedforget.history.views import MAP_THRESHOLD, BlobViews, forget_verified
 from fedforget.tensors import blob_layout, decode, encode
@@ -225,7 +226,7 @@ def test_closing_the_store_unmaps_its_blobs(tmp_path: Path) -> None:
     # Assert: the closed store's mappings are gone, the other store's are kept
     assert all(ref() is None for ref in mappings["a"])
     assert all(ref() is not None for ref in mappings["b"])
-    assert not any(k[0].startswith(str(tmp_path / "a")) for k in views_module._mappings)
+    assert not any(k[0].startswith(str(tmp_path / "a")) for k in mappings_module._mappings)
     other.close()
     gc.collect()
     assert all(ref() is None for ref in mappings["b"])
@@ -235,7 +236,7 @@ def test_the_kept_mappings_stay_within_their_budget(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: room for one blob's mapping only
     store, (first, second) = _two_big_blobs(tmp_path / "run")
-    monkeypatch.setattr(views_module, "MAPPING_CACHE_BYTES",
+    monkeypatch.setattr(mappings_module, "MAPPING_CACHE_BYTES",
                         store.blob_location(first).nbytes + (1 << 16))
     with store, BlobViews(store) as views:
         # Execute: the first blob still viewed while the second is mapped
@@ -243,9 +244,9 @@ def test_the_kept_mappings_stay_within_their_budget(tmp_path: Path,
         values = a.views()["w"]
         b = views.open(second, "round 1")
         # Assert: the first was dropped from the kept ones but stays readable while viewed
-        kept = [m for _, m in views_module._mappings.values()]
+        kept = [m for _, m in mappings_module._mappings.values()]
         assert b._mapping in kept and a._mapping not in kept
-        assert views_module._mapped_bytes <= views_module.MAPPING_CACHE_BYTES
+        assert mappings_module._mapped_bytes <= mappings_module.MAPPING_CACHE_BYTES
         np.testing.assert_array_equal(values, BIG["w"])
         views.check()
         del values
@@ -253,11 +254,11 @@ def test_the_kept_mappings_stay_within_their_budget(tmp_path: Path,
 
 def test_no_mapping_is_kept_with_a_zero_budget(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(views_module, "MAPPING_CACHE_BYTES", 0)
+    monkeypatch.setattr(mappings_module, "MAPPING_CACHE_BYTES", 0)
     store, (digest, _) = _two_big_blobs(tmp_path / "run")
     with store:
         with BlobViews(store) as views:
             blob = views.open(digest, "initial model")
             views.check()
         assert blob._mapping is None or blob._mapping.closed
-        assert not any(k[0].startswith(str(tmp_path)) for k in views_module._mappings)
+        assert not any(k[0].startswith(str(tmp_path)) for k in mappings_module._mappings)

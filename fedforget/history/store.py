@@ -69,6 +69,7 @@ from fedforget.history.commitment import (
     read_head_log,
     spans,
 )
+from fedforget.history.mappings import release_mappings
 from fedforget.history.records import (
     ParticipantRecord,
     RefusedReply,
@@ -77,7 +78,6 @@ from fedforget.history.records import (
     run_context_bytes,
     utc_now,
 )
-from fedforget.history.views import release_mappings
 from fedforget.history.wal import (
     WAL_SUFFIX,
     WalReport,

@@ -26,7 +26,8 @@ method that combines many blobs (the subtraction-type methods):
 A file changed while it is mapped is refused at :meth:`BlobViews.check` (its status-change
 time moves).
 
-Mappings are kept between uses, up to :data:`MAPPING_CACHE_BYTES` in all (least recently
+Mappings are kept between uses (:mod:`fedforget.history.mappings`), up to
+:data:`~fedforget.history.mappings.MAPPING_CACHE_BYTES` in all (least recently
 used first out): a method that reads the same blobs again in this process (a second method
 or request on the same history) finds them mapped, without the page-table work of mapping
 and unmapping them again (about 0.3 ms per 8 MB blob on the development machine, a sixth of
@@ -43,7 +44,6 @@ import contextlib
 import hashlib
 import mmap
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -55,12 +55,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedforget.errors import ConfigError, IntegrityError
+from fedforget.history.mappings import drop_mapping, map_blob, release_mappings
 from fedforget.tensors import StoredTensor, blob_layout
 
 if TYPE_CHECKING:
     from fedforget.history.store import BlobLocation, HistoryStore
 
-__all__ = ["BlobViews", "StoredBlob", "VERIFY_MODES"]
+__all__ = ["BlobViews", "StoredBlob", "VERIFY_MODES", "release_mappings"]
 
 VERIFY_MODES = ("once", "always")
 
@@ -83,61 +84,6 @@ def _identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
 def forget_verified() -> None:
     """Forget which blobs this process verified (every blob is hashed again)."""
     _verified.clear()
-
-
-MAPPING_CACHE_BYTES = 1 << 30
-"""Bytes of blob mappings kept between uses (see the module); 0 keeps none."""
-
-_mappings: OrderedDict[tuple[str, int, int], tuple[tuple[int, ...], mmap.mmap]] = OrderedDict()
-"""Kept mappings: (file, start, length) -> (the file's identity when mapped, the mapping)."""
-_mapped_bytes = 0
-_mappings_lock = threading.Lock()
-
-
-def _map(fd: int, path: str, start: int, length: int,
-         identity: tuple[int, ...]) -> tuple[mmap.mmap, bool]:
-    """A read-only mapping of ``length`` bytes of ``fd`` from ``start``: a kept one where
-    the file still has ``identity``, else a new one (kept where the budget allows).
-    Returns the mapping and whether it is kept (the caller must not close a kept one)."""
-    global _mapped_bytes
-    key = (path, start, length)
-    with _mappings_lock:
-        entry = _mappings.get(key)
-        if entry is not None:
-            if entry[0] == identity:
-                _mappings.move_to_end(key)
-                return entry[1], True
-            _drop(key)
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    mapping = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=start)
-    if length > MAPPING_CACHE_BYTES:
-        return mapping, False
-    with _mappings_lock:
-        if key in _mappings:  # another thread mapped it meanwhile: keep one
-            _drop(key)
-        _mappings[key] = (identity, mapping)
-        _mapped_bytes += length
-        while _mapped_bytes > MAPPING_CACHE_BYTES:
-            _drop(next(iter(_mappings)))
-    return mapping, True
-
-
-def _drop(key: tuple[str, int, int]) -> None:
-    """Forget a kept mapping (lock held); unmapped now, or with the last view of it."""
-    global _mapped_bytes
-    _, mapping = _mappings.pop(key)
-    _mapped_bytes -= key[2]
-    with contextlib.suppress(BufferError):  # still viewed: it goes with its last view
-        mapping.close()
-
-
-def release_mappings(under: str | os.PathLike[str] | None = None) -> None:
-    """Unmap the kept mappings of the files under the directory ``under`` (default: all).
-    A mapping still viewed by an open blob goes with its last view."""
-    prefix = None if under is None else os.path.join(os.fspath(under), "")
-    with _mappings_lock:
-        for key in [k for k in _mappings if prefix is None or k[0].startswith(prefix)]:
-            _drop(key)
 
 
 @dataclass
@@ -253,7 +199,7 @@ class BlobViews:
                 )
             if location.nbytes >= MAP_THRESHOLD:
                 start = location.offset - location.offset % mmap.ALLOCATIONGRANULARITY
-                mapping, kept = _map(fd, os.fspath(location.path), start, end - start,
+                mapping, kept = map_blob(fd, os.fspath(location.path), start, end - start,
                                      _identity(stat))
                 buffer = memoryview(mapping)[location.offset - start:]
             else:
@@ -266,8 +212,7 @@ class BlobViews:
             if mapping is not None:
                 buffer.release()
                 if kept:  # not a blob: nothing of it is kept
-                    with _mappings_lock:
-                        _drop((os.fspath(location.path), start, end - start))
+                    drop_mapping(os.fspath(location.path), start, end - start)
                 else:
                     mapping.close()
             raise IntegrityError(f"{where}: blob {location}: {exc}") from None
