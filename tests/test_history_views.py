@@ -262,3 +262,18 @@ def test_no_mapping_is_kept_with_a_zero_budget(tmp_path: Path,
             views.check()
         assert blob._mapping is None or blob._mapping.closed
         assert not any(k[0].startswith(str(tmp_path)) for k in mappings_module._mappings)
+
+
+def test_the_kept_mappings_are_bounded_in_number(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: room for one mapping by count (each holds a file descriptor)
+    monkeypatch.setattr(mappings_module, "MAPPING_CACHE_COUNT", 1)
+    store, (first, second) = _two_big_blobs(tmp_path / "run")
+    with store, BlobViews(store) as views:
+        # Execute
+        a = views.open(first, "initial model")
+        b = views.open(second, "round 1")
+        views.check()
+        # Assert: only the newer one is kept
+        kept = [m for _, m in mappings_module._mappings.values()]
+        assert kept == [b._mapping] and a._mapping not in kept

@@ -1,6 +1,7 @@
 """Read-only mappings of stored blobs, kept between readers (see
 :mod:`fedforget.history.views`): up to :data:`MAPPING_CACHE_BYTES` in all, least recently
-used first out, each used again only while its file has the identity it had when mapped.
+used first out, at most :data:`MAPPING_CACHE_COUNT` of them, each used again only while its
+file has the identity it had when mapped.
 :meth:`HistoryStore.close <fedforget.history.store.HistoryStore.close>` releases a store's.
 """
 
@@ -12,10 +13,15 @@ import os
 import threading
 from collections import OrderedDict
 
-__all__ = ["MAPPING_CACHE_BYTES", "drop_mapping", "map_blob", "release_mappings"]
+__all__ = ["MAPPING_CACHE_BYTES", "MAPPING_CACHE_COUNT", "drop_mapping", "map_blob",
+           "release_mappings"]
 
 MAPPING_CACHE_BYTES = 1 << 30
 """Bytes of blob mappings kept between uses (see the module); 0 keeps none."""
+
+MAPPING_CACHE_COUNT = 128
+"""Mappings kept at most: on Python before 3.13 each mapping holds a duplicate of its file
+descriptor, so the count is bounded well below the usual limit of 1,024 open files."""
 
 _mappings: OrderedDict[tuple[str, int, int], tuple[tuple[int, ...], mmap.mmap]] = OrderedDict()
 """Kept mappings: (file, start, length) -> (the file's identity when mapped, the mapping)."""
@@ -46,7 +52,7 @@ def map_blob(fd: int, path: str, start: int, length: int,
             _drop(key)
         _mappings[key] = (identity, mapping)
         _mapped_bytes += length
-        while _mapped_bytes > MAPPING_CACHE_BYTES:
+        while _mapped_bytes > MAPPING_CACHE_BYTES or len(_mappings) > MAPPING_CACHE_COUNT:
             _drop(next(iter(_mappings)))
     return mapping, True
 
