@@ -571,6 +571,7 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
     directory = run.shadow_dir(key)
     model_path, record_path = directory / "model.fft", directory / "shadow.json"
     seed = derive_seed(cfg.seed, "shadow-attack", "attack") % 2**32
+    recipe = attack_recipe("shadow")
     cached: TensorDict | None = None
     model_digest = ""
     if model_path.exists() and record_path.exists():
@@ -579,7 +580,7 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
         if json.loads(record_path.read_text()).get("model_digest") == digest:
             cached, model_digest = decode(data), digest
             kept = kept_attack(directory, {"shadow-model": digest, "seed": seed,
-                                           "recipe": attack_recipe("shadow")})
+                                           "recipe": recipe})
             if kept is not None:  # the attack model fitted on this shadow, kept too
                 return ShadowAttack(**kept)
     shadow_train, shadow_out = shadow_halves(
@@ -608,7 +609,7 @@ def cached_shadow_attack(cfg: RunConfig, test_set: ArrayDataset, run: RunDirecto
         train_shadow=train, seed=seed,
     )
     keep_attack(directory, attack, {"shadow-model": model_digest, "seed": seed,
-                                    "recipe": attack_recipe("shadow")})
+                                    "recipe": recipe})
     return attack
 
 

@@ -5,12 +5,14 @@ project root, byte for byte."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from fedforget.engine.apps import stage_app
+from fedforget.fileio import StorageError
 
 PYPROJECT = """\
 [build-system]
@@ -89,5 +91,30 @@ def test_the_staged_app_builds_the_same_fab(tmp_path: Path, gitignore: str) -> N
 def test_the_stage_must_be_a_new_directory(tmp_path: Path) -> None:
     root = _project(tmp_path / "project", "")
     (tmp_path / "stage").mkdir()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(StorageError, match=re.escape(
+            f"cannot stage the Flower app in {tmp_path / 'stage'}: ")):
         stage_app(root, tmp_path / "stage")
+
+
+def test_a_failed_stage_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a disk that fills up after the first file
+    import errno
+
+    from fedforget.engine import apps
+
+    root = _project(tmp_path / "project", "")
+    staged: list[str] = []
+
+    def link(source: Path, target: Path) -> None:
+        if staged:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        staged.append(str(target))
+        os.symlink(source, target)
+
+    monkeypatch.setattr(apps.os, "link", link)
+    monkeypatch.setattr(apps.shutil, "copy2", link)
+    # Execute / Assert: a clear error, nothing left behind
+    with pytest.raises(StorageError, match=re.escape("free some space")) as caught:
+        stage_app(root, tmp_path / "stage")
+    assert "nothing was submitted and the stage was removed" in str(caught.value)
+    assert len(staged) == 1 and not (tmp_path / "stage").exists()

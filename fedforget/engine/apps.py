@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import tomllib
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedforget.errors import ConfigError
+from fedforget.fileio import storage_error
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,22 @@ def stage_app(root: Path, directory: Path) -> Path:
     """
     root = root.resolve()
     specs = _exclusion_specs(root)
-    directory.mkdir(parents=True)
+    try:
+        directory.mkdir(parents=True)
+    except OSError as exc:
+        raise storage_error(exc, directory, "stage the Flower app in",
+                            "nothing was submitted") from exc
+    try:
+        _stage(root, directory, specs)
+    except OSError as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise storage_error(exc, directory, "stage the Flower app in",
+                            "nothing was submitted and the stage was removed") from exc
+    return directory
+
+
+def _stage(root: Path, directory: Path, specs: list[Any]) -> None:
+    """The walk of :func:`stage_app`."""
     for current, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(current)
         relative = here.relative_to(root)
@@ -176,10 +193,7 @@ def stage_app(root: Path, directory: Path) -> Path:
             try:
                 os.link(path, target)
             except OSError:  # another file system, or no hard links: a copy
-                import shutil
-
                 shutil.copy2(path, target)
-    return directory
 
 
 def _exclusion_specs(root: Path) -> list[Any]:
