@@ -224,8 +224,9 @@ class GridFederation:
         """Ordinary recorded rounds ``start_round..end_round`` (see the Federation protocol).
 
         ``on_round(t, model)`` may return metrics to show in the progress line;
-        ``head_signer`` (:class:`fedforget.receipts.issuer.HeadSigner`) signs a tree head
-        after each committed round and sends the latest to the clients; ``evaluate_rounds``
+        ``head_signer`` (:class:`fedforget.history.HeadLog`) signs a tree head after each
+        committed round (on the store's writer thread, right after the round's write) and
+        the latest signed head goes to the clients with the next round; ``evaluate_rounds``
         (None: as the app's strategy decides) are the rounds with federated evaluation.
         """
         if start_round != store.last_round + 1:
@@ -244,8 +245,6 @@ class GridFederation:
 
         def committed(record: RoundRecord) -> None:
             self._count(record, size)
-            if head_signer is not None:
-                head_signer.on_commit(record)
 
         wrapper = HistoryRecording(
             self.app.fresh_strategy(),
@@ -259,6 +258,7 @@ class GridFederation:
             evaluate_rounds=evaluate_rounds,
             roster=roster,
             on_commit=committed,
+            after_write=head_signer.on_commit if head_signer is not None else None,
             extra_config=head_signer.config if head_signer is not None else None,
             refresh_exclude=refresh_exclude,
             on_ask=on_ask,

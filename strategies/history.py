@@ -21,7 +21,10 @@ pure computation) on the training thread, and its writes and fsyncs
 (:meth:`~fedforget.history.HistoryStore.write_round`, I/O that releases the GIL) on one
 background writer thread, in round order, overlapping the next round's training;
 :meth:`HistoryRecording.flush` waits for them. (Python work on the writer thread would
-contend with training for the GIL; measured, it costs more than doing it in line.) A round
+contend with training for the GIL; measured, it costs more than doing it in line.) The one
+exception is ``after_write`` (the server's tree-head signature, about 1 ms of CPU a round):
+it follows its round's write on the writer thread, so that its log's fsync and the
+signature's lock do not hold up the next round. A round
 that cannot be recorded stops training at once, a write that fails at the next round. A
 killed process leaves the store at its last complete round either way.
 """
@@ -45,6 +48,7 @@ from fedforget.arrays import TensorDict, from_array_record, to_array_record
 from fedforget.errors import ClientReplyError, RoundFailedError
 from fedforget.history import HistoryStore, ParticipantUpdate, RoundRecord
 from fedforget.history.records import RefusedReply
+from fedforget.history.store import PreparedRound
 from fedforget.robust import RobustPolicy, screen_reply
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.settings import WEIGHTED_MEAN
@@ -243,8 +247,13 @@ class HistoryRecording(Strategy):
         roster keeps the schedule when some clients are no longer connected; a selected
         client that is not connected counts as a missing reply.
     on_commit : callable, optional
-        Called with each committed record, in round order, on this thread (the server
-        signs a new tree head with it).
+        Called with each committed record, in round order, on this thread.
+    after_write : callable, optional
+        Called with each committed record, in round order, right after its commit, on the
+        thread that committed it (the writer thread with ``background_commit``): the server
+        signs a new tree head with it, so that the head's signature and its log's fsync
+        overlap the next round's training instead of delaying it. An exception it raises
+        fails the round's commit (raised at the next round or by :meth:`flush`).
     extra_config : callable, optional
         Extra train-config entries for every message of a round (the latest tree head).
     refresh_exclude : callable, optional
@@ -278,6 +287,7 @@ class HistoryRecording(Strategy):
         background_commit: bool = True,
         roster: Iterable[str] | None = None,
         on_commit: Callable[[RoundRecord], None] | None = None,
+        after_write: Callable[[RoundRecord], None] | None = None,
         extra_config: Callable[[], Mapping[str, str]] | None = None,
         refresh_exclude: Callable[[], Iterable[str]] | None = None,
         on_ask: Callable[[protocol.WithdrawalAsk], None] | None = None,
@@ -289,6 +299,7 @@ class HistoryRecording(Strategy):
         self.clients = dict(clients)
         self.roster = tuple(sorted(roster if roster is not None else self.clients))
         self.on_commit = on_commit
+        self.after_write = after_write
         self.extra_config = extra_config
         self.sampler = sampler
         self.run_seed = run_seed
@@ -316,11 +327,21 @@ class HistoryRecording(Strategy):
     # ------------------------------------------------------------------ commits
     def _commit(self, **kwargs: object) -> None:
         if self._writer is None:
-            self._committed(self.store.commit_round(**kwargs))  # type: ignore[arg-type]
+            record = self.store.commit_round(**kwargs)  # type: ignore[arg-type]
+            self._committed(self._written(record))
             return
         self._raise_failed_commit()
         prepared = self.store.prepare_round(**kwargs)  # type: ignore[arg-type]
-        self._commits.append(self._writer.submit(self.store.write_round, prepared))
+        self._commits.append(self._writer.submit(self._write, prepared))
+
+    def _write(self, prepared: PreparedRound) -> RoundRecord:
+        """The writer thread's half: write the prepared round, then ``after_write``."""
+        return self._written(self.store.write_round(prepared))
+
+    def _written(self, record: RoundRecord) -> RoundRecord:
+        if self.after_write is not None:
+            self.after_write(record)
+        return record
 
     def _raise_failed_commit(self) -> None:
         while self._commits and self._commits[0].done():
