@@ -121,6 +121,9 @@ class UnlearningOutcome:
     kind: str = "client"  # the size of the request: client, records or class
     # what the record and class requests in force forget (ErasureScope.to_dict), if any
     scope: dict[str, Any] | None = None
+    # the process that computed it (fedforget.environment.compute_environment; None:
+    # recorded before this field was kept)
+    environment: dict[str, str] | None = None
 
     # --------------------------------------------------------------- conversion
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +187,9 @@ class ReferenceRecord:
     trained_rounds: int | None = None
     original_model_digest: str | None = None
     scope: dict[str, Any] | None = None  # records and classes it was trained without
+    # the process that retrained it (fedforget.environment.compute_environment; None:
+    # recorded before this field was kept)
+    environment: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready copy."""

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedforget.arrays import TensorDict
+from fedforget.environment import compute_environment, environment_differences
 from fedforget.erasure import ErasureScope, add_client_records
 from fedforget.errors import FedForgetError
 from fedforget.fileio import write_atomic
@@ -289,6 +290,7 @@ class UnlearningService:
                 progress=bool(getattr(self.federation, "progress", False)),
             ))
             digest = write_model(partial / MODEL_FILE, result.model)
+            environment = compute_environment()
             outcome = UnlearningOutcome(
                 method=method.name,
                 method_version=str(method.version),
@@ -310,12 +312,13 @@ class UnlearningService:
                 rounds_affected=list(result.rounds_affected),
                 metrics=metrics,
                 finished_at=utc_now(),
-                notes=list(result.notes),
+                notes=list(result.notes) + _environment_notes(reference, environment),
                 history_dir=(self.run.relative(final / Path(result.history_dir)
                                                .relative_to(partial))
                              if result.history_dir else None),
                 kind=request.kind,
                 scope=scope.to_dict() if scope else None,
+                environment=environment,
             )
             key, public_key = signing_key(self.run, self.keys_dir)
             staged = sign_receipt(run=self.run, store=store, outcome=outcome, key=key,
@@ -431,7 +434,8 @@ class UnlearningService:
                 cost=result.cost, rounds_affected=list(result.rounds_affected),
                 history_dir=REPLAYED_HISTORY_DIR if result.history_dir else None,
                 notes=list(result.notes), scope=scope.to_dict() if scope else None,
-                trained_rounds=last, original_model_digest=original)
+                trained_rounds=last, original_model_digest=original,
+                environment=compute_environment())
             record.write(partial / RESULT_FILE)
             _commit(partial, final)
         except BaseException:
@@ -472,6 +476,20 @@ def _reference_info(reference: _Reference | None, digest: str) -> ReferenceInfo:
     return ReferenceInfo(status=reference.status, model_digest=reference.record.model_digest,
                          cost=reference.record.cost,
                          bit_identical=digest == reference.record.model_digest)
+
+
+def _environment_notes(reference: _Reference | None, now: dict[str, str]) -> list[str]:
+    """A note when the cached reference was retrained under other kernels or versions
+    than this result was computed under: then bit identity with it is not to be expected
+    even of an exact method."""
+    if reference is None:
+        return []
+    changed = environment_differences(reference.record.environment, now)
+    if not changed:
+        return []
+    return [f"the cached reference ({reference.directory}) was retrained in another environment "
+            f"({'; '.join(changed)}): a model computed here need not match it bit for bit, "
+            "even by an exact method (fedforget.environment says how to choose the kernels)"]
 
 
 def _run_seed(store: HistoryStore, federation: Federation | None) -> int:

@@ -37,6 +37,9 @@ def flatten_cell(record: Mapping[str, Any]) -> dict[str, Any]:
         _flatten(result.get("metrics", {}), "", row)
         _flatten(result.get("cost", {}), "cost_", row)
         _flatten(result.get("reference", {}).get("cost", {}), "retrain_cost_", row)
+        # what computed it (fedforget.environment): models computed under other kernels
+        # need not be equal bit for bit
+        _flatten(result.get("environment") or {}, "env_", row)
     row.update(record.get("extra_metrics", {}))
     row["cell_seconds"] = record.get("cell_seconds")
     return row
