@@ -9,7 +9,9 @@ machine than on an AVX2 one, and the same digest again on the AVX-512 machine on
 (:func:`compute_environment`): a cached retrained reference computed under other kernels is
 still used, but the result says that bit identity with it was not to be expected
 (:func:`environment_differences`), and an experiment's ``results.csv`` has one ``env_*``
-column per entry, per cell.
+column per entry, per cell. The environment is the recording process's: in a deployment
+that is the server's, while the clients train on machines it does not know (a deployment's
+models are bit-identical only where the clients' kernels are unchanged as well).
 
 Set ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``; PyTorch reads it once, at its
 first use) to reproduce digests recorded under other kernels.
