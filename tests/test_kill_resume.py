@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, SMALL, train_small
 
 from fedforget.history import HistoryStore, verify_store
+from fedforget.history.wal import analyse_wal
 
 ROUNDS = 60
 
@@ -33,8 +34,21 @@ def _state(out: Path) -> dict[str, object]:
     modification time) and the last round a fresh read-only connection sees."""
     files = {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_ino, p.stat().st_mtime_ns)
              for p in sorted(out.iterdir()) if p.is_file()}
+    try:  # fedforget's own reading of the index and its log (what `read_only` opens)
+        with HistoryStore.open(out, read_only=True) as image:
+            image_round: object = image.last_round
+    except Exception as exc:  # noqa: BLE001 - shown, not handled
+        image_round = repr(exc)
     return {"files": files, "last round": _last_round(out / "history.sqlite"),
-            "pid": os.getpid()}
+            "last round of the image": image_round,
+            "log": _log(out / "history.sqlite-wal"), "pid": os.getpid()}
+
+
+def _log(path: Path) -> dict[str, object]:
+    report = analyse_wal(path)
+    return {"frames": len(report.frames), "damage": report.damage,
+            "torn commit": report.torn_commit, "tail frames": report.tail_frames,
+            "beyond": len(report.beyond)}
 
 
 def _write_config(path: Path) -> None:
