@@ -31,7 +31,8 @@ def _last_round(index: Path) -> int:
 
 def _state(out: Path) -> dict[str, object]:
     """What a failed assertion should show of a run directory: its files (size, inode,
-    modification time) and the last round a fresh read-only connection sees."""
+    modification time), the last round a fresh read-only SQLite connection sees, the last
+    round of fedforget's own image of the index and its log, and the log's analysis."""
     files = {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_ino, p.stat().st_mtime_ns)
              for p in sorted(out.iterdir()) if p.is_file()}
     try:  # fedforget's own reading of the index and its log (what `read_only` opens)
