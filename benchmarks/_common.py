@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -86,16 +85,19 @@ def project() -> Any:
 
 
 def environment() -> str:
-    """One line describing the machine and library versions."""
+    """One line describing the machine and library versions, with the CPU kernels PyTorch
+    dispatches to (model digests differ between kernel sets: ``fedforget.environment``)."""
     import flwr
-    import torch
 
+    from fedforget.environment import compute_environment
+
+    env = compute_environment()
     load = os.getloadavg()
     return (
-        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} | {platform.machine()}, "
-        f"{os.cpu_count()} cores, no GPU | Python {platform.python_version()}, "
-        f"torch {torch.__version__}, flwr {flwr.__version__}, numpy {np.__version__} | "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} | {env['machine']}, "
+        f"{os.cpu_count()} cores, no GPU | Python {env['python']}, "
+        f"torch {env['torch']} ({env['cpu_capability']} kernels), flwr {flwr.__version__}, "
+        f"numpy {env['numpy']} | load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
 
 

@@ -11,7 +11,7 @@ from conftest import small_config
 
 from fedforget.engine import run_training
 from fedforget.fileio import StorageError
-from fedforget.history import HeadLog, HistoryStore
+from fedforget.history import HeadLog, HistoryStore, verify_store
 from fedforget.history.commitment import read_head_log
 from fedforget.history.records import RoundRecord
 
@@ -38,11 +38,23 @@ def test_heads_are_signed_on_the_writer_thread_in_round_order(
 def test_a_failed_signing_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(self: HeadLog, record: RoundRecord) -> None:
         if record.round == 2:
-            raise StorageError("fedforget: error: cannot append a signed tree head (test)")
+            raise StorageError("cannot append a signed tree head to tree_heads.jsonl (test)")
 
-    monkeypatch.setattr(HeadLog, "on_commit", failing)
-    with pytest.raises(StorageError, match="signed tree head"):
-        run_training(small_config(**{"num-rounds": 4}), out=tmp_path / "run",
-                     engine="inprocess", progress=False)
-    with HistoryStore.open(tmp_path / "run") as store:
-        assert store.last_round <= 3  # training stopped at the next round, not at the end
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(HeadLog, "on_commit", failing)
+        with pytest.raises(StorageError, match="signed tree head"):
+            run_training(small_config(**{"num-rounds": 4}), out=run, engine="inprocess",
+                         progress=False)
+    with HistoryStore.open(run) as store:
+        assert 2 <= store.last_round <= 3  # stopped at the next round, not at the end
+    # nothing is lost: the same command resumes, signs what is not yet covered, and ends
+    # with the model of an uninterrupted run
+    run_training(small_config(**{"num-rounds": 4}), out=run, engine="inprocess",
+                 progress=False)
+    run_training(small_config(**{"num-rounds": 4}), out=tmp_path / "whole",
+                 engine="inprocess", progress=False)
+    assert verify_store(run).ok
+    with HistoryStore.open(run) as store, HistoryStore.open(tmp_path / "whole") as whole:
+        assert store.last_round == 4
+        assert store.model_digest(4) == whole.model_digest(4)
