@@ -105,6 +105,52 @@ def fsync_latency(directory: Path, *, size: int, count: int) -> tuple[float, flo
     return statistics.median(file_times), statistics.median(dir_times)
 
 
+def signing_growth(directory: Path, *, heads: tuple[int, ...], window: int = 50
+                   ) -> dict[int, float]:
+    """Median CPU seconds (thread clock) of one signed tree head after each of ``heads``
+    heads were signed, over ``window`` signatures there.
+
+    The head log of a store with one committed round signs one head per further record
+    (``HeadLog.on_commit`` with a synthetic record of a round record's size: the
+    signature does not look inside it), with fsync as ``fedforget train`` runs it. The
+    cost of a signature should not grow with the heads signed before it.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedforget.history.heads import HeadLog
+
+    class Record:  # what on_commit reads of a round record
+        def __init__(self, t: int) -> None:
+            self.data = b"r" * 3000 + str(t).encode()
+
+        def canonical_bytes(self) -> bytes:
+            return self.data
+
+    store = HistoryStore.create(directory, run_config={"bench": True})
+    try:
+        store.set_roster(["client-000"])
+        model = {"w": np.zeros(3, np.float32)}
+        before = store.put_initial_model(model)
+        store.commit_round(round=1, global_before=before, global_after=model, config={},
+                           participants=[ParticipantUpdate("client-000", 1, 1.0, 0, model)])
+        log = HeadLog(store, Ed25519PrivateKey.generate())
+        signed, found = 1, {}
+        for target in sorted(heads):
+            while signed < target:
+                log.on_commit(Record(signed))  # type: ignore[arg-type]
+                signed += 1
+            times = []
+            for _ in range(window):
+                cpu = time.thread_time()
+                log.on_commit(Record(signed))  # type: ignore[arg-type]
+                times.append(time.thread_time() - cpu)
+                signed += 1
+            found[target] = statistics.median(times)
+    finally:
+        store.close()
+    return found
+
+
 def commit_alone(
     directory: Path, cfg: Any, *, fsync: bool, rounds: int
 ) -> float:
@@ -252,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             flag: commit_alone(scratch / f"alone-{flag}", fresh_cfg(), fsync=flag, rounds=20)
             for flag in (False, True)
         }
+        growth = signing_growth(scratch / "heads", heads=(100, 1000 if args.quick else 10_000))
 
     print(f"bench_history: history recording vs none, in-process engine ({environment()})")
     print(
@@ -297,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"this disk: write {sizes['model']} B + fsync {file_fsync * 1e3:.2f} ms, directory "
         f"fsync {dir_fsync * 1e3:.2f} ms (median of 30)"
+    )
+    (few, few_cpu), (many, many_cpu) = sorted(growth.items())
+    print(
+        f"one signed tree head (HeadLog.on_commit, fsync on), thread CPU, median of 50: after "
+        f"{few:,} heads {few_cpu * 1e3:.3f} ms, after {many:,} heads {many_cpu * 1e3:.3f} ms: "
+        f"ratio {many_cpu / few_cpu:.2f} (it should not grow with the heads signed)"
     )
     print()
     baseline_cpu = timings.cpu.median(BASELINE) / rounds

@@ -10,9 +10,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedforget.history import ForkedHistoryError, HeadLog, HistoryStore, ParticipantUpdate
-from fedforget.history.commitment import read_head_log
+from fedforget.history.commitment import Commitment, LoggedHead, read_head_log
+from fedforget.history.heads import refuse_second_root
 from fedforget.receipts.merkle import tree_root
-from fedforget.receipts.tree_head import EMPTY_LEDGER_ROOT, verify_tree_head
+from fedforget.receipts.tree_head import (
+    EMPTY_LEDGER_ROOT,
+    TreeHead,
+    sign_tree_head,
+    verify_tree_head,
+)
 from fedforget.withdrawal import WithdrawalLedger
 
 KEY = Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
@@ -125,6 +131,82 @@ def test_the_log_is_read_again_only_when_another_signer_appended(
     logged = real(tmp_path / "run" / "tree_heads.jsonl")[0]
     assert [(h.head.size, h.head.ledger_size) for h in logged] == [
         (1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (5, 1), (6, 1)]
-    assert log._known is not None and log._known[1] == logged  # noqa: SLF001
+    assert log._known is not None  # noqa: SLF001
+    assert log._known[1].last == logged[-1] and log._known[2] == len(logged)  # noqa: SLF001
     assert other.latest is not None and other.latest.ledger_size == 1
+    store.close()
+
+
+def _scan_refuses(heads: list[LoggedHead], new: Commitment) -> bool:
+    """The rule as the head log states it, one head at a time: another root for a size or
+    ledger size signed before, or a size or ledger size smaller than one signed."""
+    return any(
+        (h.head.size == new.size and h.head.root != new.root.hex())
+        or (h.head.ledger_size == new.ledger_size and h.head.ledger_root != new.ledger_root.hex())
+        or h.head.size > new.size or h.head.ledger_size > new.ledger_size
+        for h in heads
+    )
+
+
+def test_the_kept_summary_refuses_exactly_what_a_scan_of_every_head_refuses() -> None:
+    # Arrange: random logs, forked ones among them (sizes out of order, two roots for one
+    # size), from a pool of three roots so that clashes are common
+    rng = np.random.default_rng(7)
+    roots = [bytes([i]) * 32 for i in range(3)]
+
+    empty = bytes.fromhex(EMPTY_LEDGER_ROOT)  # the only ledger root of no events
+
+    def head(size: int, root: bytes, ledger_size: int, ledger_root: bytes) -> TreeHead:
+        return sign_tree_head(size, root, KEY, ledger_size=ledger_size,
+                              ledger_root=ledger_root if ledger_size else empty,
+                              timestamp="2026-01-01T00:00:00Z")
+
+    cases = refused = 0
+    for _ in range(300):
+        heads = [LoggedHead(head(int(rng.integers(0, 6)), roots[rng.integers(3)],
+                                 int(rng.integers(0, 3)), roots[rng.integers(3)]), f"line {i + 1}")
+                 for i in range(int(rng.integers(0, 6)))]
+        for _ in range(6):
+            ledger_size = int(rng.integers(0, 4))
+            new = Commitment(int(rng.integers(0, 7)), roots[rng.integers(3)],
+                             ledger_size, roots[rng.integers(3)] if ledger_size else empty)
+            # Act
+            try:
+                refuse_second_root(heads, new, Path("tree_heads.jsonl"))
+            except ForkedHistoryError:
+                got = True
+            else:
+                got = False
+            # Assert
+            assert got == _scan_refuses(heads, new), (heads, new)
+            cases += 1
+            refused += got
+    assert 0.2 * cases < refused < 0.8 * cases  # both outcomes were exercised
+
+
+def test_signing_keeps_no_head_list_that_grows_with_rounds(tmp_path: Path) -> None:
+    # Arrange: a store with one round, then a hundred more signatures over it
+    store = HistoryStore.create(tmp_path / "run", run_config={"seed": 0})
+    store.set_roster(["client-000"])
+    commit(store, 1, store.put_initial_model(model(0)))
+    log = HeadLog(store, KEY)
+
+    class Record:
+        def __init__(self, t: int) -> None:
+            self.data = f"round {t}".encode()
+
+        def canonical_bytes(self) -> bytes:
+            return self.data
+
+    # Act
+    for t in range(2, 102):
+        log.on_commit(Record(t))  # type: ignore[arg-type]
+    # Assert: the log holds every head; the signer keeps the last and those of the
+    # largest sizes only
+    logged, problems = read_head_log(tmp_path / "run" / "tree_heads.jsonl")
+    assert not problems and len(logged) == 101
+    assert log._known is not None  # noqa: SLF001
+    signed = log._known[1]  # noqa: SLF001
+    assert signed.last == logged[-1]
+    assert signed._top == [logged[-1]] and len(signed._top_ledger) == 1  # noqa: SLF001
     store.close()

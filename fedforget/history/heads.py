@@ -132,24 +132,71 @@ def refuse_second_root(heads: Sequence[LoggedHead], new: Commitment, path: Path)
     ForkedHistoryError
         Naming the earlier head.
     """
-    for item in heads:
+    _SignedHeads(heads).refuse(new, path)
+
+
+class _SignedHeads:
+    """What a head log rules out for the next signature, kept in constant memory and
+    checked in constant time (a server signs once a round: a scan of every head it signed
+    before made the ten-thousandth round's signature cost four times the first's).
+
+    Only the heads of the largest size and of the largest ledger size are kept: a new head
+    of a smaller size is refused whatever the smaller sizes signed, one of a larger size
+    cannot clash with any, so a clash of roots can only be at the largest size. ``last`` is
+    the log's last head. Sizes and ledger sizes are followed separately, as in the log.
+    """
+
+    __slots__ = ("last", "_top", "_top_ledger")
+
+    def __init__(self, heads: Sequence[LoggedHead] = ()) -> None:
+        self.last: LoggedHead | None = None
+        self._top: list[LoggedHead] = []  # the heads of the largest size, one per root
+        self._top_ledger: list[LoggedHead] = []  # of the largest ledger size, one per root
+        for item in heads:
+            self.add(item)
+
+    def add(self, item: LoggedHead) -> None:
+        """Take in ``item``, the head the log holds next."""
+        self.last = item
         h = item.head
-        if h.size == new.size and h.root != new.root.hex():
-            raise ForkedHistoryError(
-                f"refusing to sign root {new.root.hex()} for size {new.size}: {path} "
-                f"({item.where}) already signed root {h.root} for that size"
-            )
-        if h.ledger_size == new.ledger_size and h.ledger_root != new.ledger_root.hex():
-            raise ForkedHistoryError(
-                f"refusing to sign ledger root {new.ledger_root.hex()} for {new.ledger_size} "
-                f"withdrawal events: {path} ({item.where}) already signed {h.ledger_root}"
-            )
-        if h.size > new.size or h.ledger_size > new.ledger_size:
-            raise ForkedHistoryError(
-                f"refusing to sign a head of size {new.size} (ledger {new.ledger_size}): "
-                f"{path} ({item.where}) already signed size {h.size} (ledger {h.ledger_size}); "
-                "the store lost committed rounds or withdrawal events"
-            )
+        top = self._top[0].head if self._top else None
+        if top is None or h.size > top.size:
+            self._top = [item]
+        elif h.size == top.size and all(t.head.root != h.root for t in self._top):
+            self._top.append(item)  # a second root for one size: only in a forked log
+        top = self._top_ledger[0].head if self._top_ledger else None
+        if top is None or h.ledger_size > top.ledger_size:
+            self._top_ledger = [item]
+        elif h.ledger_size == top.ledger_size and all(
+                t.head.ledger_root != h.ledger_root for t in self._top_ledger):
+            self._top_ledger.append(item)
+
+    def refuse(self, new: Commitment, path: Path) -> None:
+        """Raise :class:`ForkedHistoryError` if signing ``new`` would fork the log (see
+        :func:`refuse_second_root`)."""
+        for item in self._top:
+            h = item.head
+            if h.size == new.size and h.root != new.root.hex():
+                raise ForkedHistoryError(
+                    f"refusing to sign root {new.root.hex()} for size {new.size}: {path} "
+                    f"({item.where}) already signed root {h.root} for that size"
+                )
+        for item in self._top_ledger:
+            h = item.head
+            if h.ledger_size == new.ledger_size and h.ledger_root != new.ledger_root.hex():
+                raise ForkedHistoryError(
+                    f"refusing to sign ledger root {new.ledger_root.hex()} for "
+                    f"{new.ledger_size} withdrawal events: {path} ({item.where}) already "
+                    f"signed {h.ledger_root}"
+                )
+        for item in (self._top[:1] + self._top_ledger[:1]):
+            h = item.head
+            if h.size > new.size or h.ledger_size > new.ledger_size:
+                raise ForkedHistoryError(
+                    f"refusing to sign a head of size {new.size} (ledger {new.ledger_size}): "
+                    f"{path} ({item.where}) already signed size {h.size} (ledger "
+                    f"{h.ledger_size}); the store lost committed rounds or withdrawal events"
+                )
 
 
 @contextlib.contextmanager
@@ -194,10 +241,10 @@ class HeadLog:
         self._tree = MerkleAccumulator()
         for record in store.record_bytes():  # streamed: O(log n) memory, nothing parsed
             self._tree.append(record)
-        # The log as this signer last read or wrote it: (its size, its heads, its lines),
-        # so that a round's signature parses the log again only when another process
-        # appended to it (the log is append-only), not every round (O(rounds) each).
-        self._known: tuple[int, list[LoggedHead], int] | None = None
+        # The log as this signer last read or wrote it: (its size, what its heads rule
+        # out, its lines), so that a round's signature parses the log again only when
+        # another process appended to it (the log is append-only), not every round.
+        self._known: tuple[int, _SignedHeads, int] | None = None
         # A read-only connection to the index, kept across rounds (opening one costs about
         # a millisecond) and opened again when the index file is another one.
         self._reader: tuple[tuple[int, int], sqlite3.Connection] | None = None
@@ -253,15 +300,16 @@ class HeadLog:
         with _locked_log(self._path) as fd:
             size = os.fstat(fd).st_size
             if self._known is not None and self._known[0] == size:
-                _, logged, lines = self._known  # nothing appended since: the same heads
+                _, signed, lines = self._known  # nothing appended since: the same heads
             else:
                 logged, _ = read_head_log(self._path)
+                signed = _SignedHeads(logged)
                 lines = self._path.read_bytes().count(b"\n")
-            if logged and state.matches(logged[-1].head):
-                self.latest = logged[-1].head
-                self._known = (size, logged, lines)
+            if signed.last is not None and state.matches(signed.last.head):
+                self.latest = signed.last.head
+                self._known = (size, signed, lines)
                 return self.latest
-            refuse_second_root(logged, state, self._path)
+            signed.refuse(state, self._path)
             head = sign_tree_head(state.size, state.root, self._key,
                                   ledger_size=state.ledger_size, ledger_root=state.ledger_root)
             encoded = head.to_json()
@@ -271,8 +319,8 @@ class HeadLog:
                 while data:
                     data = data[os.write(fd, data):]
                 os.fsync(fd)
-            logged.append(LoggedHead(head, f"{self._path.name} line {lines + 1}"))
-            self._known = (size + len(encoded), logged, lines + 1)
+            signed.add(LoggedHead(head, f"{self._path.name} line {lines + 1}"))
+            self._known = (size + len(encoded), signed, lines + 1)
         self.latest = head
         return head
 
