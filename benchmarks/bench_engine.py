@@ -32,18 +32,29 @@ Variants, run interleaved (rotating order) after a warm-up:
 The script checks that every variant ends with the same final model and prints the largest
 absolute difference. Goal (issue 2): engine / plain <= 1.2.
 
+A last section measures the engine's fixed cost alone: the plain loop and the two engine
+variants again with ``train_local`` replaced by a function that trains nothing and reports
+the client's example count (BENCHMARK-LOCAL PATCH, :func:`stubbed_training`), so that what
+is left per round is everything but local training. From it follows the local training a
+round would need for the goal to hold, were the fixed cost all the engine added (a lower
+bound: next to real training the same code runs with colder caches, see the "where the time
+goes" table).
+
+``--set key=value`` overrides the demo configuration (e.g. ``--set local-epochs=6``).
+
 Usage: ``python benchmarks/bench_engine.py [--quick] [--rounds R] [--repetitions N]
-[--no-what-if]``
+[--no-what-if] [--set key=value ...]``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +73,12 @@ from _common import (
     what_if_fast_records,
 )
 
+from fedforget.config import parse_assignments
 from fedforget.history import HistoryStore
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.task import load_client_data, load_test_set, new_model
 from fedforget.tensors import tensors_digest
-from fedforget.training import evaluate, train_local
+from fedforget.training import TrainResult, evaluate, train_local
 
 GOAL = 1.2
 WHAT_IF = "what-if engine"
@@ -203,6 +215,27 @@ def breakdown(proj: Any, new_run: Any, *, rounds: int, repetitions: int) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def stubbed_training() -> Iterator[None]:
+    """BENCHMARK-LOCAL PATCH: ``train_local`` trains nothing, in the ClientApp and in the
+    plain loop (it returns the model unchanged with the data's example count), so that a
+    run costs everything but local training."""
+    def untrained(model: Any, data: Any, **_: Any) -> TrainResult:
+        return TrainResult(num_examples=len(data), loss=0.0, steps=0)
+
+    owners = [m for name, m in sys.modules.items()
+              if name.endswith("clients.app") and hasattr(m, "train_local")]
+    owners.append(sys.modules[__name__])
+    saved = [(m, m.train_local) for m in owners]
+    try:
+        for m in owners:
+            m.train_local = untrained
+        yield
+    finally:
+        for m, original in saved:
+            m.train_local = original
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 2 repetitions")
@@ -210,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=None, help="default 9")
     parser.add_argument("--no-what-if", action="store_true",
                         help="leave out the what-if variants (prototype of recommended changes)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run-config overrides of _common.BENCH_CONFIG")
     args = parser.parse_args(argv)
+    overrides = parse_assignments(args.set)
     rounds = args.rounds or (3 if args.quick else 20)
     repetitions = args.repetitions or (2 if args.quick else 9)
 
@@ -222,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         counter = itertools.count()
 
         def fresh_run() -> tuple[Any, Path]:
-            return demo_config(num_rounds=rounds), scratch / f"run-{next(counter)}"
+            return (demo_config(num_rounds=rounds, **overrides),
+                    scratch / f"run-{next(counter)}")
 
         def engine() -> None:
             cfg, out = fresh_run()
@@ -268,12 +305,17 @@ def main(argv: list[str] | None = None) -> int:
         finals.clear()
         timings = interleave(variants, repetitions=repetitions)
         parts = breakdown(proj, fresh_run, rounds=rounds, repetitions=max(3, repetitions // 2))
+        with stubbed_training():
+            fixed = interleave({name: variants[name] for name in
+                                ("plain loop", "engine", "engine, no store writes")},
+                               repetitions=repetitions)
 
     reference = finals["plain loop"][0]
     print(f"bench_engine: in-process engine vs plain PyTorch FedAvg loop ({environment()})")
     print(
-        f"config: issue-2 demo ({describe(demo_config(num_rounds=rounds))}), "
-        f"{rounds} rounds; "
+        f"config: issue-2 demo ({describe(demo_config(num_rounds=rounds, **overrides))}), "
+        f"{rounds} rounds"
+        + (f", overrides {overrides}" if overrides else "") + "; "
         f"{repetitions} interleaved repetitions after one warm-up run of each variant; "
         f"engine variants write their store under {Path(scratch).parent}"
     )
@@ -304,6 +346,23 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("where the time goes:")
     print(parts)
+    print()
+    assert fixed.cpu is not None
+    plain_fixed = fixed.cpu.median("plain loop") / rounds
+    plain_round = timings.cpu.median("plain loop") / rounds
+    print("fixed cost: the same runs with train_local training nothing (stubbed_training), "
+          "process CPU time per round, median:")
+    print(f"  plain loop {plain_fixed * 1e3:.2f} ms (the real plain loop: "
+          f"{plain_round * 1e3:.1f} ms a round, so its local training is "
+          f"{(plain_round - plain_fixed) * 1e3:.1f} ms)")
+    for name in fixed.names[1:]:
+        extra = fixed.cpu.median(name) / rounds - plain_fixed
+        calls = demo_config(num_rounds=rounds, **overrides).clients_per_round()
+        print(f"  {name:<24} {fixed.cpu.median(name) / rounds * 1e3:.2f} ms: "
+              f"{extra * 1e3:.2f} ms a round more than the plain loop "
+              f"({extra / calls * 1e3:.2f} ms per client call); engine / plain <= {GOAL} "
+              f"needs >= {extra / (GOAL - 1) * 1e3:.1f} ms of plain-loop CPU a round "
+              f"(this config: {plain_round * 1e3:.1f} ms)")
     print()
     for name in timings.names[1:]:
         ratio = timings.median(name) / timings.median("plain loop")
