@@ -404,6 +404,29 @@ def timed_calls(targets: list[tuple[Any, str, str]]) -> Iterator[dict[str, float
 
 
 @contextlib.contextmanager
+def stubbed_training() -> Iterator[None]:
+    """BENCHMARK-LOCAL PATCH: ``train_local`` trains nothing in the ClientApp and in every
+    benchmark script loaded (it returns the model unchanged with the data's example count),
+    so that a run costs everything but local training."""
+    from fedforget.training import TrainResult
+
+    def untrained(model: Any, data: Any, **_: Any) -> TrainResult:
+        return TrainResult(num_examples=len(data), loss=0.0, steps=0)
+
+    owners = [m for name, m in list(sys.modules.items())
+              if (name.endswith("clients.app") or name.startswith("bench_")
+                  or name == "__main__") and hasattr(m, "train_local")]
+    saved = [(m, m.train_local) for m in owners]
+    try:
+        for m in owners:
+            m.train_local = untrained
+        yield
+    finally:
+        for m, original in saved:
+            m.train_local = original
+
+
+@contextlib.contextmanager
 def commits_on_main_thread() -> Iterator[None]:
     """BENCHMARK-LOCAL PATCH: ``HistoryRecording`` commits synchronously.
 

@@ -34,7 +34,7 @@ absolute difference. Goal (issue 2): engine / plain <= 1.2.
 
 A last section measures the engine's fixed cost alone: the plain loop and the two engine
 variants again with ``train_local`` replaced by a function that trains nothing and reports
-the client's example count (BENCHMARK-LOCAL PATCH, :func:`stubbed_training`), so that what
+the client's example count (BENCHMARK-LOCAL PATCH, ``_common.stubbed_training``), so that what
 is left per round is everything but local training. From it follows the local training a
 round would need for the goal to hold, were the fixed cost all the engine added (a lower
 bound: next to real training the same code runs with colder caches, see the "where the time
@@ -49,12 +49,11 @@ Usage: ``python benchmarks/bench_engine.py [--quick] [--rounds R] [--repetitions
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from _common import (
     no_store_writes,
     project,
     scratch_dir,
+    stubbed_training,
     timed_calls,
     train,
     what_if_fast_records,
@@ -78,7 +78,7 @@ from fedforget.history import HistoryStore
 from fedforget.sampling import ClientSampler, client_train_seed
 from fedforget.task import load_client_data, load_test_set, new_model
 from fedforget.tensors import tensors_digest
-from fedforget.training import TrainResult, evaluate, train_local
+from fedforget.training import evaluate, train_local
 
 GOAL = 1.2
 WHAT_IF = "what-if engine"
@@ -213,27 +213,6 @@ def breakdown(proj: Any, new_run: Any, *, rounds: int, repetitions: int) -> str:
     lines.append("* engine with store writes and tree heads off (no_store_writes); timing "
                  "wrappers add a few microseconds per call")
     return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def stubbed_training() -> Iterator[None]:
-    """BENCHMARK-LOCAL PATCH: ``train_local`` trains nothing, in the ClientApp and in the
-    plain loop (it returns the model unchanged with the data's example count), so that a
-    run costs everything but local training."""
-    def untrained(model: Any, data: Any, **_: Any) -> TrainResult:
-        return TrainResult(num_examples=len(data), loss=0.0, steps=0)
-
-    owners = [m for name, m in sys.modules.items()
-              if name.endswith("clients.app") and hasattr(m, "train_local")]
-    owners.append(sys.modules[__name__])
-    saved = [(m, m.train_local) for m in owners]
-    try:
-        for m in owners:
-            m.train_local = untrained
-        yield
-    finally:
-        for m, original in saved:
-            m.train_local = original
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,13 @@ the clients' ``_keep_tree_head``; their sum against the baseline's CPU per round
 estimate of the CPU ratio that does not difference two noisy totals (it leaves out indirect
 costs). A micro-measurement reports this disk's fsync latency (the main factor).
 
+Two more measurements follow: the cost of one tree-head signature after 100 and after
+10,000 signed heads (it should not grow), and recording's fixed cost with local training
+stubbed (BENCHMARK-LOCAL PATCH, ``_common.stubbed_training``), split by thread: the
+training thread's own CPU, the writer's, and the training thread's context switches, with
+and without the writer thread (training noise left out: what is left is the engine, the
+store and their interplay).
+
 Goal (issue 2): a training round with history recording costs <= 5 % more than without.
 
 Usage: ``python benchmarks/bench_history.py [--quick] [--rounds R] [--repetitions N]
@@ -42,6 +49,7 @@ Usage: ``python benchmarks/bench_history.py [--quick] [--rounds R] [--repetition
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -64,6 +72,7 @@ from _common import (
     project,
     scratch_dir,
     store_without_fsync,
+    stubbed_training,
     timed_calls,
     train,
 )
@@ -149,6 +158,68 @@ def signing_growth(directory: Path, *, heads: tuple[int, ...], window: int = 50
     finally:
         store.close()
     return found
+
+
+def _voluntary_switches() -> int:
+    """Voluntary context switches of the calling thread so far (Linux; 0 elsewhere)."""
+    import threading
+
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def fixed_cost_by_thread(
+    variants: dict[str, Any], *, run: Any, rounds: int, repetitions: int
+) -> dict[str, dict[str, float]]:
+    """Recording's cost with local training stubbed (``_common.stubbed_training``), split by
+    thread: per round, the process CPU, the calling (training) thread's CPU, the CPU inside
+    the writer thread's ``HistoryRecording._write`` (thread clock), wall time, and the
+    training thread's voluntary context switches. Medians over ``repetitions``
+    interleaved runs of ``rounds`` rounds; ``variants`` maps a name to a context manager
+    factory, ``run(name)`` trains one run inside it."""
+    from fedforget.strategies.history import HistoryRecording as recording
+
+    inside = [0.0]
+    original = recording.__dict__["_write"]
+
+    def timed_write(self: Any, prepared: Any) -> Any:
+        cpu = time.thread_time()
+        try:
+            return original(self, prepared)
+        finally:
+            inside[0] += time.thread_time() - cpu
+
+    samples: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}
+    recording._write = timed_write
+    try:
+        with stubbed_training():
+            for name, context in variants.items():  # warm-up
+                with context():
+                    run(name)
+            for rep in range(repetitions):
+                names = list(variants)
+                for name in names[rep % len(names):] + names[: rep % len(names)]:
+                    inside[0] = 0.0
+                    switches = _voluntary_switches()
+                    process, thread, wall = (time.process_time(), time.thread_time(),
+                                             time.perf_counter())
+                    with variants[name]():
+                        run(name)
+                    samples[name].append((
+                        time.process_time() - process, time.thread_time() - thread,
+                        inside[0], time.perf_counter() - wall,
+                        float(_voluntary_switches() - switches)))
+    finally:
+        recording._write = original
+    keys = ("process cpu", "training thread cpu", "writer cpu", "wall", "switches")
+    return {name: {k: statistics.median(s[i] for s in rows) / rounds
+                   for i, k in enumerate(keys)} for name, rows in samples.items()}
 
 
 def commit_alone(
@@ -299,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             for flag in (False, True)
         }
         growth = signing_growth(scratch / "heads", heads=(100, 1000 if args.quick else 10_000))
+        fixed_rounds = 5 if args.quick else 40
+        fixed = fixed_cost_by_thread(
+            {BASELINE: no_store_writes, "store, fsync on": contextlib.nullcontext,
+             "store, fsync on, no writer thread": commits_on_main_thread},
+            run=lambda name: train(demo_config(num_rounds=fixed_rounds, **overrides),
+                                   scratch / f"fixed-{next(counter)}", project=proj),
+            rounds=fixed_rounds, repetitions=2 if args.quick else 8)
 
     print(f"bench_history: history recording vs none, in-process engine ({environment()})")
     print(
@@ -351,6 +429,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{few:,} heads {few_cpu * 1e3:.3f} ms, after {many:,} heads {many_cpu * 1e3:.3f} ms: "
         f"ratio {many_cpu / few_cpu:.2f} (it should not grow with the heads signed)"
     )
+    print()
+    print(f"recording's fixed cost with local training stubbed (stubbed_training), per round, "
+          f"median of {2 if args.quick else 8} runs of {fixed_rounds} rounds: process CPU; the "
+          "training thread's")
+    print("own CPU; CPU inside the writer thread's _write; wall; the training thread's "
+          "voluntary context switches")
+    base = fixed[BASELINE]
+    for name, row in fixed.items():
+        print(f"  {name:<34} process {row['process cpu'] * 1e3:5.2f} ms "
+              f"(+{(row['process cpu'] - base['process cpu']) * 1e3:4.2f}); training thread "
+              f"{row['training thread cpu'] * 1e3:5.2f} ms "
+              f"(+{(row['training thread cpu'] - base['training thread cpu']) * 1e3:4.2f}); "
+              f"writer {row['writer cpu'] * 1e3:4.2f} ms; wall {row['wall'] * 1e3:5.2f} ms; "
+              f"{row['switches']:4.1f} switches")
     print()
     baseline_cpu = timings.cpu.median(BASELINE) / rounds
     print("CPU time inside the recording code, per round (thread CPU clocks around the calls")
