@@ -138,7 +138,8 @@ def refuse_second_root(heads: Sequence[LoggedHead], new: Commitment, path: Path)
 class _SignedHeads:
     """What a head log rules out for the next signature, kept in constant memory and
     checked in constant time (a server signs once a round: a scan of every head it signed
-    before made the ten-thousandth round's signature cost four times the first's).
+    before made a signature after 10,000 heads cost 1.46 ms of CPU against 0.30 ms after
+    100, ``benchmarks/bench_history.py``).
 
     Only the heads of the largest size and of the largest ledger size are kept: a new head
     of a smaller size is refused whatever the smaller sizes signed, one of a larger size
@@ -189,7 +190,7 @@ class _SignedHeads:
                     f"{new.ledger_size} withdrawal events: {path} ({item.where}) already "
                     f"signed {h.ledger_root}"
                 )
-        for item in (self._top[:1] + self._top_ledger[:1]):
+        for item in self._top[:1] + self._top_ledger[:1]:
             h = item.head
             if h.size > new.size or h.ledger_size > new.ledger_size:
                 raise ForkedHistoryError(
