@@ -284,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         finals.clear()
         timings = interleave(variants, repetitions=repetitions)
         parts = breakdown(proj, fresh_run, rounds=rounds, repetitions=max(3, repetitions // 2))
-        with stubbed_training():
+        trained = {name: list(models) for name, models in finals.items()}
+        with stubbed_training():  # untrained final models: not among those compared below
             fixed = interleave({name: variants[name] for name in
                                 ("plain loop", "engine", "engine, no store writes")},
                                repetitions=repetitions)
+        finals.clear()
+        finals.update(trained)
 
     reference = finals["plain loop"][0]
     print(f"bench_engine: in-process engine vs plain PyTorch FedAvg loop ({environment()})")
