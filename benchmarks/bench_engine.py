@@ -37,8 +37,8 @@ variants again with ``train_local`` replaced by a function that trains nothing a
 the client's example count (BENCHMARK-LOCAL PATCH, ``_common.stubbed_training``), so that what
 is left per round is everything but local training. From it follows the local training a
 round would need for the goal to hold, were the fixed cost all the engine added (a lower
-bound: next to real training the same code runs with colder caches, see the "where the time
-goes" table).
+bound: beside real training the same code costs more, mostly through the waits it causes
+the training thread, see ``bench_sleeps.py``).
 
 ``--set key=value`` overrides the demo configuration (e.g. ``--set local-epochs=6``).
 

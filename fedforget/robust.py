@@ -39,7 +39,8 @@ the same comparison, never converted to a float product that overflows), is refu
 
 Clipping in the reply's dtype: :math:`\\theta + \\Delta \\cdot s` is rounded to float32,
 so the scale :math:`s` is shrunk (a few deterministic steps) until the *stored* update
-:math:`\\theta_k' - \\theta` is within :math:`C`; the clipped norm never exceeds the bound.
+:math:`\\theta_k' - \\theta` is within :math:`C`, both exactly (in float64) and as the history
+records it (the float32 difference, rounded again); the clipped norm never exceeds the bound.
 
 Deviation from a fixed rule: the policies are deterministic functions of the reply alone
 (no statistics across the round), so a replay of the same rounds screens the same replies
@@ -194,6 +195,15 @@ def update_norm(global_model: TensorDict, local_model: TensorDict) -> float:
     return scale * float(np.sqrt(np.sum(np.square(flat / scale))))
 
 
+def _recorded_norm(global_model: TensorDict, local_model: TensorDict) -> float:
+    """The norm of the update as the history records it: θ_k − θ computed in the tensors'
+    own dtype (a float32 difference rounds), then measured as :func:`update_norm` does."""
+    deltas = {key: np.asarray(value) - np.asarray(global_model[key])
+              for key, value in local_model.items()}
+    zeros = {key: np.zeros_like(delta) for key, delta in deltas.items()}
+    return update_norm(zeros, deltas)
+
+
 def _clip(global_model: TensorDict, local_model: TensorDict, factor: float
           ) -> dict[str, np.ndarray]:
     """θ + (θ_k − θ)·factor per tensor (floating tensors; others kept), in the local dtype."""
@@ -322,11 +332,12 @@ def screen_reply(
         clipped = _clip(global_model, model, scale)
         # The clipped model is stored in its own dtype (float32): θ + Δ·s rounds, and when θ
         # is large next to Δ·s the rounded update can exceed C by more than float error in
-        # Δ alone. Shrink the scale by the measured excess until the stored update is within
-        # the bound (a few steps at most; deterministic, so replays clip identically), and
-        # send no update at all if rounding never allows it.
+        # Δ alone; the history then records the update θ_k − θ in that dtype too, rounded
+        # again. Shrink the scale by the measured excess until both the exact update and
+        # the recorded one are within the bound (a few steps at most; deterministic, so
+        # replays clip identically), and send no update at all if rounding never allows it.
         for _ in range(8):
-            after = update_norm(global_model, clipped)
+            after = max(update_norm(global_model, clipped), _recorded_norm(global_model, clipped))
             if after <= bound.max_norm:
                 break
             scale *= (bound.max_norm / after) * (1 - 2.0**-20)

@@ -74,6 +74,30 @@ def test_a_clipped_update_never_exceeds_the_bound(values: list[float], bound: fl
     assert update_norm(GLOBAL, screened.local_model) <= bound
 
 
+def test_the_update_the_history_records_never_exceeds_the_bound_either() -> None:
+    # Arrange: global models far from zero next to the update, so that the float32
+    # difference the history records (θ_k − θ in float32, strategies/history.py) rounds
+    # away from the exact one (with the check on the exact update alone, 2 of these 3,000
+    # went over the bound on the machine of 2026-12-06, by about 5e-9)
+    rng = np.random.default_rng(0)
+    policy = RobustPolicy(norm=NormBound(5.0, "clip"))
+    over = []
+    for i in range(3000):
+        theta = {"w": rng.normal(0, 10, (64, 32)).astype(np.float32),
+                 "b": rng.normal(0, 10, 32).astype(np.float32)}
+        model = {k: (v + rng.normal(0, 1, v.shape)).astype(np.float32) for k, v in theta.items()}
+        # Act
+        screened = screen_reply(theta, model, 1, None, policy)
+        # Assert: the norm of the recorded update, summed plainly in float64
+        assert screened.accepted and screened.local_model is not None
+        recorded = {k: screened.local_model[k] - theta[k] for k in theta}
+        norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64)))
+                             for v in recorded.values()))
+        if norm > 5.0:
+            over.append((i, norm))
+    assert not over
+
+
 def test_non_finite_values_are_refused_whatever_the_policy() -> None:
     for value in (np.nan, np.inf):
         screened = screen_reply(GLOBAL, local(value), 1, None, RobustPolicy())
