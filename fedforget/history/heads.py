@@ -27,7 +27,7 @@ import os
 import sqlite3
 import urllib.parse
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -159,37 +159,25 @@ class _SignedHeads:
     def add(self, item: LoggedHead) -> None:
         """Take in ``item``, the head the log holds next."""
         self.last = item
-        h = item.head
-        top = self._top[0].head if self._top else None
-        if top is None or h.size > top.size:
-            self._top = [item]
-        elif h.size == top.size and all(t.head.root != h.root for t in self._top):
-            self._top.append(item)  # a second root for one size: only in a forked log
-        top = self._top_ledger[0].head if self._top_ledger else None
-        if top is None or h.ledger_size > top.ledger_size:
-            self._top_ledger = [item]
-        elif h.ledger_size == top.ledger_size and all(
-                t.head.ledger_root != h.ledger_root for t in self._top_ledger):
-            self._top_ledger.append(item)
+        self._top = _largest(self._top, item, _tree_key)
+        self._top_ledger = _largest(self._top_ledger, item, _ledger_key)
 
     def refuse(self, new: Commitment, path: Path) -> None:
         """Raise :class:`ForkedHistoryError` if signing ``new`` would fork the log (see
         :func:`refuse_second_root`)."""
-        for item in self._top:
-            h = item.head
-            if h.size == new.size and h.root != new.root.hex():
-                raise ForkedHistoryError(
-                    f"refusing to sign root {new.root.hex()} for size {new.size}: {path} "
-                    f"({item.where}) already signed root {h.root} for that size"
-                )
-        for item in self._top_ledger:
-            h = item.head
-            if h.ledger_size == new.ledger_size and h.ledger_root != new.ledger_root.hex():
-                raise ForkedHistoryError(
-                    f"refusing to sign ledger root {new.ledger_root.hex()} for "
-                    f"{new.ledger_size} withdrawal events: {path} ({item.where}) already "
-                    f"signed {h.ledger_root}"
-                )
+        clash = _clash(self._top, _tree_key, new.size, new.root.hex())
+        if clash is not None:
+            raise ForkedHistoryError(
+                f"refusing to sign root {new.root.hex()} for size {new.size}: {path} "
+                f"({clash.where}) already signed root {clash.head.root} for that size"
+            )
+        clash = _clash(self._top_ledger, _ledger_key, new.ledger_size, new.ledger_root.hex())
+        if clash is not None:
+            raise ForkedHistoryError(
+                f"refusing to sign ledger root {new.ledger_root.hex()} for "
+                f"{new.ledger_size} withdrawal events: {path} ({clash.where}) already "
+                f"signed {clash.head.ledger_root}"
+            )
         for item in self._top[:1] + self._top_ledger[:1]:
             h = item.head
             if h.size > new.size or h.ledger_size > new.ledger_size:
@@ -198,6 +186,32 @@ class _SignedHeads:
                     f"{path} ({item.where}) already signed size {h.size} (ledger "
                     f"{h.ledger_size}); the store lost committed rounds or withdrawal events"
                 )
+
+
+def _tree_key(head: TreeHead) -> tuple[int, str]:
+    return head.size, head.root
+
+
+def _ledger_key(head: TreeHead) -> tuple[int, str]:
+    return head.ledger_size, head.ledger_root
+
+
+def _largest(kept: list[LoggedHead], item: LoggedHead,
+             key: Callable[[TreeHead], tuple[int, str]]) -> list[LoggedHead]:
+    """``kept`` (the heads of the largest size ``key`` gives, one per root) after ``item``."""
+    size, root = key(item.head)
+    largest = key(kept[0].head)[0] if kept else -1
+    if size > largest:
+        return [item]
+    if size == largest and all(key(k.head)[1] != root for k in kept):
+        return [*kept, item]  # a second root for one size: only in a forked log
+    return kept
+
+
+def _clash(kept: list[LoggedHead], key: Callable[[TreeHead], tuple[int, str]],
+           size: int, root: str) -> LoggedHead | None:
+    """A head of ``kept`` that signed ``size`` with another root than ``root``, if any."""
+    return next((k for k in kept if key(k.head)[0] == size and key(k.head)[1] != root), None)
 
 
 @contextlib.contextmanager
