@@ -78,7 +78,7 @@ def test_the_update_the_history_records_never_exceeds_the_bound_either() -> None
     # Arrange: global models far from zero next to the update, so that the float32
     # difference the history records (θ_k − θ in float32, strategies/history.py) rounds
     # away from the exact one (with the check on the exact update alone, 2 of these 3,000
-    # went over the bound on the machine of 2026-12-06, by about 5e-9)
+    # went over the bound on the machine of 2026-12-06)
     rng = np.random.default_rng(0)
     policy = RobustPolicy(norm=NormBound(5.0, "clip"))
     over = []
