@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  plain loop {plain_fixed * 1e3:.2f} ms (the real plain loop: "
           f"{plain_round * 1e3:.1f} ms a round, so its local training is "
           f"{(plain_round - plain_fixed) * 1e3:.1f} ms)")
+    calls = demo_config(num_rounds=rounds, **overrides).clients_per_round()
     for name in fixed.names[1:]:
         extra = fixed.cpu.median(name) / rounds - plain_fixed
-        calls = demo_config(num_rounds=rounds, **overrides).clients_per_round()
         print(f"  {name:<24} {fixed.cpu.median(name) / rounds * 1e3:.2f} ms: "
               f"{extra * 1e3:.2f} ms a round more than the plain loop "
               f"({extra / calls * 1e3:.2f} ms per client call); engine / plain <= {GOAL} "

@@ -196,25 +196,28 @@ def fixed_cost_by_thread(
             inside[0] += time.thread_time() - cpu
 
     samples: dict[str, list[tuple[float, ...]]] = {name: [] for name in variants}
+
+    def measured(name: str) -> Any:
+        def one() -> None:
+            inside[0] = 0.0
+            switches = _voluntary_switches()
+            process, thread, wall = time.process_time(), time.thread_time(), time.perf_counter()
+            with variants[name]():
+                run(name)
+            samples[name].append((
+                time.process_time() - process, time.thread_time() - thread,
+                inside[0], time.perf_counter() - wall, float(_voluntary_switches() - switches)))
+        return one
+
+    runs = {name: measured(name) for name in variants}
     recording._write = timed_write
     try:
         with stubbed_training():
-            for name, context in variants.items():  # warm-up
-                with context():
-                    run(name)
-            for rep in range(repetitions):
-                names = list(variants)
-                for name in names[rep % len(names):] + names[: rep % len(names)]:
-                    inside[0] = 0.0
-                    switches = _voluntary_switches()
-                    process, thread, wall = (time.process_time(), time.thread_time(),
-                                             time.perf_counter())
-                    with variants[name]():
-                        run(name)
-                    samples[name].append((
-                        time.process_time() - process, time.thread_time() - thread,
-                        inside[0], time.perf_counter() - wall,
-                        float(_voluntary_switches() - switches)))
+            for one in runs.values():  # warm-up
+                one()
+            for rows in samples.values():
+                rows.clear()
+            interleave(runs, repetitions=repetitions, verbose=False)
     finally:
         recording._write = original
     keys = ("process cpu", "training thread cpu", "writer cpu", "wall", "switches")

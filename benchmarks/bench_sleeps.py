@@ -34,7 +34,7 @@ from typing import Any
 
 import bench_engine
 import torch
-from _common import demo_config, environment
+from _common import demo_config, environment, interleave
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return result
         return patched
 
-    variants = {"plain": backward, "sleep": pausing(False), "spin": pausing(True)}
+    patches = {"plain": backward, "sleep": pausing(False), "spin": pausing(True)}
     inside = [0.0]
     train_local = bench_engine.train_local
 
@@ -78,20 +78,24 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             inside[0] += time.thread_time() - cpu
 
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in patches}
+
+    def variant(name: str) -> Any:
+        def run() -> None:
+            torch.Tensor.backward = patches[name]  # type: ignore[method-assign]
+            inside[0], passes[0] = 0.0, 0
+            bench_engine.plain_fedavg(cfg)
+            samples[name].append((inside[0], passes[0]))
+        return run
+
+    variants = {name: variant(name) for name in patches}
     bench_engine.train_local = timed  # type: ignore[assignment]
     try:
-        for name in variants:  # warm-up
-            torch.Tensor.backward = variants[name]  # type: ignore[method-assign]
-            bench_engine.plain_fedavg(cfg)
-        names = list(variants)
-        for rep in range(repetitions):
-            for name in names[rep % len(names):] + names[: rep % len(names)]:
-                torch.Tensor.backward = variants[name]  # type: ignore[method-assign]
-                inside[0], passes[0] = 0.0, 0
-                bench_engine.plain_fedavg(cfg)
-                samples[name].append((inside[0], passes[0]))
-            print(f"  repetition {rep + 1}/{repetitions}", file=sys.stderr, flush=True)
+        for run in variants.values():  # warm-up
+            run()
+        for rows in samples.values():
+            rows.clear()
+        interleave(variants, repetitions=repetitions)
     finally:
         torch.Tensor.backward = backward  # type: ignore[method-assign]
         bench_engine.train_local = train_local  # type: ignore[assignment]

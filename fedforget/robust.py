@@ -160,10 +160,13 @@ class ScreenedReply:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def update_norm(global_model: TensorDict, local_model: TensorDict) -> float:
+def update_norm(global_model: TensorDict, local_model: TensorDict, *,
+                as_recorded: bool = False) -> float:
     """:math:`\\|\\theta_k - \\theta\\|_2` over the floating tensors, in float64, scaled by
     the largest magnitude (finite for every finite input; ``inf`` or ``nan`` when an input is
-    not finite).
+    not finite). With ``as_recorded``, of the update as the history records it: the
+    difference taken in the tensors' own dtype (a float32 difference rounds), as
+    ``HistoryRecording`` does, then measured in float64.
 
     Raises
     ------
@@ -183,7 +186,9 @@ def update_norm(global_model: TensorDict, local_model: TensorDict) -> float:
             raise ConfigError(f"tensor {key!r} has shape {k.shape}; expected {g.shape}")
         if g.dtype.kind != "f" and k.dtype.kind != "f":
             continue
-        deltas.append((k.astype(np.float64) - g.astype(np.float64)).ravel())
+        delta = (k - g).astype(np.float64) if as_recorded else (
+            k.astype(np.float64) - g.astype(np.float64))
+        deltas.append(delta.ravel())
     if not deltas:
         return 0.0
     flat = np.concatenate(deltas)
@@ -193,15 +198,6 @@ def update_norm(global_model: TensorDict, local_model: TensorDict) -> float:
     if scale == 0.0:
         return 0.0
     return scale * float(np.sqrt(np.sum(np.square(flat / scale))))
-
-
-def _recorded_norm(global_model: TensorDict, local_model: TensorDict) -> float:
-    """The norm of the update as the history records it: θ_k − θ computed in the tensors'
-    own dtype (a float32 difference rounds), then measured as :func:`update_norm` does."""
-    deltas = {key: np.asarray(value) - np.asarray(global_model[key])
-              for key, value in local_model.items()}
-    zeros = {key: np.zeros_like(delta) for key, delta in deltas.items()}
-    return update_norm(zeros, deltas)
 
 
 def _clip(global_model: TensorDict, local_model: TensorDict, factor: float
@@ -337,7 +333,8 @@ def screen_reply(
         # the recorded one are within the bound (a few steps at most; deterministic, so
         # replays clip identically), and send no update at all if rounding never allows it.
         for _ in range(8):
-            after = max(update_norm(global_model, clipped), _recorded_norm(global_model, clipped))
+            after = max(update_norm(global_model, clipped),
+                        update_norm(global_model, clipped, as_recorded=True))
             if after <= bound.max_norm:
                 break
             scale *= (bound.max_norm / after) * (1 - 2.0**-20)
